@@ -1,0 +1,393 @@
+"""SQLite alarm journal: every alarm and verdict is committed here *before* it is published.
+
+A subscriber that missed messages (joined late, was disconnected, crashed) recovers
+them from the journal: ``lhtstream alarms --history --journal PATH``.
+
+Durability choice: WAL mode with ``synchronous=NORMAL``. A commit is appended to the
+WAL file with a ``write()`` and no ``fsync``; the data is then in the kernel's page
+cache, so it survives the *process* being killed (SIGKILL, crash, OOM) — which is the
+failure the monitor must survive. On *power loss or a kernel crash* the last few
+commits before the outage may be rolled back (the database itself stays consistent).
+Use ``Journal(path, synchronous="FULL")`` to fsync every commit when that matters;
+it costs a disk flush (~ms on spinning disks) per alarm.
+
+Sequence numbers: ``seq`` of an alarm is SQLite's rowid, i.e. ``max(seq) + 1`` of the
+journal at the time of the insert. It is gapless and continues across restarts of the
+monitor that owns the journal. One journal belongs to one monitor at a time; the
+monitor takes an exclusive ``flock`` on ``PATH.lock`` to make that so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lhtstream.errors import LhtstreamError
+
+DEFAULT_JOURNAL = "lhtstream-journal.sqlite"
+JOURNAL_VERSION = 1
+
+ALARM_FIELDS = (
+    "v", "stream", "video", "type", "frame", "seq", "t_frame_ns", "t_alarm_ns",
+    "kind", "state", "score", "threshold", "features",
+)  # fmt: skip
+VERDICT_FIELDS = (
+    "v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "t_ns",
+)  # fmt: skip
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alarms (
+    seq INTEGER PRIMARY KEY,      -- rowid: max+1, gapless, survives restarts
+    wall_time REAL NOT NULL,      -- time.time() at journaling, for --since ISO-time
+    v INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    video TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    frame INTEGER NOT NULL,
+    t_frame_ns INTEGER NOT NULL,  -- the frame's t_ns (monotonic clock of the host)
+    t_alarm_ns INTEGER NOT NULL,  -- monotonic ns when the alarm was decided
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    score REAL,
+    threshold REAL,
+    features TEXT NOT NULL        -- JSON object
+);
+CREATE INDEX IF NOT EXISTS alarms_stream ON alarms (stream, seq);
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY,
+    wall_time REAL NOT NULL,
+    v INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    video TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    frames INTEGER NOT NULL,
+    score REAL,
+    anomalous INTEGER NOT NULL,
+    alarms INTEGER NOT NULL,
+    t_ns INTEGER NOT NULL
+);
+"""
+
+
+class JournalError(LhtstreamError):
+    """The journal file cannot be opened, is not a journal, or is owned by another monitor."""
+
+
+def _json_number(value: Any) -> Any:
+    """Plain JSON value: numpy scalars to Python, NaN/inf to None (JSON has no NaN)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_number(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_number(v) for v in value]
+    return value
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _iso(wall_time: float) -> str:
+    return datetime.fromtimestamp(wall_time, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_since(text: str | None) -> tuple[int | None, float | None]:
+    """``--since`` as (alarm seq, None) for an integer, else (None, unix time) for ISO time.
+
+    An ISO time without a zone is local time.
+    """
+    if text is None:
+        return None, None
+    text = text.strip()
+    try:
+        return int(text), None
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise JournalError(
+            f"bad --since {text!r}: give an alarm seq (e.g. 42) or an ISO time "
+            "(e.g. 2024-05-01T12:00:00)"
+        ) from None
+    return None, when.timestamp()
+
+
+class Journal:
+    """Append-only SQLite journal of alarms and verdicts (WAL mode).
+
+    ``writer=True`` (the monitor) creates the file and takes the owner lock;
+    ``writer=False`` opens an existing journal read-only (``lhtstream alarms --history``).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, *, writer: bool = True, synchronous: str = "NORMAL"
+    ):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        if writer:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                raise JournalError(
+                    f"journal {self.path} is in use by another monitor (lock {self.path}.lock)"
+                ) from None
+            uri = self.path.resolve().as_uri() + "?mode=rwc"
+        else:
+            if not self.path.exists():
+                raise JournalError(f"journal {self.path} does not exist")
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per row.
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            if writer:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA synchronous={synchronous}")
+                self._db.executescript(_SCHEMA)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('version', ?)",
+                    (str(JOURNAL_VERSION),),
+                )
+            row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise JournalError(
+                f"journal {self.path}: not a usable lhtstream journal ({exc})"
+            ) from None
+        if row is None or int(row[0]) != JOURNAL_VERSION:
+            self.close()
+            raise JournalError(
+                f"journal {self.path}: version {row and row[0]}, "
+                f"this lhtstream reads {JOURNAL_VERSION}"
+            )
+
+    # ------------------------------------------------------------ writing
+
+    def next_seq(self) -> int:
+        """The seq the next alarm will get (max(seq) + 1, 1 for an empty journal)."""
+        (top,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM alarms").fetchone()
+        return int(top) + 1
+
+    def append_alarm(self, fields: Mapping[str, Any]) -> int:
+        """Commit one alarm and return its ``seq``; call this before publishing the alarm.
+
+        ``fields`` holds the protocol's alarm fields except ``seq``; ``features`` is a map
+        stored as JSON text.
+        """
+        features = json.dumps(_json_number(dict(fields.get("features") or {})), allow_nan=False)
+        cur = self._db.execute(
+            "INSERT INTO alarms (wall_time, v, stream, video, type, frame, t_frame_ns, t_alarm_ns,"
+            " kind, state, score, threshold, features) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                time.time(), int(fields["v"]), str(fields["stream"]), str(fields["video"]),
+                int(fields["type"]), int(fields["frame"]), int(fields["t_frame_ns"]),
+                int(fields["t_alarm_ns"]), str(fields["kind"]), str(fields["state"]),
+                _float_or_none(fields.get("score")), _float_or_none(fields.get("threshold")),
+                features,
+            ),
+        )  # fmt: skip
+        # Autocommit mode: the INSERT is its own committed transaction when execute returns.
+        return int(cur.lastrowid)
+
+    def append_verdict(self, fields: Mapping[str, Any]) -> int:
+        """Commit one verdict (before publishing it); returns its journal id."""
+        cur = self._db.execute(
+            "INSERT INTO verdicts (wall_time, v, stream, video, type, frames, score, anomalous,"
+            " alarms, t_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                time.time(), int(fields["v"]), str(fields["stream"]), str(fields["video"]),
+                int(fields["type"]), int(fields["frames"]), _float_or_none(fields.get("score")),
+                int(bool(fields["anomalous"])), int(fields["alarms"]),
+                int(fields.get("t_ns") or time.monotonic_ns()),
+            ),
+        )  # fmt: skip
+        return int(cur.lastrowid)
+
+    # ------------------------------------------------------------ reading
+
+    def alarms(
+        self, since: int | str | None = None, stream: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Alarms in seq order, each a dict of the protocol's alarm fields plus ``time`` (ISO, UTC).
+
+        ``since``: an int keeps alarms with ``seq > since``; a str is parsed like ``--since``
+        (integer seq or ISO time, keeping alarms journaled at or after it).
+        """
+        since_seq, since_time = parse_since(since) if isinstance(since, str) else (since, None)
+        where, params = [], []
+        if since_seq is not None:
+            where.append("seq > ?")
+            params.append(since_seq)
+        if since_time is not None:
+            where.append("wall_time >= ?")
+            params.append(since_time)
+        if stream is not None:
+            where.append("stream = ?")
+            params.append(stream)
+        sql = (
+            "SELECT seq, wall_time, v, stream, video, type, frame, t_frame_ns, t_alarm_ns, kind,"
+            " state, score, threshold, features FROM alarms"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        out = []
+        for row in self._db.execute(sql + " ORDER BY seq", params):
+            (seq, wall, v, stream_, video, type_, frame, t_frame, t_alarm, kind, state, score,
+             threshold, features) = row  # fmt: skip
+            out.append({
+                "v": v, "stream": stream_, "video": video, "type": type_, "frame": frame,
+                "seq": seq, "t_frame_ns": t_frame, "t_alarm_ns": t_alarm, "kind": kind,
+                "state": state, "score": score, "threshold": threshold,
+                "features": json.loads(features), "time": _iso(wall),
+            })  # fmt: skip
+        return out
+
+    def verdicts(self, stream: str | None = None) -> list[dict[str, Any]]:
+        """Verdicts in journal order, each a dict of the protocol's verdict fields plus ``time``."""
+        sql = (
+            "SELECT id, wall_time, v, stream, video, type, frames, score, anomalous, alarms, t_ns"
+            " FROM verdicts"
+        )
+        params: list[Any] = []
+        if stream is not None:
+            sql += " WHERE stream = ?"
+            params.append(stream)
+        out = []
+        for row in self._db.execute(sql + " ORDER BY id", params):
+            id_, wall, v, stream_, video, type_, frames, score, anomalous, alarms, t_ns = row
+            out.append({
+                "v": v, "stream": stream_, "video": video, "type": type_, "frames": frames,
+                "score": score, "anomalous": bool(anomalous), "alarms": alarms, "t_ns": t_ns,
+                "id": id_, "time": _iso(wall),
+            })  # fmt: skip
+        return out
+
+    def close(self) -> None:
+        """Close the database and release the owner lock."""
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def format_alarm(a: Mapping[str, Any]) -> str:
+    """One readable line for an alarm."""
+    score, thr = a.get("score"), a.get("threshold")
+    score_s = "-" if score is None else f"{score:.3g}"
+    thr_s = "-" if thr is None else f"{thr:.3g}"
+    stamp = a.get("time", "")
+    return (
+        f"{stamp + ' ' if stamp else ''}#{a.get('seq')} {str(a.get('state', '')).upper():5} "
+        f"{a.get('kind')} stream={a.get('stream')} type={a.get('type')} video={a.get('video')} "
+        f"frame={a.get('frame')} score={score_s} threshold={thr_s}"
+    )
+
+
+def format_verdict(v: Mapping[str, Any]) -> str:
+    """One readable line for a verdict."""
+    score = v.get("score")
+    return (
+        f"VERDICT {'ANOMALOUS' if v.get('anomalous') else 'normal'} stream={v.get('stream')} "
+        f"type={v.get('type')} video={v.get('video')} frames={v.get('frames')} "
+        f"score={'-' if score is None else f'{score:.3g}'} alarms={v.get('alarms')}"
+    )
+
+
+def _json_line(obj: Mapping[str, Any]) -> str:
+    return json.dumps(_json_number(obj), separators=(",", ":"), allow_nan=False)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_alarms(args: argparse.Namespace) -> int:
+    """``lhtstream alarms``: live alarms (and verdicts) from a monitor, or ``--history``."""
+    if args.history:
+        with Journal(args.journal or DEFAULT_JOURNAL, writer=False) as journal:
+            for alarm in journal.alarms(since=args.since, stream=args.stream):
+                _print(_json_line(alarm) if args.json else format_alarm(alarm))
+        return 0
+    return _run_live(args)
+
+
+def _run_live(args: argparse.Namespace) -> int:
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # alarms are small; never buffer a huge peer message
+    sub.setsockopt(zmq.SUBSCRIBE, b"alarm")
+    sub.setsockopt(zmq.SUBSCRIBE, b"verdict")
+    sub.connect(args.endpoint)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    seen = 0
+    try:
+        while args.count is None or seen < args.count:
+            wait_ms = 200
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                wait_ms = max(1, min(wait_ms, int(left * 1000)))
+            if not sub.poll(wait_ms):
+                continue
+            parts = sub.recv_multipart()
+            topic = parts[0].decode("ascii", "replace")
+            if topic not in ("alarm", "verdict") or len(parts) < 2:
+                continue
+            try:
+                header = msgpack.unpackb(parts[1], raw=False, strict_map_key=False)
+            except Exception:  # a garbled message must not stop an operator's console
+                print(f"lhtstream alarms: undecodable {topic} message skipped", file=sys.stderr)
+                continue
+            if not isinstance(header, dict):
+                continue
+            if args.stream is not None and header.get("stream") != args.stream:
+                continue
+            if args.json:
+                _print(_json_line({"topic": topic, **header}))
+            else:
+                _print(format_alarm(header) if topic == "alarm" else format_verdict(header))
+            if topic == "alarm":
+                seen += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close(0)
+    return 0

@@ -1,0 +1,216 @@
+"""The SQLite alarm journal: seq continuity, durability against SIGKILL, the history CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from lhtstream.cli import main
+from lhtstream.journal import Journal, JournalError
+
+
+def alarm(stream: str = "ws1", frame: int = 10, kind: str = "trajectory", **extra) -> dict:
+    fields = dict(
+        v=1, stream=stream, video="0007", type=3, frame=frame, t_frame_ns=1_000 + frame,
+        t_alarm_ns=2_000 + frame, kind=kind, state="raise", score=4.5, threshold=3.0,
+        features={"x": 10.25, "y": 3.5, "intensity": float("nan")},
+    )  # fmt: skip
+    fields.update(extra)
+    return fields
+
+
+def test_seq_is_gapless_and_continues_after_reopen(tmp_path):
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as j:
+        assert j.next_seq() == 1
+        assert [j.append_alarm(alarm(frame=f)) for f in range(3)] == [1, 2, 3]
+    with Journal(path) as j:
+        assert j.next_seq() == 4
+        assert j.append_alarm(alarm(frame=99)) == 4
+        rows = j.alarms()
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4]
+    assert [r["frame"] for r in rows] == [0, 1, 2, 99]
+    first = rows[0]
+    assert first["kind"] == "trajectory" and first["state"] == "raise"
+    assert first["t_frame_ns"] == 1_000 and first["t_alarm_ns"] == 2_000
+    # features round-trip as a map; NaN becomes null because JSON has no NaN
+    assert first["features"] == {"x": 10.25, "y": 3.5, "intensity": None}
+
+
+def test_filters_by_seq_stream_and_time(tmp_path):
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as j:
+        j.append_alarm(alarm(stream="a"))
+        j.append_alarm(alarm(stream="b"))
+        j.append_alarm(alarm(stream="a"))
+        assert [r["seq"] for r in j.alarms(since=1)] == [2, 3]
+        assert [r["seq"] for r in j.alarms(since="1", stream="a")] == [3]
+        assert len(j.alarms(since="2000-01-01T00:00:00")) == 3
+        assert j.alarms(since="2999-01-01T00:00:00+00:00") == []
+        with pytest.raises(JournalError, match="--since"):
+            j.alarms(since="yesterday")
+
+
+def test_verdicts_are_journaled(tmp_path):
+    with Journal(tmp_path / "j.sqlite") as j:
+        j.append_verdict(
+            dict(
+                v=1,
+                stream="s",
+                video="0001",
+                type=2,
+                frames=500,
+                score=0.7,
+                anomalous=True,
+                alarms=3,
+                t_ns=5,
+            )
+        )
+        (v,) = j.verdicts()
+    assert (v["video"], v["frames"], v["anomalous"], v["alarms"], v["score"]) == (
+        "0001",
+        500,
+        True,
+        3,
+        0.7,
+    )
+
+
+def test_second_writer_is_refused_but_reader_is_not(tmp_path):
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as j:
+        j.append_alarm(alarm())
+        with pytest.raises(JournalError, match="in use"):
+            Journal(path)
+        with Journal(path, writer=False) as reader:
+            assert len(reader.alarms()) == 1
+
+
+def test_not_a_journal_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "bogus.sqlite"
+    bogus.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(JournalError, match="bogus.sqlite"):
+        Journal(bogus)
+    with pytest.raises(JournalError, match="does not exist"):
+        Journal(tmp_path / "missing.sqlite", writer=False)
+
+
+def test_sigkilled_writer_loses_no_committed_alarm(tmp_path):
+    """A process killed with SIGKILL right after append_alarm returned keeps every row."""
+    path = tmp_path / "j.sqlite"
+    script = textwrap.dedent(f"""
+        import sys
+        from lhtstream.journal import Journal
+        j = Journal({str(path)!r})
+        for i in range(50):
+            j.append_alarm(dict(v=1, stream="s", video="v", type=1, frame=i, t_frame_ns=i,
+                                t_alarm_ns=i, kind="stall", state="raise", score=1.0,
+                                threshold=0.5, features={{}}))
+            print(i, flush=True)   # printed only after the commit returned
+        sys.stdin.read()           # wait to be killed, with the journal still open
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(50):
+            last = proc.stdout.readline()
+        assert last.strip() == "49"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with Journal(path) as j:  # the lock died with the process
+        assert [r["frame"] for r in j.alarms()] == list(range(50))
+        assert j.append_alarm(alarm()) == 51
+
+
+def test_history_cli_json_lines(tmp_path, capsys):
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as j:
+        j.append_alarm(alarm(stream="a", kind="stall"))
+        j.append_alarm(alarm(stream="b", kind="sensor"))
+    assert main(["alarms", "--history", "--journal", str(path), "--json", "--stream", "b"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    assert (got["seq"], got["stream"], got["kind"]) == (2, "b", "sensor")
+    for field in (
+        "v",
+        "video",
+        "type",
+        "frame",
+        "t_frame_ns",
+        "t_alarm_ns",
+        "state",
+        "score",
+        "threshold",
+        "features",
+    ):
+        assert field in got
+    assert main(["alarms", "--history", "--journal", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "#1" in text and "stall" in text and "#2" in text
+
+
+def test_history_cli_missing_journal_is_one_line_error(tmp_path, capsys):
+    assert main(["alarms", "--history", "--journal", str(tmp_path / "nope.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lhtstream: error:") and "nope.sqlite" in err
+
+
+def test_live_alarms_cli_prints_published_alarms(tmp_path):
+    """`lhtstream alarms` subscribes to alarm/verdict on a PUB endpoint (here: the test's)."""
+    import msgpack
+    import zmq
+
+    endpoint = f"ipc://{tmp_path}/pub"
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(endpoint)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lhtstream.cli",
+            "alarms",
+            "--endpoint",
+            endpoint,
+            "--json",
+            "--count",
+            "1",
+            "--timeout",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        a = alarm(seq=7)
+        a["features"] = {"x": 1.0}
+        deadline = time.monotonic() + 15
+        while proc.poll() is None and time.monotonic() < deadline:
+            # PUB drops until the subscriber joined: repeat until it exits after one alarm
+            pub.send_multipart([b"status", msgpack.packb({"v": 1})])
+            pub.send_multipart([b"alarm", msgpack.packb(a)])
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pub.close(0)
+    assert proc.returncode == 0
+    first = json.loads(out.splitlines()[0])
+    assert first["topic"] == "alarm" and first["seq"] == 7 and first["kind"] == "trajectory"
