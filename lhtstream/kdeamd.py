@@ -153,8 +153,12 @@ def _kde_log_density(kde: _Kde, queries: np.ndarray, exclude: np.ndarray | None)
             same = exclude[s : s + step, None] == kde.owner[None, :]
             e[same] = -np.inf
             count = (kde.n - same.sum(axis=1)).astype(np.float64)
+        # No point left (all owned by the excluded video): density -inf, caller falls back.
         with np.errstate(divide="ignore"):
-            out[s : s + step] = _logsumexp_rows(e) + kde.log_norm - np.log(count)
+            lse = _logsumexp_rows(e)
+            out[s : s + step] = np.where(
+                count > 0, lse + kde.log_norm - np.log(np.maximum(count, 1.0)), -np.inf
+            )
     return out
 
 
@@ -166,7 +170,9 @@ def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
     q = q / q.sum() if q.sum() > 0 else q
     p = (p + eps) / (1.0 + eps * p.size)
     q = (q + eps) / (1.0 + eps * q.size)
-    return float(np.sum(p * np.log(p / q)))
+    nz = p > 0  # 0 log 0 = 0
+    with np.errstate(divide="ignore"):
+        return float(np.sum(p[nz] * np.log(p[nz] / q[nz])))
 
 
 class KdeAmd:
@@ -203,9 +209,7 @@ class KdeAmd:
         """Flat cell index row * cols + col; positions outside the bounds clip to the edge."""
         c = np.floor((x - self.x0) / self.dx).astype(np.int64)
         r = np.floor((y - self.y0) / self.dy).astype(np.int64)
-        np.clip(c, 0, self.cols - 1, out=c)
-        np.clip(r, 0, self.rows - 1, out=r)
-        return r * self.cols + c
+        return np.clip(r, 0, self.rows - 1) * self.cols + np.clip(c, 0, self.cols - 1)
 
     @staticmethod
     def _moves(pos: np.ndarray, win: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
