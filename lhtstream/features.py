@@ -1,0 +1,547 @@
+"""Per-frame feature kernels (Numba), the online cycle-phase tracker and the ring buffer.
+
+One code path serves streaming and batch: `FeatureExtractor.push` and
+`video_features` / `track` call the same two kernels, `measure_frame` (pixels
+-> measurements) and `track_step` (the sequential part: carry-forward,
+velocity, phase), so the batch features used for training equal the streamed
+ones to the bit.
+
+Units: positions in ROI pixels (x = column, y = row, origin at the top-left
+pixel centre), time in frames (1 frame = 1 ms), phase in frames in [0, 10).
+
+Cycle phase. The spot's row y has a period of 10 frames (one 100 Hz scan
+cycle) and is an even function of the phase with its minimum (top edge) at
+phase 0, so its fundamental is ``-A cos(2 pi phase / 10)``. The tracker is a
+quadrature demodulator with a numerically controlled oscillator (NCO):
+each valid frame's ``(y - centre) * exp(-i 2 pi p / 10)`` (p = NCO phase) goes
+into an EWMA phasor Z; ``angle(-Z)`` is the offset of the true phase from the
+NCO and the reported phase is ``p + offset``. A proportional-integral loop
+moves the NCO towards the signal (rotating Z by the same amount, so the
+reported phase does not jump) and corrects RATE, so a drifting scan frequency
+is followed with no lag once locked. The image term (the fundamental's
+negative-frequency half) is subtracted from each sample before averaging so a
+short time constant does not leave a ripple. The loop only learns from valid
+frames: non-empty, not repeated, outside obstacle windows (there the pattern
+changes shape while the scanner period stays 10 ms); otherwise the NCO
+free-runs at the last RATE.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from numba import njit
+
+from lhtstream.errors import LhtstreamError
+
+# ------------------------------------------------------------------ columns
+
+X = 0  #: spot centroid column, px (carried forward on an empty frame)
+Y = 1  #: spot centroid row, px
+INTENSITY = 2  #: sum of pixel values above the threshold, counts
+PEAK = 3  #: maximum pixel value of the frame, counts
+AREA = 4  #: number of pixels above the threshold, px
+EMPTY = 5  #: 1.0 when no pixel is above the threshold
+REPEAT = 6  #: 1.0 when the frame is byte-identical to the previous non-empty frame
+SPREAD = 7  #: RMS radius of the above-threshold weights around the centroid, px
+VX = 8  #: position change since the previous frame, px/frame
+VY = 9
+PHASE = 10  #: cycle phase, frames in [0, 10)
+CYCLE = 11  #: completed cycles since the stream (video) started
+RATE = 12  #: phase advance per frame (1.0 at exactly 100 Hz)
+OBSTACLE = 13  #: obstacle state of the frame, 0/1/2
+CX = 14  #: running centre of the pattern (EWMA of valid positions), px
+CY = 15
+LOCK = 16  #: phase-lock quality in [0, 1]: share of y's variance in the 10-frame fundamental
+N_FEATURES = 17
+
+COLUMNS: tuple[str, ...] = (
+    "x", "y", "intensity", "peak", "area", "empty", "repeat", "spread",
+    "vx", "vy", "phase", "cycle", "rate", "obstacle", "cx", "cy", "lock",
+)
+MEASURED = (X, Y, INTENSITY, PEAK, AREA, EMPTY, REPEAT, SPREAD)  #: columns set by measure_frame
+
+CYCLE_FRAMES = 10.0  #: nominal frames per scan cycle
+DEFAULT_THRESHOLD = 8.0  #: counts; see measure_frame
+
+# ---------------------------------------------------------------- tracker state
+
+# Layout of the float64 tracker state (private; build it with new_track_state).
+_S_LAST_X = 0  # last known position (NaN until the first non-empty frame)
+_S_LAST_Y = 1
+_S_NCO = 2  # NCO phase, frames in [0, 10)
+_S_RATE = 3  # NCO rate, frames/frame
+_S_ZRE = 4  # demodulated phasor (EWMA)
+_S_ZIM = 5
+_S_VAR = 6  # EWMA of (y - centre)^2
+_S_CX = 7
+_S_CY = 8
+_S_NVALID = 9  # valid frames the loop has learned from
+_S_CYCLE = 10  # completed cycles
+_S_TURN = 11  # highest whole turn of the unwrapped phase counted so far
+_S_NCO_TURNS = 12  # whole turns of the NCO
+_S_STARTED = 13  # 0 before the first frame
+# configuration (kept in the state so one compiled kernel serves every setting)
+_S_ALPHA = 14  # floor of the phasor EWMA weight
+_S_ALPHA_CENTRE = 15  # floor of the centre EWMA weight
+_S_KP = 16  # proportional gain (fraction of the offset moved into the NCO per frame)
+_S_KI = 17  # integral gain (rate correction per frame of offset)
+_S_ACQUIRE = 18  # valid frames before the loop closes
+_S_MIN_LOCK = 19  # below this LOCK the loop does not steer
+_S_RATE_MIN = 20
+_S_RATE_MAX = 21
+TRACK_STATE_SIZE = 22
+
+_TWO_PI_OVER_CYCLE = 2.0 * math.pi / CYCLE_FRAMES
+
+
+class FeatureError(LhtstreamError, ValueError):
+    """Input that the feature kernels cannot take (wrong dtype, shape, length)."""
+
+
+def new_track_state(
+    alpha: float = 0.08,
+    alpha_centre: float = 0.02,
+    kp: float = 0.02,
+    ki: float = 2e-4,
+    acquire: int = 30,
+    min_lock: float = 0.3,
+    rate_min: float = 0.85,
+    rate_max: float = 1.15,
+) -> np.ndarray:
+    """A fresh tracker state (float64, `TRACK_STATE_SIZE`) with the loop settings.
+
+    alpha: EWMA weight floor of the phasor (1/alpha frames time constant);
+    alpha_centre: same for the running centre; kp, ki: loop gains (per frame,
+    per frame^2); acquire: valid frames averaged before the loop closes;
+    min_lock: LOCK below which the loop coasts; rate_min/max: RATE clamp.
+    """
+    s = np.zeros(TRACK_STATE_SIZE, dtype=np.float64)
+    s[_S_LAST_X] = np.nan
+    s[_S_LAST_Y] = np.nan
+    s[_S_RATE] = 1.0
+    s[_S_CX] = np.nan
+    s[_S_CY] = np.nan
+    s[_S_ALPHA] = alpha
+    s[_S_ALPHA_CENTRE] = alpha_centre
+    s[_S_KP] = kp
+    s[_S_KI] = ki
+    s[_S_ACQUIRE] = acquire
+    s[_S_MIN_LOCK] = min_lock
+    s[_S_RATE_MIN] = rate_min
+    s[_S_RATE_MAX] = rate_max
+    return s
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@njit(cache=True, nogil=True)
+def measure_frame(frame, previous, threshold, row):
+    """Measure one difference frame into `row` (columns X..SPREAD); no allocation.
+
+    Centroid weights are ``value - threshold`` for pixels strictly above the
+    threshold: a pixel crossing the threshold then enters with weight ~0, so
+    the centroid is a continuous function of the pixel values and noise
+    pixels near the threshold barely pull it (plain ``value`` weights would
+    add a jump of ``threshold`` each time one flickers across). INTENSITY is
+    the sum of the raw values of those pixels, PEAK the frame's maximum.
+    An empty frame gets X = Y = NaN (the tracker carries the last position).
+    `previous` (same shape, uint16) holds the last non-empty frame: REPEAT is
+    1 when this non-empty frame equals it byte for byte, then it is updated.
+    """
+    rows, cols = frame.shape
+    sw = 0.0
+    swx = 0.0
+    swy = 0.0
+    swxx = 0.0
+    swyy = 0.0
+    total = 0.0
+    peak = 0
+    area = 0
+    same = True
+    for r in range(rows):
+        for c in range(cols):
+            v = frame[r, c]
+            if v != previous[r, c]:
+                same = False
+            if v > peak:
+                peak = v
+            if v > threshold:
+                w = v - threshold
+                sw += w
+                swx += w * c
+                swy += w * r
+                swxx += w * (c * c)
+                swyy += w * (r * r)
+                total += v
+                area += 1
+    row[INTENSITY] = total
+    row[PEAK] = peak
+    row[AREA] = area
+    if area == 0:
+        row[X] = np.nan
+        row[Y] = np.nan
+        row[SPREAD] = np.nan
+        row[EMPTY] = 1.0
+        row[REPEAT] = 0.0
+        return
+    x = swx / sw
+    y = swy / sw
+    var = swxx / sw - x * x + swyy / sw - y * y
+    row[X] = x
+    row[Y] = y
+    row[SPREAD] = math.sqrt(var) if var > 0.0 else 0.0
+    row[EMPTY] = 0.0
+    if same:
+        row[REPEAT] = 1.0
+    else:
+        row[REPEAT] = 0.0
+        for r in range(rows):
+            for c in range(cols):
+                previous[r, c] = frame[r, c]
+
+
+@njit(cache=True, nogil=True)
+def track_step(state, row):
+    """Sequential features of one frame from its measurements and OBSTACLE; no allocation.
+
+    Reads X, Y, EMPTY, REPEAT, OBSTACLE of `row`; writes X, Y (carried
+    forward when empty), VX, VY, PHASE, CYCLE, RATE, CX, CY, LOCK and updates
+    `state` (from `new_track_state`).
+    """
+    started = state[_S_STARTED] != 0.0
+    last_x = state[_S_LAST_X]
+    last_y = state[_S_LAST_Y]
+    x = row[X]
+    y = row[Y]
+    measured = not (math.isnan(x) or math.isnan(y))
+    if not measured:
+        x = last_x
+        y = last_y
+    # velocity is 0 where either end is unknown
+    if math.isnan(x) or math.isnan(last_x):
+        vx = 0.0
+        vy = 0.0
+    else:
+        vx = x - last_x
+        vy = y - last_y
+    row[X] = x
+    row[Y] = y
+    row[VX] = vx
+    row[VY] = vy
+    state[_S_LAST_X] = x
+    state[_S_LAST_Y] = y
+
+    # advance the NCO to this frame's mid-exposure
+    rate = state[_S_RATE]
+    nco = state[_S_NCO]
+    if started:
+        nco += rate
+        if nco >= CYCLE_FRAMES:
+            nco -= CYCLE_FRAMES
+            state[_S_NCO_TURNS] += 1.0
+    state[_S_STARTED] = 1.0
+    zre = state[_S_ZRE]
+    zim = state[_S_ZIM]
+    var = state[_S_VAR]
+
+    valid = measured and row[REPEAT] == 0.0 and row[OBSTACLE] == 0.0
+    if valid:
+        n = state[_S_NVALID]
+        a = max(state[_S_ALPHA], 1.0 / (n + 1.0))
+        ac = max(state[_S_ALPHA_CENTRE], 1.0 / (n + 1.0))
+        if math.isnan(state[_S_CX]):
+            state[_S_CX] = x
+            state[_S_CY] = y
+        else:
+            state[_S_CX] += ac * (x - state[_S_CX])
+            state[_S_CY] += ac * (y - state[_S_CY])
+        d = y - state[_S_CY]
+        ang = _TWO_PI_OVER_CYCLE * nco
+        c = math.cos(ang)
+        s = math.sin(ang)
+        # d * exp(-i ang), minus the image conj(Z) * exp(-2i ang) once Z means something
+        pre = d * c
+        pim = -d * s
+        if n >= CYCLE_FRAMES:
+            c2 = c * c - s * s
+            s2 = 2.0 * s * c
+            pre -= zre * c2 - zim * s2
+            pim -= -zre * s2 - zim * c2
+        zre += a * (pre - zre)
+        zim += a * (pim - zim)
+        var += a * (d * d - var)
+        n += 1.0
+        state[_S_NVALID] = n
+        mag2 = zre * zre + zim * zim
+        lock = 2.0 * mag2 / var if var > 0.0 else 0.0
+        if lock > 1.0:
+            lock = 1.0
+        offset = math.atan2(-zim, -zre) / _TWO_PI_OVER_CYCLE
+        acquire = state[_S_ACQUIRE]
+        delta = 0.0
+        if n == acquire:
+            delta = offset  # close the loop: move the whole offset into the NCO
+        elif n > acquire and lock >= state[_S_MIN_LOCK]:
+            delta = state[_S_KP] * offset
+            rate += state[_S_KI] * offset
+            rate = min(max(rate, state[_S_RATE_MIN]), state[_S_RATE_MAX])
+        if delta != 0.0:
+            nco += delta
+            if nco >= CYCLE_FRAMES:
+                nco -= CYCLE_FRAMES
+                state[_S_NCO_TURNS] += 1.0
+            elif nco < 0.0:
+                nco += CYCLE_FRAMES
+                state[_S_NCO_TURNS] -= 1.0
+            # rotate Z by -delta so that nco + offset (the reported phase) is unchanged
+            ang = _TWO_PI_OVER_CYCLE * delta
+            c = math.cos(ang)
+            s = math.sin(ang)
+            zre, zim = zre * c + zim * s, zim * c - zre * s
+        state[_S_ZRE] = zre
+        state[_S_ZIM] = zim
+        state[_S_VAR] = var
+        state[_S_RATE] = rate
+    state[_S_NCO] = nco
+
+    if zre == 0.0 and zim == 0.0:
+        offset = 0.0
+        lock = 0.0
+    else:
+        offset = math.atan2(-zim, -zre) / _TWO_PI_OVER_CYCLE
+        lock = 2.0 * (zre * zre + zim * zim) / var if var > 0.0 else 0.0
+        if lock > 1.0:
+            lock = 1.0
+    phase = nco + offset
+    turns = state[_S_NCO_TURNS]
+    if phase >= CYCLE_FRAMES:
+        phase -= CYCLE_FRAMES
+        turns += 1.0
+    elif phase < 0.0:
+        phase += CYCLE_FRAMES
+        turns -= 1.0
+    # CYCLE counts forward crossings of phase 0 only, so jitter around 0 never counts twice
+    if turns > state[_S_TURN]:
+        state[_S_CYCLE] += turns - state[_S_TURN]
+        state[_S_TURN] = turns
+    row[PHASE] = phase
+    row[CYCLE] = state[_S_CYCLE]
+    row[RATE] = rate
+    row[CX] = state[_S_CX]
+    row[CY] = state[_S_CY]
+    row[LOCK] = lock
+
+
+@njit(cache=True, nogil=True)
+def _features_loop(video, obstacles, threshold, previous, state, out):
+    for i in range(video.shape[0]):
+        row = out[i]
+        measure_frame(video[i], previous, threshold, row)
+        row[OBSTACLE] = obstacles[i]
+        track_step(state, row)
+
+
+@njit(cache=True, nogil=True)
+def _measure_loop(video, threshold, previous, out):
+    for i in range(video.shape[0]):
+        measure_frame(video[i], previous, threshold, out[i])
+
+
+@njit(cache=True, nogil=True)
+def _track_loop(obstacles, state, out):
+    for i in range(out.shape[0]):
+        row = out[i]
+        row[OBSTACLE] = obstacles[i]
+        track_step(state, row)
+
+
+@njit(cache=True, nogil=True)
+def _push_kernel(frame, previous, threshold, obstacle, state, buf, slot, capacity):
+    # one dispatch per streamed frame: measure, track, mirror into the ring's second half
+    row = buf[slot]
+    measure_frame(frame, previous, threshold, row)
+    row[OBSTACLE] = obstacle
+    track_step(state, row)
+    mirror = buf[slot + capacity]
+    for j in range(row.shape[0]):
+        mirror[j] = row[j]
+
+
+# ---------------------------------------------------------------- ring buffer
+
+
+class RingBuffer:
+    """Fixed-capacity history of float64 rows; O(1) push, `latest(n)` as a view.
+
+    Every row is stored twice, at ``i`` and ``i + capacity`` of a
+    ``(2 * capacity, width)`` array, so the last n rows are always one
+    contiguous slice. Views stay valid until overwritten (`capacity` pushes on).
+    """
+
+    def __init__(self, capacity: int, width: int = N_FEATURES) -> None:
+        if capacity < 1 or width < 1:
+            raise FeatureError(f"ring buffer needs capacity and width >= 1, got {capacity}x{width}")
+        self.capacity = int(capacity)
+        self.width = int(width)
+        self.buffer = np.full((2 * self.capacity, self.width), np.nan, dtype=np.float64)
+        self.total = 0  #: rows pushed since creation / clear
+
+    def __len__(self) -> int:
+        return min(self.total, self.capacity)
+
+    def push(self, row: np.ndarray) -> np.ndarray:
+        """Append a copy of `row`; returns the stored row (a view)."""
+        i = self.total % self.capacity
+        self.buffer[i] = row
+        self.buffer[i + self.capacity] = row
+        self.total += 1
+        return self.buffer[i + self.capacity]
+
+    def _advance(self) -> int:
+        # for writers that fill both copies themselves (the fused push kernel)
+        i = self.total % self.capacity
+        self.total += 1
+        return i
+
+    def latest(self, n: int | None = None) -> np.ndarray:
+        """The last `n` rows (default: all held), oldest first, as a view (no copy)."""
+        held = len(self)
+        if n is None:
+            n = held
+        if n < 0 or n > held:
+            raise FeatureError(f"ring buffer holds {held} rows, asked for {n}")
+        end = (self.total - 1) % self.capacity + 1 + self.capacity if self.total else 0
+        return self.buffer[end - n:end]
+
+    def clear(self) -> None:
+        self.total = 0
+        self.buffer.fill(np.nan)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+class FeatureExtractor:
+    """Streaming features for one stream: owns the previous frame, tracker state and ring.
+
+    `reset()` must be called at each new video: the tracker (phase lock, last
+    position, centre) and the REPEAT reference restart, because consecutive
+    videos are different workpieces with an unknown pause between them, so
+    no phase lock can be carried over. The ring history is cleared as well.
+    """
+
+    def __init__(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        capacity: int = 4096,
+        **tracker: float,
+    ) -> None:
+        self.threshold = float(threshold)
+        self._tracker = dict(tracker)
+        self.ring = RingBuffer(capacity, N_FEATURES)
+        self.state = new_track_state(**self._tracker)
+        self._previous = np.zeros((0, 0), dtype=np.uint16)
+
+    def reset(self) -> None:
+        """Start a new video: fresh tracker state, REPEAT reference and history."""
+        self.state[:] = new_track_state(**self._tracker)
+        self._previous.fill(0)
+        self.ring.clear()
+
+    def push(self, frame: np.ndarray, obstacle: int = 0) -> np.ndarray:
+        """Features of the next frame (uint16, 2-D); returns its row, a view into the ring."""
+        if frame.dtype != np.uint16 or frame.ndim != 2:
+            raise FeatureError(f"frame must be a 2-D uint16 array, got {frame.dtype} {frame.shape}")
+        if frame.shape != self._previous.shape:
+            # new ROI: only happens at a video boundary, so this allocation is off the hot path
+            self._previous = np.zeros(frame.shape, dtype=np.uint16)
+        if not frame.flags.c_contiguous:
+            frame = np.ascontiguousarray(frame)
+        ring = self.ring
+        slot = ring._advance()
+        _push_kernel(frame, self._previous, self.threshold, float(obstacle), self.state,
+                     ring.buffer, slot, ring.capacity)
+        return ring.buffer[slot + ring.capacity]
+
+
+# ---------------------------------------------------------------- batch
+
+
+def _check_video(video: np.ndarray) -> np.ndarray:
+    if not isinstance(video, np.ndarray) or video.dtype != np.uint16 or video.ndim != 3:
+        raise FeatureError(
+            f"video must be a (frames, rows, cols) uint16 array, got "
+            f"{getattr(video, 'dtype', type(video).__name__)} {getattr(video, 'shape', '')}"
+        )
+    return np.ascontiguousarray(video)
+
+
+def _check_obstacles(obstacles: np.ndarray | None, n: int) -> np.ndarray:
+    if obstacles is None:
+        return np.zeros(n, dtype=np.float64)
+    obs = np.asarray(obstacles)
+    if obs.shape != (n,):
+        raise FeatureError(f"obstacle states must have shape ({n},), got {obs.shape}")
+    return obs.astype(np.float64)
+
+
+def measure_video(video: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Measurements (columns X..SPREAD) of every frame; the other columns are NaN."""
+    video = _check_video(video)
+    out = np.full((video.shape[0], N_FEATURES), np.nan, dtype=np.float64)
+    previous = np.zeros(video.shape[1:], dtype=np.uint16)
+    _measure_loop(video, float(threshold), previous, out)
+    return out
+
+
+def track(
+    measurements: np.ndarray, obstacles: np.ndarray | None = None, **tracker: float
+) -> np.ndarray:
+    """Rerun the sequential stage over measurements (e.g. with perturbed X/Y); returns a copy."""
+    m = np.asarray(measurements, dtype=np.float64)
+    if m.ndim != 2 or m.shape[1] != N_FEATURES:
+        raise FeatureError(f"measurements must have shape (n, {N_FEATURES}), got {m.shape}")
+    out = np.array(m, dtype=np.float64, order="C", copy=True)
+    _track_loop(_check_obstacles(obstacles, out.shape[0]), new_track_state(**tracker), out)
+    return out
+
+
+def video_features(
+    video: np.ndarray,
+    obstacles: np.ndarray | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    **tracker: float,
+) -> np.ndarray:
+    """All features of a whole video, equal to streaming it through a fresh FeatureExtractor."""
+    video = _check_video(video)
+    n = video.shape[0]
+    out = np.full((n, N_FEATURES), np.nan, dtype=np.float64)
+    previous = np.zeros(video.shape[1:], dtype=np.uint16)
+    _features_loop(video, _check_obstacles(obstacles, n), float(threshold), previous,
+                   new_track_state(**tracker), out)
+    return out
+
+
+def warm_up() -> float:
+    """Compile (or load from cache) every kernel for the array types we use; returns seconds."""
+    t0 = time.perf_counter()
+    video = np.zeros((3, 2, 3), dtype=np.uint16)
+    video[0, 1, 1] = 100
+    obstacles = np.zeros(3, dtype=np.float64)
+    meas = measure_video(video)
+    track(meas, obstacles)
+    video_features(video, obstacles)
+    ex = FeatureExtractor(capacity=2)
+    ex.push(video[0], 0)
+    # frames decoded from the wire are read-only buffers: a separate specialisation
+    ro = np.frombuffer(video[0].tobytes(), dtype=np.uint16).reshape(video.shape[1:])
+    ex.push(ro, 0)
+    row = np.zeros(N_FEATURES)
+    measure_frame(ro, np.zeros_like(video[0]), DEFAULT_THRESHOLD, row)
+    measure_frame(video[0], np.zeros_like(video[0]), DEFAULT_THRESHOLD, row)
+    track_step(new_track_state(), row)
+    return time.perf_counter() - t0
