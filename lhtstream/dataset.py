@@ -1,0 +1,597 @@
+"""Read, write and validate the laser-heat-treatment data-set format.
+
+Layout (see ``docs/dataset.md``)::
+
+    ROOT/TypeN/NNNN.npz        array under key ``image``: (frames, rows, cols) difference video
+    ROOT/TypeN/metadata.pkl    pickle: {"NNNN": {Index, KeyfIniObstacle1, ..., SizeInFrames}}
+    ROOT/labels.csv            simulator only: type,video,kind,onset_frame,end_frame,magnitude
+    ROOT/truth/TypeN/NNNN.npz  simulator only: true spot path (never read by the readers)
+
+Shapes follow the seed's formulas: rows = InfBordPx - SupBordPx + 1,
+cols = RightBordPx - LeftBordPx + 1, frames = SizeInFrames (the seed calls the
+right/bottom borders "exclusive" yet gives these formulas; we follow the formulas).
+
+``metadata.pkl`` is read with a restricted unpickler that only admits plain
+containers, strings, numbers, booleans, None and numpy numeric scalars, so a
+hostile pickle cannot run code. Nothing here loads more than one video at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pickle
+import re
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lhtstream.errors import LhtstreamError
+
+METADATA_FIELDS: tuple[str, ...] = (
+    "Index",
+    "KeyfIniObstacle1",
+    "KeyfEndObstacle1",
+    "KeyfIniObstacle2",
+    "KeyfEndObstacle2",
+    "LeftBordPx",
+    "RightBordPx",
+    "SupBordPx",
+    "InfBordPx",
+    "SizeInFrames",
+)
+SENSOR_SIZE = 32  # the camera is 32x32 px; ROI borders index into it
+MAX_VALUE = 1024  # camera range 0..1024
+MAX_METADATA_BYTES = 64 * 1024 * 1024  # a real metadata.pkl is a few hundred KB
+LABEL_COLUMNS = ("type", "video", "kind", "onset_frame", "end_frame", "magnitude")
+
+_TYPE_DIR = re.compile(r"^Type(\d+)$")
+_VIDEO_FILE = re.compile(r"^(\d+)\.npz$")
+
+
+class DatasetError(LhtstreamError, ValueError):
+    """A data-set file is missing, malformed or unsafe; the message names file, video and field."""
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _numpy_scalar_reconstructor() -> Any:
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    return scalar
+
+
+def _is_plain_numeric(dtype: np.dtype) -> bool:
+    return (
+        dtype.kind in "biuf"
+        and not dtype.hasobject
+        and dtype.fields is None
+        and dtype.subdtype is None
+    )
+
+
+def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    # numpy pickles a scalar's dtype as numpy.dtype('i8', False, True); only numeric codes pass.
+    if not isinstance(spec, str):
+        raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not a plain numeric dtype")
+    try:
+        dt = np.dtype(spec)
+    except TypeError as exc:
+        raise pickle.UnpicklingError(f"bad numpy dtype {spec!r}") from exc
+    if not _is_plain_numeric(dt):
+        raise pickle.UnpicklingError(f"numpy dtype {spec!r} is not a number type")
+    return np.dtype(spec, bool(align), bool(copy))
+
+
+def _safe_scalar(dtype: Any, data: Any = None) -> Any:
+    # Checked after the dtype's state was restored (BUILD), before numpy interprets the bytes.
+    if not isinstance(dtype, np.dtype) or not _is_plain_numeric(dtype):
+        raise pickle.UnpicklingError("numpy scalar with a non-numeric dtype")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("numpy scalar with malformed data")
+    return _numpy_scalar_reconstructor()(dtype, data)
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "scalar"): _safe_scalar,
+    ("numpy._core.multiarray", "scalar"): _safe_scalar,
+    ("numpy", "dtype"): _safe_dtype,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only opcodes for plain data plus the two numpy globals a numeric scalar needs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused persistent id")
+
+
+def _plain_value(value: Any) -> Any:
+    """numpy numbers -> Python numbers; integral floats stay floats (validate reports them)."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read a ``metadata.pkl`` safely: ``{video name: {field: int}}``.
+
+    Raises DatasetError (naming the file) when the file is missing, too large,
+    not a pickle, uses anything but plain data, or is not a dict of dicts.
+    Field values are returned as Python numbers; `validate` checks them.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            raise DatasetError(
+                f"{path}: metadata file is {size} bytes, over the {MAX_METADATA_BYTES} limit"
+            )
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: metadata file missing") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read metadata: {exc.strerror or exc}") from None
+    try:
+        raw = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as exc:
+        raise DatasetError(f"{path}: unsafe or unreadable metadata pickle ({exc})") from None
+    except Exception as exc:  # truncated / garbage pickles raise many types
+        raise DatasetError(
+            f"{path}: unreadable metadata pickle ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: metadata is a {type(raw).__name__}, expected a dict of videos")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str):
+            raise DatasetError(f"{path}: metadata key {name!r} is not a video name string")
+        if not isinstance(entry, dict):
+            raise DatasetError(
+                f"{path}: video {name}: metadata entry is a {type(entry).__name__}, expected a dict"
+            )
+        out[name] = {str(k): _plain_value(v) for k, v in entry.items()}
+    return out
+
+
+def save_metadata(path: str | os.PathLike, metadata: dict[str, dict[str, int]]) -> None:
+    """Write ``metadata.pkl`` as plain dicts of Python ints (atomic replace)."""
+    path = Path(path)
+    plain = {
+        str(name): {k: int(v) if isinstance(v, (int, np.integer)) else v for k, v in entry.items()}
+        for name, entry in metadata.items()
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps(plain, protocol=4))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- videos
+
+
+def _int_field(meta: dict[str, Any], key: str, where: str) -> int:
+    if key not in meta:
+        raise DatasetError(f"{where}: metadata field {key} missing")
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise DatasetError(f"{where}: metadata field {key} = {value!r} is not an integer")
+    return int(value)
+
+
+def expected_shape(meta: dict[str, Any], where: str = "video") -> tuple[int, int, int]:
+    """(frames, rows, cols) from a metadata entry by the seed's formulas."""
+    frames = _int_field(meta, "SizeInFrames", where)
+    rows = _int_field(meta, "InfBordPx", where) - _int_field(meta, "SupBordPx", where) + 1
+    cols = _int_field(meta, "RightBordPx", where) - _int_field(meta, "LeftBordPx", where) + 1
+    return frames, rows, cols
+
+
+def obstacle_windows(meta: dict[str, Any], where: str = "video") -> list[tuple[int, int]]:
+    """Inclusive (first, last) frame of each obstacle window present (-1 means absent)."""
+    windows = []
+    for n in (1, 2):
+        ini = _int_field(meta, f"KeyfIniObstacle{n}", where)
+        end = _int_field(meta, f"KeyfEndObstacle{n}", where)
+        if ini >= 0 and end >= 0:
+            windows.append((ini, end))
+    return windows
+
+
+def _check_image(arr: np.ndarray, where: str) -> np.ndarray:
+    """Return ``arr`` as uint16 or raise: numeric, integral, within 0..1024."""
+    kind = arr.dtype.kind
+    if kind not in "iuf" or arr.dtype.hasobject:
+        raise DatasetError(
+            f"{where}: image has dtype {arr.dtype}, expected integer values 0..{MAX_VALUE}"
+        )
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if kind == "f" and not np.isfinite(arr).all():
+            raise DatasetError(f"{where}: image has non-finite values")
+        if lo < 0 or hi > MAX_VALUE:
+            raise DatasetError(f"{where}: image values span {lo}..{hi}, outside 0..{MAX_VALUE}")
+        if kind == "f" and not np.array_equal(arr, np.round(arr)):
+            raise DatasetError(f"{where}: image has non-integer values (dtype {arr.dtype})")
+    if arr.dtype == np.uint16 and arr.flags.c_contiguous:
+        return arr
+    return np.ascontiguousarray(arr, dtype=np.uint16)
+
+
+def read_image(path: str | os.PathLike, where: str | None = None) -> np.ndarray:
+    """Load the raw ``image`` array of one npz (no metadata checks); DatasetError on any failure."""
+    path = Path(path)
+    where = where or str(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "image" not in npz.files:
+                raise DatasetError(f"{where}: no 'image' array in npz (has {sorted(npz.files)})")
+            return npz["image"]
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: file missing") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as exc:
+        raise DatasetError(
+            f"{where}: corrupt or truncated npz ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video of the data set; nothing is read until `load`."""
+
+    type: int
+    name: str
+    path: Path
+    metadata: dict[str, Any] = field(repr=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path} (Type{self.type} video {self.name})"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(frames, rows, cols) the metadata promises."""
+        return expected_shape(self.metadata, self.where)
+
+    def load(self) -> np.ndarray:
+        """(frames, rows, cols) uint16 difference video, checked against the metadata."""
+        arr = read_image(self.path, self.where)
+        if arr.ndim != 3:
+            raise DatasetError(
+                f"{self.where}: image has {arr.ndim} dimensions {arr.shape}, expected 3"
+            )
+        want = self.shape
+        if tuple(arr.shape) != want:
+            raise DatasetError(
+                f"{self.where}: image shape {tuple(arr.shape)} does not match metadata "
+                f"(SizeInFrames, InfBordPx-SupBordPx+1, RightBordPx-LeftBordPx+1) = {want}"
+            )
+        return _check_image(arr, self.where)
+
+    def obstacle_states(self) -> np.ndarray:
+        """(frames,) int8: 0 outside windows, n inside window n (KeyfIni <= f <= KeyfEnd)."""
+        frames = _int_field(self.metadata, "SizeInFrames", self.where)
+        states = np.zeros(max(frames, 0), dtype=np.int8)
+        for n in (1, 2):
+            ini = _int_field(self.metadata, f"KeyfIniObstacle{n}", self.where)
+            end = _int_field(self.metadata, f"KeyfEndObstacle{n}", self.where)
+            if ini >= 0 and end >= 0:
+                states[max(ini, 0) : end + 1] = n
+        return states
+
+
+def _type_dirs(path: Path) -> list[tuple[int, Path]]:
+    m = _TYPE_DIR.match(path.name)
+    if m and path.is_dir():
+        return [(int(m.group(1)), path)]
+    found = []
+    for child in path.iterdir():
+        m = _TYPE_DIR.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def _video_files(folder: Path) -> list[tuple[str, Path]]:
+    out = []
+    for child in folder.iterdir():
+        m = _VIDEO_FILE.match(child.name)
+        if m and child.is_file():
+            out.append((m.group(1), child))
+    return sorted(out, key=lambda item: (int(item[0]), item[0]))
+
+
+class Dataset:
+    """A data-set root holding ``TypeN/`` folders, or a single ``TypeN`` folder. Lazy."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DatasetError(f"{self.path}: no such data-set folder")
+        if not self.path.is_dir():
+            raise DatasetError(f"{self.path}: not a folder")
+        self._dirs = dict(_type_dirs(self.path))
+        if not self._dirs:
+            raise DatasetError(
+                f"{self.path}: no TypeN folders (expected a data-set root or a TypeN folder)"
+            )
+        self._metadata: dict[int, dict[str, dict[str, Any]]] = {}
+
+    @property
+    def types(self) -> list[int]:
+        return sorted(self._dirs)
+
+    @property
+    def root(self) -> Path:
+        """The folder that holds the TypeN folders (where labels.csv and truth/ live)."""
+        if list(self._dirs.values()) == [self.path]:
+            return self.path.parent
+        return self.path
+
+    def type_dir(self, type_id: int) -> Path:
+        try:
+            return self._dirs[type_id]
+        except KeyError:
+            raise DatasetError(f"{self.path}: no Type{type_id} folder") from None
+
+    def metadata(self, type_id: int) -> dict[str, dict[str, Any]]:
+        """The type's metadata.pkl (cached; small)."""
+        if type_id not in self._metadata:
+            self._metadata[type_id] = load_metadata(self.type_dir(type_id) / "metadata.pkl")
+        return self._metadata[type_id]
+
+    def names(self, type_id: int) -> list[str]:
+        """Video names of a type, sorted numerically."""
+        return [name for name, _ in _video_files(self.type_dir(type_id))]
+
+    def videos(
+        self, types: Iterable[int] | None = None, names: Iterable[str] | None = None
+    ) -> Iterator[Video]:
+        """Videos sorted by (type, name); only metadata is read, never the frames."""
+        wanted_types = self.types if types is None else sorted(set(types))
+        wanted_names = None if names is None else set(names)
+        for type_id in wanted_types:
+            if type_id not in self._dirs:
+                raise DatasetError(f"{self.path}: no Type{type_id} folder")
+            for name, path in _video_files(self._dirs[type_id]):
+                if wanted_names is not None and name not in wanted_names:
+                    continue
+                yield self._make_video(type_id, name, path)
+
+    def video(self, type: int, name: str) -> Video:
+        path = self.type_dir(type) / f"{name}.npz"
+        if not path.is_file():
+            raise DatasetError(f"{path}: Type{type} video {name} not found")
+        return self._make_video(type, name, path)
+
+    def _make_video(self, type_id: int, name: str, path: Path) -> Video:
+        meta = self.metadata(type_id)
+        if name not in meta:
+            raise DatasetError(f"{path}: Type{type_id} video {name} has no entry in metadata.pkl")
+        return Video(type=type_id, name=name, path=path, metadata=meta[name])
+
+    def __len__(self) -> int:
+        return sum(len(self.names(t)) for t in self.types)
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.path)!r}, types={self.types})"
+
+
+# ---------------------------------------------------------------- labels
+
+
+@dataclass(frozen=True)
+class Label:
+    """Ground-truth label of one simulated video (frames inclusive; None for normal videos)."""
+
+    type: int
+    video: str
+    kind: str
+    onset_frame: int | None
+    end_frame: int | None
+    magnitude: float | None
+
+    @property
+    def anomalous(self) -> bool:
+        return self.kind != "normal"
+
+
+def read_labels(root: str | os.PathLike) -> dict[tuple[int, str], Label]:
+    """``labels.csv`` at a data-set root as {(type, video): Label}; {} when there is none."""
+    root = Path(root)
+    if _TYPE_DIR.match(root.name) and not (root / "labels.csv").exists():
+        root = root.parent
+    path = root / "labels.csv"
+    if not path.is_file():
+        return {}
+    out: dict[tuple[int, str], Label] = {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                label = Label(
+                    type=int(row["type"]),
+                    video=row["video"].strip(),
+                    kind=row["kind"].strip(),
+                    onset_frame=int(row["onset_frame"]) if row["onset_frame"].strip() else None,
+                    end_frame=int(row["end_frame"]) if row["end_frame"].strip() else None,
+                    magnitude=float(row["magnitude"]) if row["magnitude"].strip() else None,
+                )
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise DatasetError(f"{path}: line {lineno}: bad label row ({exc})") from None
+            out[(label.type, label.video)] = label
+    return out
+
+
+def write_labels(root: str | os.PathLike, labels: Iterable[Label]) -> None:
+    """Write ``labels.csv`` sorted by (type, video)."""
+    path = Path(root) / "labels.csv"
+    rows = sorted(
+        labels, key=lambda lb: (lb.type, int(lb.video) if lb.video.isdigit() else 0, lb.video)
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(LABEL_COLUMNS)
+        for lb in rows:
+            writer.writerow(
+                [
+                    lb.type,
+                    lb.video,
+                    lb.kind,
+                    "" if lb.onset_frame is None else lb.onset_frame,
+                    "" if lb.end_frame is None else lb.end_frame,
+                    "" if lb.magnitude is None else repr(float(lb.magnitude)),
+                ]
+            )
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _metadata_problems(entry: dict[str, Any], type_id: int, where: str) -> list[str]:
+    problems = []
+    values: dict[str, int] = {}
+    for key in METADATA_FIELDS:
+        if key not in entry:
+            problems.append(f"{where}: metadata field {key} missing")
+            continue
+        v = entry[key]
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not np.isfinite(v)
+            or int(v) != v
+        ):
+            problems.append(f"{where}: metadata field {key} = {v!r} is not an integer")
+            continue
+        values[key] = int(v)
+    extra = sorted(set(entry) - set(METADATA_FIELDS))
+    if extra:
+        problems.append(f"{where}: unknown metadata field(s) {', '.join(extra)}")
+    if "Index" in values and values["Index"] != type_id:
+        problems.append(
+            f"{where}: metadata field Index = {values['Index']} but the folder is Type{type_id}"
+        )
+    for lo, hi in (("LeftBordPx", "RightBordPx"), ("SupBordPx", "InfBordPx")):
+        if lo in values and hi in values:
+            if not 0 <= values[lo] <= values[hi] < SENSOR_SIZE:
+                problems.append(
+                    f"{where}: metadata fields {lo}={values[lo]}, {hi}={values[hi]} "
+                    f"are not 0 <= {lo} <= {hi} < {SENSOR_SIZE}"
+                )
+    size = values.get("SizeInFrames")
+    if size is not None and size < 0:
+        problems.append(f"{where}: metadata field SizeInFrames = {size} is negative")
+    prev_end = None
+    for n in (1, 2):
+        ki, ke = f"KeyfIniObstacle{n}", f"KeyfEndObstacle{n}"
+        if ki not in values or ke not in values:
+            continue
+        ini, end = values[ki], values[ke]
+        if ini == -1 and end == -1:
+            continue
+        if ini < 0 or end < 0:
+            problems.append(
+                f"{where}: metadata fields {ki}={ini}, {ke}={end}: only one is negative"
+            )
+            continue
+        if ini > end:
+            problems.append(f"{where}: metadata fields {ki}={ini} > {ke}={end} (out of order)")
+        if size is not None and end >= size:
+            problems.append(
+                f"{where}: metadata field {ke}={end} is past the end (SizeInFrames={size})"
+            )
+        if prev_end is not None and ini <= prev_end:
+            problems.append(
+                f"{where}: metadata field {ki}={ini} starts before window 1 ends ({prev_end})"
+            )
+        prev_end = end
+    return problems
+
+
+def _video_problems(path: Path, entry: dict[str, Any], where: str) -> list[str]:
+    try:
+        arr = read_image(path, where)
+    except DatasetError as exc:
+        return [str(exc)]
+    problems = []
+    if arr.ndim != 3:
+        problems.append(f"{where}: image has {arr.ndim} dimensions {arr.shape}, expected 3")
+    else:
+        try:
+            want = expected_shape(entry, where)
+        except DatasetError:
+            want = None  # field problem already reported
+        if want is not None and tuple(arr.shape) != want:
+            problems.append(
+                f"{where}: image shape {tuple(arr.shape)} does not match metadata "
+                f"(SizeInFrames, InfBordPx-SupBordPx+1, RightBordPx-LeftBordPx+1) = {want}"
+            )
+    try:
+        _check_image(arr, where)
+    except DatasetError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def validate(path: str | os.PathLike) -> list[str]:
+    """Every problem of a data set (root or TypeN folder) as one line naming file, video and field.
+
+    Returns [] when clean. Raises DatasetError only when ``path`` is not a data set at all.
+    Videos are read one at a time.
+    """
+    ds = Dataset(path)
+    problems: list[str] = []
+    for type_id in ds.types:
+        folder = ds.type_dir(type_id)
+        meta_path = folder / "metadata.pkl"
+        try:
+            meta = load_metadata(meta_path)
+        except DatasetError as exc:
+            problems.append(str(exc))
+            meta = None
+        files = _video_files(folder)
+        for child in sorted(folder.iterdir()):
+            if child.suffix == ".npz" and not _VIDEO_FILE.match(child.name):
+                problems.append(f"{child}: npz name is not digits (expected NNNN.npz)")
+        names = {name for name, _ in files}
+        if meta is not None:
+            for name in sorted(set(meta) - names):
+                problems.append(
+                    f"{meta_path}: video {name}: metadata entry has no {name}.npz (extra entry)"
+                )
+        for name, vpath in files:
+            where = f"{vpath} (Type{type_id} video {name})"
+            if meta is None:
+                continue
+            if name not in meta:
+                problems.append(f"{where}: no metadata entry for video {name} in {meta_path.name}")
+                continue
+            problems.extend(_metadata_problems(meta[name], type_id, where))
+            problems.extend(_video_problems(vpath, meta[name], where))
+    return problems
