@@ -1,0 +1,547 @@
+"""The monitor service: SUB frames -> per-stream pipeline -> journal -> PUB status/alarm/verdict.
+
+One process serves any number of streams (the header's ``stream``). The loop:
+
+1. poll the SUB socket with a timeout, so ``status`` goes out on time without frames;
+2. on wake-up drain every queued message with non-blocking receives (``--rate max``
+   queues several frames per wake-up; at 1 kHz there is usually one);
+3. per frame: ``protocol.decode`` -> seq check -> ``StreamPipeline.process`` -> events;
+   every alarm/verdict is committed to the journal, then published.
+
+Bad input never stops the loop: it is counted (``malformed``, or ``dropped`` for seq
+gaps) and reported on stderr at most once per second per class of problem.
+Per-frame handling latency (done minus the frame's ``t_ns``) goes into a preallocated
+array; percentiles are computed once per status interval, not per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lhtstream.errors import LhtstreamError
+
+DEFAULT_CALIBRATION_SECONDS = 5.0
+LATENCY_CAPACITY = 1 << 17
+"""Latency samples kept per status interval (131 k: > 2 min at 1 kHz); older ones are
+overwritten when a ``--rate max`` burst exceeds it, but ``max`` is tracked exactly."""
+DRAIN_BUDGET = 2_000
+"""Messages handled per wake-up before the loop looks at the clock again (status, signals)."""
+_POLL_CAP_MS = 100
+"""Longest poll: bounds the reaction time to SIGTERM (pyzmq retries polls on EINTR)."""
+
+
+class MonitorError(LhtstreamError):
+    """The monitor cannot start: bad model, endpoint in use, journal locked."""
+
+
+def log(message: str) -> None:
+    """One line on stderr with a wall-clock stamp (the monitor's operator log)."""
+    print(f"{time.strftime('%H:%M:%S')} monitor: {message}", file=sys.stderr, flush=True)
+
+
+class RateLimitedLog:
+    """Logs a problem at most once per ``interval`` seconds, with a count of the suppressed."""
+
+    def __init__(self, interval: float = 1.0, sink: Callable[[str], None] = log) -> None:
+        self.interval = interval
+        self.sink = sink
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return
+        extra = f" (+{self._suppressed} more since last report)" if self._suppressed else ""
+        self._suppressed = 0
+        self._last = now
+        self.sink(message + extra)
+
+
+class LatencyRecorder:
+    """Per-frame handling times in µs, in a preallocated array; summarised per interval."""
+
+    def __init__(self, capacity: int = LATENCY_CAPACITY) -> None:
+        self._values = np.zeros(capacity, dtype=np.float64)
+        self._n = 0  # samples since the last summary (may exceed capacity: wrap around)
+        self._max = 0.0
+
+    def record(self, micros: float) -> None:
+        self._values[self._n % self._values.shape[0]] = micros
+        self._n += 1
+        if micros > self._max:
+            self._max = micros
+
+    def summary(self, reset: bool = True) -> dict[str, float | None]:
+        """``{p50, p99, p999, max}`` in µs over the interval (None when no frame came)."""
+        n = min(self._n, self._values.shape[0])
+        if n == 0:
+            out: dict[str, float | None] = {"p50": None, "p99": None, "p999": None, "max": None}
+        else:
+            p50, p99, p999 = np.percentile(self._values[:n], (50.0, 99.0, 99.9))
+            out = {
+                "p50": round(float(p50), 1),
+                "p99": round(float(p99), 1),
+                "p999": round(float(p999), 1),
+                "max": round(self._max, 1),
+            }
+        if reset:
+            self._n = 0
+            self._max = 0.0
+        return out
+
+
+class StreamState:
+    """What the monitor knows about one stream: its pipeline, counters and position."""
+
+    def __init__(self, name: str, pipeline: Any) -> None:
+        self.name = name
+        self.pipeline = pipeline
+        self.frames = 0
+        self.dropped = 0
+        self.malformed = 0
+        self.last_seq: int | None = None
+        self.video: str | None = None  # the video the pipeline is in, None between videos
+        self.type = 0
+        self.frame = -1
+        self.videos = 0
+        self.latency = LatencyRecorder(1 << 14)
+        # A run of consecutive seqs below last_seq means the publisher restarted
+        # (seq starts again at 0): after RESTART_RUN of them the stream is re-based.
+        self._restart_next: int | None = None
+        self._restart_run = 0
+
+    RESTART_RUN = 100
+
+
+def _event_fields(event: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(event):
+        return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    if isinstance(event, dict):
+        return dict(event)
+    return dict(vars(event))
+
+
+def _model_state(pipeline: Any) -> str:
+    """A human-readable model state for status ("self-calibrating (3.2 s left)", "model")."""
+    describe = getattr(pipeline, "describe_state", None)
+    if callable(describe):
+        return str(describe())
+    state = getattr(pipeline, "state", None)
+    if isinstance(state, str):
+        return state
+    left = getattr(pipeline, "calibration_frames_left", None)
+    if isinstance(left, (int, np.integer)) and left > 0:
+        return f"self-calibrating ({left / 1000:.1f} s left)"
+    return "scoring"
+
+
+class Monitor:
+    """The service loop. ``sockets`` come from ``open_sockets``; the rest is plain state."""
+
+    def __init__(
+        self,
+        *,
+        make_pipeline: Callable[[str], Any],
+        journal: Any,
+        publish: Any,
+        subscribe: Any,
+        status_interval: float = 1.0,
+        model_note: str = "model",
+        dump_features: str | None = None,
+    ) -> None:
+        import zmq
+
+        from lhtstream import protocol
+
+        self._zmq = zmq
+        self._protocol = protocol
+        self.make_pipeline = make_pipeline
+        self.journal = journal
+        self.pub = publish
+        self.sub = subscribe
+        self.status_interval = status_interval
+        self.model_note = model_note
+        self.dump_features = dump_features
+        self.streams: dict[str, StreamState] = {}
+        self.frames = 0
+        self.dropped = 0
+        self.malformed = 0
+        self.errors = 0
+        self.alarms = 0
+        self.verdicts = 0
+        self.latency = LatencyRecorder()
+        self.started_ns = time.monotonic_ns()
+        self.stop_requested = False
+        self._bad_input = RateLimitedLog()
+        self._gaps = RateLimitedLog()
+        self._internal = RateLimitedLog()
+        self._feature_rows: dict[str, list[np.ndarray]] = {}
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        """Serve until ``stop_requested``; then publish a last status."""
+        zmq = self._zmq
+        sub = self.sub
+        interval_ns = int(self.status_interval * 1e9)
+        next_status = time.monotonic_ns() + interval_ns
+        while not self.stop_requested:
+            wait_ms = max(0, min(_POLL_CAP_MS, (next_status - time.monotonic_ns()) // 1_000_000))
+            if sub.poll(wait_ms, zmq.POLLIN):
+                # Drain what is queued (bounded, so status and signals still get a turn).
+                for _ in range(DRAIN_BUDGET):
+                    try:
+                        parts = sub.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self.handle(parts)
+                    if self.stop_requested:
+                        break
+            now = time.monotonic_ns()
+            if now >= next_status:
+                self.publish_status(now)
+                next_status += interval_ns
+                if next_status <= now:  # fell behind (suspended?): don't burst statuses
+                    next_status = now + interval_ns
+        self.publish_status(time.monotonic_ns(), final=True)
+
+    # ------------------------------------------------------------ messages
+
+    def handle(self, parts: list[bytes]) -> None:
+        """Handle one multipart message; never raises on bad input."""
+        try:
+            message = self._protocol.decode(parts)
+        except self._protocol.ProtocolError as exc:
+            self.malformed += 1
+            self._bad_input(f"malformed message ignored: {exc}")
+            return
+        try:
+            if message.topic == "frame":
+                self._on_frame(message)
+            elif message.topic == "video":
+                self._on_video(message.header)
+            # status/alarm/verdict from another monitor on the same bus: not ours, ignore
+        except Exception as exc:  # a bug in a stage must not take the service down
+            self.errors += 1
+            self._internal(
+                f"internal error on {message.topic} message of stream "
+                f"{message.header.get('stream')!r}: {type(exc).__name__}: {exc}"
+            )
+
+    def _stream(self, name: str) -> StreamState:
+        state = self.streams.get(name)
+        if state is None:
+            state = StreamState(name, self.make_pipeline(name))
+            self.streams[name] = state
+            log(f"stream {name!r}: new, pipeline state: {_model_state(state.pipeline)}")
+        return state
+
+    def _start(self, st: StreamState, video: str, type_id: int, metadata: dict) -> None:
+        if st.video is not None:
+            self._end(st)
+        st.video = video
+        st.type = type_id
+        st.videos += 1
+        self._emit(st.pipeline.start_video(video, type_id, metadata))
+
+    def _end(self, st: StreamState) -> None:
+        verdict = st.pipeline.end_video()
+        st.video = None
+        if verdict is not None:
+            self._emit([verdict])
+
+    def _on_video(self, header: dict) -> None:
+        st = self._stream(header["stream"])
+        if header["event"] == "start":
+            self._start(st, header["video"], header["type"], header["metadata"])
+        elif st.video == header["video"]:
+            self._end(st)
+
+    def _on_frame(self, message: Any) -> None:
+        header = message.header
+        st = self._stream(header["stream"])
+        seq = header["seq"]
+        last = st.last_seq
+        if last is not None and seq != last + 1:
+            if seq <= last:
+                if not self._maybe_restart(st, seq):
+                    st.malformed += 1
+                    self.malformed += 1
+                    self._bad_input(
+                        f"stream {st.name!r}: frame seq {seq} after {last} (out of order or "
+                        "duplicate), ignored"
+                    )
+                    return
+            else:
+                lost = seq - last - 1
+                st.dropped += lost
+                self.dropped += lost
+                self._gaps(f"stream {st.name!r}: {lost} frame(s) lost before seq {seq}")
+                if st.video is not None:
+                    self._emit(st.pipeline.note_lost(lost, header))
+        st.last_seq = seq
+        st._restart_run = 0
+        if st.video != header["video"]:
+            # Joined mid-stream or lost the `video start`: start from this frame on.
+            self._start(st, header["video"], header["type"], {})
+        frame = self._protocol.frame_array(message)
+        events = st.pipeline.process(frame, header)
+        if events:
+            self._emit(events)
+        if self.dump_features is not None:
+            self._keep_features(st)
+        done = time.monotonic_ns()
+        micros = (done - header["t_ns"]) / 1000.0
+        self.latency.record(micros)
+        st.latency.record(micros)
+        st.frames += 1
+        st.frame = header["frame"]
+        self.frames += 1
+
+    def _maybe_restart(self, st: StreamState, seq: int) -> bool:
+        """True when seq has gone backwards consistently: the publisher restarted."""
+        if st._restart_next is not None and seq == st._restart_next:
+            st._restart_run += 1
+        else:
+            st._restart_run = 1
+        st._restart_next = seq + 1
+        if st._restart_run < StreamState.RESTART_RUN:
+            return False
+        log(f"stream {st.name!r}: seq restarted at {seq - st._restart_run + 1}; following it")
+        st.last_seq = seq - 1
+        st._restart_run = 0
+        return True
+
+    def _keep_features(self, st: StreamState) -> None:
+        row = getattr(st.pipeline, "last_features", None)
+        if row is not None:
+            self._feature_rows.setdefault(st.name, []).append(np.array(row, dtype=np.float64))
+
+    # ------------------------------------------------------------ publishing
+
+    def _emit(self, events: Iterable[Any] | None) -> None:
+        """Journal (commit) each event, then publish it."""
+        if not events:
+            return
+        for event in events:
+            fields = _event_fields(event)
+            if type(event).__name__ == "Verdict" or "anomalous" in fields:
+                self._publish_verdict(fields)
+            else:
+                self._publish_alarm(fields)
+
+    def _publish_alarm(self, fields: dict[str, Any]) -> None:
+        fields["v"] = self._protocol.SCHEMA_VERSION
+        fields.setdefault("t_alarm_ns", time.monotonic_ns())
+        features = fields.get("features")
+        fields["features"] = {
+            str(k): (float(v) if np.isfinite(v) else None) for k, v in dict(features or {}).items()
+        }
+        for key in ("score", "threshold"):
+            value = float(fields.get(key) if fields.get(key) is not None else math.nan)
+            fields[key] = value
+        fields["seq"] = self.journal.append_alarm(fields)  # committed before it is published
+        header = {name: fields[name] for name in _ALARM_WIRE if name in fields}
+        self.pub.send_multipart(self._protocol.encode("alarm", header))
+        self.alarms += 1
+
+    def _publish_verdict(self, fields: dict[str, Any]) -> None:
+        fields["v"] = self._protocol.SCHEMA_VERSION
+        alarms = fields.get("alarms", 0)
+        fields["alarms"] = len(alarms) if isinstance(alarms, (list, tuple)) else int(alarms)
+        fields["anomalous"] = bool(fields["anomalous"])
+        fields["score"] = float(fields["score"])
+        fields.setdefault("t_ns", time.monotonic_ns())
+        self.journal.append_verdict(fields)
+        header = {name: fields[name] for name in _VERDICT_WIRE if name in fields}
+        self.pub.send_multipart(self._protocol.encode("verdict", header))
+        self.verdicts += 1
+
+    def status(self, now_ns: int, final: bool = False) -> dict[str, Any]:
+        """The ``status`` header (stream "*": totals plus per-stream detail); resets intervals."""
+        streams = {}
+        for name, st in self.streams.items():
+            streams[name] = {
+                "frames": st.frames,
+                "dropped": st.dropped,
+                "malformed": st.malformed,
+                "video": st.video,
+                "type": st.type,
+                "frame": st.frame,
+                "videos": st.videos,
+                "latency_us": st.latency.summary(),
+                "model": _model_state(st.pipeline),
+            }
+        return {
+            "v": self._protocol.SCHEMA_VERSION,
+            "stream": "*",
+            "t_ns": now_ns,
+            "frames": self.frames,
+            "dropped": self.dropped,
+            "malformed": self.malformed,
+            "errors": self.errors,
+            "alarms": self.alarms,
+            "verdicts": self.verdicts,
+            "latency_us": self.latency.summary(),
+            "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
+            "model": self.model_note,
+            "streams": streams,
+            "final": final,
+        }
+
+    def publish_status(self, now_ns: int, final: bool = False) -> dict[str, Any]:
+        header = self.status(now_ns, final)
+        self.pub.send_multipart(self._protocol.encode("status", header))
+        return header
+
+    def write_feature_dump(self) -> None:
+        """Test hook: per-stream streamed feature rows as ``DIR/<stream>.npy``."""
+        if self.dump_features is None:
+            return
+        out = Path(self.dump_features)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, rows in self._feature_rows.items():
+            np.save(out / f"{name}.npy", np.vstack(rows) if rows else np.zeros((0, 0)))
+
+
+_ALARM_WIRE = (
+    "v", "stream", "video", "type", "frame", "seq", "t_frame_ns", "t_alarm_ns", "kind",
+    "state", "score", "threshold", "features",
+)  # fmt: skip
+_VERDICT_WIRE = ("v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "t_ns")
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def _pipeline_factory(args: argparse.Namespace) -> tuple[Callable[[str], Any], str]:
+    """A function making one pipeline per stream, and a note on the model for status/logs."""
+    from lhtstream.pipeline import StreamPipeline
+
+    model = None
+    if args.model:
+        from lhtstream.model import NormalityModel
+
+        try:
+            model = NormalityModel.load(args.model)
+        except LhtstreamError:
+            raise
+        except Exception as exc:  # a corrupt file must give one line, not a traceback
+            raise MonitorError(
+                f"cannot load model {args.model}: {type(exc).__name__}: {exc}"
+            ) from None
+        note = f"model {args.model}"
+        calibration_frames = 0
+    else:
+        seconds = args.calibration_seconds
+        if seconds is None:
+            seconds = DEFAULT_CALIBRATION_SECONDS
+        calibration_frames = int(round(seconds * 1000))
+        note = f"NO MODEL: self-calibrating each stream on its first {seconds:g} s"
+        log(
+            "WARNING: started without --model: every stream SELF-CALIBRATES on its first "
+            f"{seconds:g} s of footage ({calibration_frames} frames) and raises no process "
+            "alarm before that; if a stream is already faulty then, the fault becomes 'normal'"
+        )
+
+    def make(stream: str) -> Any:
+        if model is not None:
+            return StreamPipeline(stream, model=model)
+        return StreamPipeline(stream, model=None, calibration_frames=calibration_frames)
+
+    return make, note
+
+
+def _warm_up(make_pipeline: Callable[[str], Any]) -> None:
+    """Compile every Numba kernel now (cache or JIT), so the first live frame is not late."""
+    from lhtstream import features
+
+    features.warm_up()
+    try:
+        from lhtstream import pipeline as pipeline_module
+    except ImportError:
+        return
+    warm = getattr(pipeline_module, "warm_up", None)
+    if callable(warm):
+        warm()
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    """CLI handler for ``lhtstream monitor``; returns 0 after SIGINT/SIGTERM."""
+    import zmq
+
+    from lhtstream import protocol
+    from lhtstream.journal import DEFAULT_JOURNAL, Journal
+
+    t0 = time.monotonic()
+    make_pipeline, note = _pipeline_factory(args)
+    _warm_up(make_pipeline)
+    t_warm = time.monotonic() - t0
+    journal = Journal(args.journal or DEFAULT_JOURNAL)
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 1000)  # give the last status a second to leave at exit
+    sub = ctx.socket(zmq.SUB)
+    monitor: Monitor | None = None
+    stop = {"flag": False}
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        stop["flag"] = True
+        if monitor is not None:
+            monitor.stop_requested = True
+
+    old_int = signal.signal(signal.SIGINT, _on_signal)
+    old_term = signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        try:
+            pub.bind(args.publish)
+        except zmq.ZMQError as exc:
+            raise MonitorError(f"cannot bind --publish {args.publish}: {exc}") from None
+        # Subscribe only after the kernels are warm: nothing queues while we compile.
+        protocol.configure_subscriber(sub, ["frame", "video"])
+        for endpoint in args.frames or ["tcp://127.0.0.1:5555"]:
+            try:
+                sub.connect(endpoint)
+            except zmq.ZMQError as exc:
+                raise MonitorError(f"cannot connect --frames {endpoint}: {exc}") from None
+        monitor = Monitor(
+            make_pipeline=make_pipeline,
+            journal=journal,
+            publish=pub,
+            subscribe=sub,
+            status_interval=args.status_interval,
+            model_note=note,
+            dump_features=getattr(args, "dump_features", None),
+        )
+        monitor.stop_requested = stop["flag"]
+        log(
+            f"ready in {time.monotonic() - t0:.2f} s (kernels warm after {t_warm:.2f} s); "
+            f"frames from {', '.join(args.frames or ['tcp://127.0.0.1:5555'])}, publishing on "
+            f"{args.publish}, journal {journal.path} (next alarm seq {journal.next_seq()}); {note}"
+        )
+        monitor.run()
+        s = monitor.status(time.monotonic_ns())
+        log(
+            f"stopped: frames={s['frames']} dropped={s['dropped']} malformed={s['malformed']} "
+            f"errors={s['errors']} alarms={s['alarms']} verdicts={s['verdicts']}"
+        )
+        monitor.write_feature_dump()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        sub.close(0)
+        pub.close()
+        journal.close()
+    return 0
