@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", default=None, help="SQLite alarm journal (default: lhtstream-journal.sqlite in the current folder)")
     p.add_argument("--status-interval", type=float, default=1.0, help="seconds between status messages (default: %(default)s)")
     p.add_argument("--calibration-seconds", type=float, default=None, help="seconds of footage to self-calibrate on when there is no model")
+    p.add_argument("--dump-features", default=None, help=argparse.SUPPRESS)  # test hook: DIR/<stream>.npy of streamed feature rows at exit
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("tap", help="print messages from a PUB endpoint")
