@@ -1,0 +1,306 @@
+"""Wire protocol: round trips, every malformed case, size bounds, and the tap CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from lhtstream.errors import LhtstreamError
+from lhtstream.protocol import (
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    FrameEncoder,
+    Message,
+    ProtocolError,
+    configure_subscriber,
+    decode,
+    encode,
+    encode_frame,
+    frame_array,
+)
+from tests.processes import ProcessGroup, tcp_endpoint
+
+
+@pytest.fixture
+def procs():
+    with ProcessGroup() as group:
+        yield group
+
+
+def sample_frame(rows: int = 16, cols: int = 22) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 1025, size=(rows, cols)).astype(np.uint16)
+
+
+FRAME_FIELDS = dict(stream="ws1", video="0007", type=3, seq=41, index=12, t_ns=123_456_789,
+                    obstacle=2)
+
+STATUS = {"stream": "*", "t_ns": 5, "frames": 1000, "dropped": 2, "malformed": 1,
+          "latency_us": {"p50": 40, "p99": 80.5, "p999": 120.0, "max": 300},
+          "uptime_s": 1.25, "streams": {"ws1": {"frames": 1000}}}
+VIDEO = {"stream": "ws1", "video": "0001", "type": 1, "event": "start",
+         "metadata": {"Index": 1, "KeyfIniObstacle1": -1, "SizeInFrames": 500}}
+ALARM = {"stream": "ws1", "video": "0001", "type": 1, "frame": 300, "seq": 7,
+         "t_frame_ns": 10, "t_alarm_ns": 20, "kind": "trajectory", "state": "raise",
+         "score": 9.5, "threshold": 4.0, "features": {"x": 3.5, "y": 2.0}}
+VERDICT = {"stream": "ws1", "video": "0001", "type": 1, "frames": 500, "score": 0.3,
+           "anomalous": False, "alarms": 0}
+
+
+def frame_parts(**overrides) -> list[bytes]:
+    """Valid frame parts with header fields replaced (None deletes a field)."""
+    frame = sample_frame(4, 5)
+    header = {"v": 1, "stream": "ws1", "video": "0001", "type": 1, "seq": 0, "frame": 0,
+              "t_ns": 1, "shape": [4, 5], "dtype": "<u2", "obstacle": 0}
+    for key, value in overrides.items():
+        if value is None:
+            header.pop(key)
+        else:
+            header[key] = value
+    return [b"frame", msgpack.packb(header), frame.tobytes()]
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("encoder", ["function", "class"])
+def test_frame_round_trip_keeps_fields_and_pixels(encoder):
+    frame = sample_frame()
+    if encoder == "function":
+        parts = encode_frame(frame, **FRAME_FIELDS)
+    else:
+        fields = dict(FRAME_FIELDS)
+        parts = FrameEncoder(fields.pop("stream")).encode(frame, **fields)
+    wire = [bytes(p) for p in parts]  # what a receiver gets
+    message = decode(wire)
+    assert message.topic == "frame"
+    h = message.header
+    assert (h["v"], h["stream"], h["video"], h["type"], h["seq"], h["frame"], h["t_ns"],
+            h["obstacle"]) == (SCHEMA_VERSION, "ws1", "0007", 3, 41, 12, 123_456_789, 2)
+    assert h["shape"] == [16, 22] and h["dtype"] == "<u2"
+    assert wire[2] == frame.astype("<u2").tobytes()  # payload is the raw C-order bytes
+    pixels = frame_array(message)
+    assert pixels.dtype == np.dtype("<u2") and pixels.shape == (16, 22)
+    np.testing.assert_array_equal(pixels, frame)
+    assert not pixels.flags.writeable
+    # a view over the received payload, not a copy
+    assert np.shares_memory(pixels, np.frombuffer(message.payload, dtype=np.uint8))
+
+
+def test_frame_encoder_reuse_does_not_leak_fields_between_frames():
+    encoder = FrameEncoder("ws2")
+    a = [bytes(p) for p in encoder.encode(sample_frame(3, 4), video="a", type=1, seq=0, index=0,
+                                          t_ns=1, obstacle=1)]
+    b = [bytes(p) for p in encoder.encode(sample_frame(5, 6), video="b", type=2, seq=1, index=0,
+                                          t_ns=2)]
+    ha, hb = decode(a).header, decode(b).header
+    assert (ha["video"], ha["shape"], ha["obstacle"]) == ("a", [3, 4], 1)
+    assert (hb["video"], hb["shape"], hb["obstacle"]) == ("b", [5, 6], 0)
+
+
+def test_encode_frame_converts_integer_arrays_and_rejects_floats():
+    wide = sample_frame(4, 4).astype(np.int64)
+    message = decode([bytes(p) for p in encode_frame(wide[:, ::-1], **FRAME_FIELDS)])
+    np.testing.assert_array_equal(frame_array(message), wide[:, ::-1])
+    with pytest.raises(ProtocolError):
+        encode_frame(wide.astype(np.float32), **FRAME_FIELDS)
+    with pytest.raises(ProtocolError, match="shape"):
+        encode_frame(np.zeros((33, 4), np.uint16), **FRAME_FIELDS)
+
+
+@pytest.mark.parametrize("topic,header", [("status", STATUS), ("video", VIDEO),
+                                          ("alarm", ALARM), ("verdict", VERDICT)])
+def test_header_topics_round_trip(topic, header):
+    parts = encode(topic, header)
+    assert len(parts) == 2 and parts[0] == topic.encode()
+    message = decode(parts)
+    assert message == Message(topic, {"v": SCHEMA_VERSION, **header}, None)
+
+
+def test_encode_accepts_numpy_scalars_and_rejects_invalid_headers():
+    status = dict(STATUS, frames=np.int64(12), uptime_s=np.float32(0.5))
+    assert decode(encode("status", status)).header["frames"] == 12
+    with pytest.raises(ProtocolError, match="'dropped'"):
+        encode("status", {k: v for k, v in STATUS.items() if k != "dropped"})
+    with pytest.raises(ProtocolError, match="unknown topic"):
+        encode("frames", STATUS)
+
+
+def test_status_latency_may_be_null_when_no_frame_arrived():
+    status = dict(STATUS, latency_us={"p50": None, "p99": None, "p999": None, "max": None})
+    assert decode(encode("status", status)).header["latency_us"]["p99"] is None
+
+
+# ---------------------------------------------------------------- malformed input
+
+MALFORMED = [
+    ([b"frame"], "2 or 3 parts"),
+    (frame_parts() + [b"x"], "2 or 3 parts"),
+    ([b"frames", msgpack.packb({}), b""], "unknown topic"),
+    ([b"", msgpack.packb({})], "unknown topic"),
+    ([b"frame", b"\xc1\xc1\xc1", b""], "not msgpack"),
+    ([b"frame", msgpack.packb({"v": 1}) + b"\x00", b""], "not msgpack"),  # trailing bytes
+    ([b"frame", msgpack.packb([1, 2]), b""], "not a map"),
+    ([b"status", msgpack.packb("hello")], "not a map"),
+    ([b"frame", b"\x00" * 40_000, b""], "exceeds"),
+    (frame_parts(seq=None), "'seq' missing"),
+    (frame_parts(seq="1"), "'seq': expected int"),
+    (frame_parts(seq=True), "'seq': expected int"),
+    (frame_parts(stream=5), "'stream': expected str"),
+    (frame_parts(t_ns=1.5), "'t_ns': expected int"),
+    (frame_parts(v=2), "unknown schema version"),
+    (frame_parts(v=None), "'v' missing"),
+    (frame_parts(shape=[4]), "'shape'"),
+    (frame_parts(shape=[4, "5"]), "'shape'"),
+    (frame_parts(shape=[0, 5]), "outside 1..32"),
+    (frame_parts(shape=[4, 5000]), "outside 1..32"),
+    (frame_parts(shape=[-4, -5]), "outside 1..32"),
+    (frame_parts(dtype="<f4"), "'dtype'"),
+    (frame_parts(dtype=">u2"), "'dtype'"),
+    (frame_parts(obstacle=3), "'obstacle'"),
+    (frame_parts(seq=-1), "'seq'"),
+    (frame_parts(shape=[5, 5]), "payload: 40 bytes"),
+    (frame_parts()[:2], "expected 3 parts"),
+    (frame_parts()[:2] + [b"\x00" * 39], "payload: 39 bytes"),
+    ([b"status", encode("status", STATUS)[1], b"extra"], "expected 2 parts"),
+    ([b"status", msgpack.packb(dict(STATUS, v=1, latency_us={"p50": 1}))], "'latency_us'"),
+    ([b"status", msgpack.packb(dict(STATUS, v=1, latency_us={"p50": 1, "p99": "x", "p999": 1,
+                                                        "max": 1}))], "'latency_us'"),
+    ([b"video", msgpack.packb(dict(VIDEO, v=1, event="middle"))], "'event'"),
+    ([b"video", msgpack.packb(dict(VIDEO, v=1, metadata=[1]))], "'metadata'"),
+    ([b"alarm", msgpack.packb(dict(ALARM, v=1, state="up"))], "'state'"),
+    ([b"alarm", msgpack.packb(dict(ALARM, v=1, score="high"))], "'score'"),
+    ([b"verdict", msgpack.packb(dict(VERDICT, v=1, anomalous=1))], "'anomalous'"),
+    ([b"verdict", msgpack.packb({k: v for k, v in dict(VERDICT, v=1).items()
+                                 if k != "alarms"})], "'alarms' missing"),
+]
+
+
+@pytest.mark.parametrize("parts,reason", MALFORMED,
+                         ids=[f"{i}-{r}" for i, (_, r) in enumerate(MALFORMED)])
+def test_malformed_messages_raise_protocol_error_with_reason(parts, reason):
+    with pytest.raises(ProtocolError) as info:
+        decode(parts)
+    assert reason in str(info.value)
+    assert isinstance(info.value, LhtstreamError)
+
+
+def test_decode_accepts_zmq_frames_from_a_zero_copy_receive():
+    frame = sample_frame(8, 8)
+    parts = [zmq.Frame(bytes(p)) for p in encode_frame(frame, **FRAME_FIELDS)]
+    np.testing.assert_array_equal(frame_array(decode(parts)), frame)
+
+
+def test_subscriber_bound_cuts_off_oversize_messages_over_tcp():
+    endpoint = tcp_endpoint()
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    sub = context.socket(zmq.SUB)
+    try:
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.bind(endpoint)
+        configure_subscriber(sub, ["status"])
+        sub.connect(endpoint)
+        good = encode("status", STATUS)
+        huge = [b"status", b"\x00" * (MAX_MESSAGE_BYTES + 1)]
+        # slow joiner: publish until the subscription is in place
+        deadline = time.monotonic() + 10
+        while not sub.poll(20):
+            pub.send_multipart(good)
+            assert time.monotonic() < deadline
+        while sub.poll(100):
+            sub.recv_multipart()
+        pub.send_multipart(huge)
+        marker = encode("status", dict(STATUS, frames=4242))
+        # libzmq cuts the offending connection (a protocol error: no auto-reconnect),
+        # so nothing, in particular not the oversize message, arrives...
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            pub.send_multipart(marker)
+            assert not sub.poll(20), "a message arrived after the oversize one"
+        # ...until the subscriber connects again (what docs/protocol.md tells clients to do).
+        sub.disconnect(endpoint)
+        sub.connect(endpoint)
+        deadline = time.monotonic() + 10
+        while not sub.poll(20):
+            pub.send_multipart(marker)
+            assert time.monotonic() < deadline, "subscriber did not recover after reconnect"
+        assert sub.recv_multipart() == marker
+    finally:
+        pub.close(linger=0)
+        sub.close(linger=0)
+
+
+# ---------------------------------------------------------------- tap CLI
+
+
+def publish_until_exit(process, endpoint: str, messages: list[list], timeout: float = 20.0):
+    """Publish ``messages`` round-robin every 20 ms until ``process`` exits."""
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(endpoint)
+    try:
+        deadline = time.monotonic() + timeout
+        i = 0
+        while process.returncode is None:
+            pub.send_multipart(messages[i % len(messages)])
+            i += 1
+            time.sleep(0.02)
+            assert time.monotonic() < deadline, "tap did not exit"
+    finally:
+        pub.close(linger=0)
+    process.wait()
+
+
+def test_tap_json_count_prints_n_valid_json_lines_and_warns_on_malformed(procs):
+    endpoint = tcp_endpoint()
+    tap = procs.cli("tap", "--endpoint", endpoint, "--json", "--count", "5", "--timeout", "30")
+    frame = sample_frame(16, 22)
+    messages = [
+        encode("status", STATUS),
+        [b"status", b"\xc1 not msgpack"],
+        encode_frame(frame, **FRAME_FIELDS),
+    ]
+    publish_until_exit(tap, endpoint, messages)
+    assert tap.returncode == 0
+    lines = tap.stdout.splitlines()
+    assert len(lines) == 5
+    records = [json.loads(line) for line in lines]
+    assert {r["topic"] for r in records} <= {"status", "frame"}
+    for record in records:
+        if record["topic"] == "status":
+            assert record["latency_us"]["p99"] == 80.5 and record["frames"] == 1000
+        else:
+            assert record["shape"] == [16, 22] and record["seq"] == 41
+            assert len(json.dumps(record)) < 400  # no pixels in the JSON
+    assert "Traceback" not in tap.stderr
+
+
+def test_tap_topic_filter_and_readable_frame_line(procs):
+    endpoint = tcp_endpoint()
+    tap = procs.cli("tap", "--endpoint", endpoint, "--topic", "frame", "--count", "2")
+    frame = sample_frame(16, 22)
+    publish_until_exit(tap, endpoint, [encode("status", STATUS),
+                                       encode_frame(frame, **FRAME_FIELDS)])
+    assert tap.returncode == 0
+    lines = tap.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith("frame")
+        assert "16x22" in line and f"min={frame.min()}" in line and f"max={frame.max()}" in line
+
+
+def test_tap_timeout_and_sigterm_exit_zero(procs):
+    quiet = procs.cli("tap", "--endpoint", tcp_endpoint(), "--timeout", "0.5")
+    assert quiet.wait(timeout=30) == 0 and quiet.stdout == ""
+    endless = procs.cli("tap", "--endpoint", tcp_endpoint())
+    time.sleep(1.0)
+    assert endless.returncode is None
+    assert endless.terminate(timeout=10) == 0
+    assert "Traceback" not in endless.stderr
