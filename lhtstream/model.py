@@ -126,8 +126,10 @@ def _cols_array(columns: dict[str, int]) -> np.ndarray:
 # ------------------------------------------------------------------ kernels
 
 # Scoring state per stream/video: running centre x, y (px) and its sample count.
-STATE_SIZE = 4
-S_CX, S_CY, S_N, S_FRAMES = range(STATE_SIZE)
+# S_PREV: 1 when the previous frame was empty/repeated (this frame's velocity is then
+# a jump across the gap, not a move, so the frame is not judged).
+STATE_SIZE = 5
+S_CX, S_CY, S_N, S_FRAMES, S_PREV = range(STATE_SIZE)
 
 
 @njit(cache=True)
@@ -182,6 +184,8 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
     out[STALL] = 0.0
     out[FREQ] = 0.0
     state[S_FRAMES] += 1.0
+    after_gap = state[S_PREV] > 0.5
+    state[S_PREV] = 1.0 if sensor else 0.0
     phase = row[cols[C_PHASE]]
     obs = int(row[cols[C_OBS]])
     if sensor or slot < 0 or not math.isfinite(phase) or obs < 0 or obs > 2:
@@ -212,7 +216,8 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
     else:
         cx = state[S_CX]
         cy = state[S_CY]
-    if state[S_N] == 0.0 or state[S_FRAMES] <= WARMUP_FRAMES or valid[slot, obs, near] == 0:
+    if (state[S_N] == 0.0 or state[S_FRAMES] <= WARMUP_FRAMES or after_gap
+            or valid[slot, obs, near] == 0):
         return 0
     r0 = x[0] - cx - x[7]
     r1 = x[1] - cy - x[8]
@@ -523,6 +528,8 @@ class NormalityModel:
         ok = ((rows[:, c["EMPTY"]] < 0.5) & (rows[:, c["REPEAT"]] < 0.5)
               & np.isfinite(phase) & (obs >= 0) & (obs <= 2))
         ok[:WARMUP_FRAMES] = False
+        gap = (rows[:, c["EMPTY"]] > 0.5) | (rows[:, c["REPEAT"]] > 0.5)
+        ok[1:] &= ~gap[:-1]  # velocity across an empty/repeated frame is not a move
         if centres is None:
             sel = ok & (obs == 0)
             if not sel.any():

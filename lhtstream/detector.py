@@ -1,0 +1,364 @@
+"""Detector: per-frame group scores -> alarms (with kinds and hysteresis) and verdicts.
+
+Each score group (`lhtstream.model.GROUPS`) is smoothed by an EWMA with
+weight `alpha` (default 0.2: a time constant of ~5 frames, half a scan
+cycle, so a fault shows within two cycles). Process groups only advance on
+frames the model could judge (not empty/repeated, past warm-up); the sensor
+group advances on every frame. An alarm kind is *raised* when one of its
+groups' smoothed score exceeds its raise threshold, and *cleared* when all
+its groups stayed below their clear thresholds for `clear_frames` frames.
+Process alarms are not raised while a sensor alarm is active (a blank camera
+says nothing about the process).
+
+Thresholds are calibrated by `calibrate` on normal videos held out from
+training: for each group, the smoothed scores of all held-out frames are
+pooled; above their 99th percentile u the tail is modelled as exponential
+(peaks over threshold: mean excess beta), and the raise threshold is the
+level exceeded with probability ``fa_per_hour * run / 3.6e6`` per frame
+(``run`` = mean frames per excursion above u, so excursions, i.e. alarms,
+happen `fa_per_hour` times per hour at 1 kHz). It is never below 1.1 x the
+largest held-out value nor below a per-group floor. The clear threshold is
+half-way between the held-out median and the raise threshold.
+
+Verdict: the video score is the mean over judged frames of (trajectory +
+move - 4), the excess of the position/move squared Mahalanobis distances over
+their normal expectation (this is what the KDE-AMD protocol AUC uses). A
+video is `anomalous` when its score exceeds the calibrated video threshold or
+any process alarm was raised in it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from lhtstream.model import (
+    FREQ,
+    GROUPS,
+    INT_HIGH,
+    INT_LOW,
+    MOVE,
+    N_GROUPS,
+    SENSOR,
+    SIZE,
+    STALL,
+    TRAJ,
+    NormalityModel,
+)
+
+ALARM_KINDS: tuple[str, ...] = (
+    "trajectory", "intensity_low", "intensity_high", "stall", "frequency", "spot_size", "sensor",
+)
+PROCESS_KINDS = ALARM_KINDS[:-1]
+K_SENSOR = ALARM_KINDS.index("sensor")
+N_KINDS = len(ALARM_KINDS)
+
+# group -> alarm kind
+KIND_OF_GROUP = np.zeros(N_GROUPS, dtype=np.int64)
+KIND_OF_GROUP[TRAJ] = ALARM_KINDS.index("trajectory")
+KIND_OF_GROUP[MOVE] = ALARM_KINDS.index("trajectory")
+KIND_OF_GROUP[INT_LOW] = ALARM_KINDS.index("intensity_low")
+KIND_OF_GROUP[INT_HIGH] = ALARM_KINDS.index("intensity_high")
+KIND_OF_GROUP[SIZE] = ALARM_KINDS.index("spot_size")
+KIND_OF_GROUP[STALL] = ALARM_KINDS.index("stall")
+KIND_OF_GROUP[FREQ] = ALARM_KINDS.index("frequency")
+KIND_OF_GROUP[SENSOR] = K_SENSOR
+
+#: The alarm kind each simulator anomaly kind should raise.
+ALARM_KIND_FOR_ANOMALY: dict[str, str] = {
+    "position_noise": "trajectory",
+    "power_drop": "intensity_low",
+    "power_spike": "intensity_high",
+    "scanner_stall": "stall",
+    "pattern_shrink": "trajectory",
+    "frequency_drift": "frequency",
+    "spot_defocus": "spot_size",
+    "obstacle_pattern_misplaced": "trajectory",
+    "camera_dropout": "sensor",
+    "frame_freeze": "sensor",
+}
+
+DEFAULT_ALPHA = 0.2
+DEFAULT_CLEAR_FRAMES = 10
+FRAMES_PER_HOUR = 3_600_000.0
+TAIL_QUANTILE = 0.99
+# Lowest raise thresholds (smoothed units), for tiny held-out sets.
+THRESHOLD_FLOOR = np.array([6.0, 6.0, 2.5, 2.5, 2.5, 2.5, 2.5, 0.45])
+VIDEO_SCORE_EXPECTED = 4.0  # chi2(2) + chi2(2) expectation subtracted from the verdict score
+
+
+@dataclass
+class Alarm:
+    """An alarm raised or cleared at one frame; `score`/`threshold` in smoothed units."""
+
+    stream: str
+    video: str
+    type: int
+    frame: int
+    t_frame_ns: int
+    kind: str
+    state: str  # "raise" or "clear"
+    score: float
+    threshold: float
+    features: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    """End-of-video judgement: `score` (mean excess Mahalanobis distance) and `anomalous`."""
+
+    stream: str
+    video: str
+    type: int
+    frames: int
+    score: float
+    anomalous: bool
+    alarms: int
+    kinds: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ kernel
+
+# detector state layout (float64)
+D_VSUM, D_VN, D_FRAMES, D_NRAISED = range(4)
+D_STATE_SIZE = 4
+
+
+@njit(cache=True)
+def _detect_step(scores, scored, smooth, alpha, raise_thr, clear_thr, kind_of,
+                 active, quiet, clear_frames, changed, which, dstate):
+    """Advance smoothing and hysteresis by one frame; returns the number of kind changes.
+
+    changed[k] = +1 raised / -1 cleared / 0; which[k] = group that decided it.
+    """
+    G = smooth.shape[0]
+    K = active.shape[0]
+    dstate[D_FRAMES] += 1.0
+    for g in range(G):
+        if scored == 1 or kind_of[g] == K - 1:
+            smooth[g] += alpha * (scores[g] - smooth[g])
+    if scored == 1:
+        dstate[D_VSUM] += scores[0] + scores[1] - VIDEO_SCORE_EXPECTED
+        dstate[D_VN] += 1.0
+    sensor_on = active[K - 1] == 1
+    n = 0
+    for k in range(K):
+        changed[k] = 0
+        over = False
+        under = True
+        best = -1.0e300
+        for g in range(G):
+            if kind_of[g] != k:
+                continue
+            r = smooth[g] - raise_thr[g]
+            if r > best:
+                best = r
+                which[k] = g
+            if smooth[g] > raise_thr[g]:
+                over = True
+            if smooth[g] > clear_thr[g]:
+                under = False
+        if active[k] == 0:
+            if over and (k == K - 1 or not sensor_on):
+                active[k] = 1
+                quiet[k] = 0
+                changed[k] = 1
+                n += 1
+                if k != K - 1:
+                    dstate[D_NRAISED] += 1.0
+        else:
+            if under:
+                quiet[k] += 1
+                if quiet[k] >= clear_frames:
+                    active[k] = 0
+                    changed[k] = -1
+                    n += 1
+            else:
+                quiet[k] = 0
+    return n
+
+
+@njit(cache=True)
+def _smooth_rows_kernel(scores, scored, alpha, smooth, out):
+    G = smooth.shape[0]
+    for t in range(scores.shape[0]):
+        for g in range(G):
+            if scored[t] == 1 or g == G - 1:
+                smooth[g] += alpha * (scores[t, g] - smooth[g])
+            out[t, g] = smooth[g]
+
+
+# ------------------------------------------------------------------ detector
+
+
+class Detector:
+    """Hysteresis alarms over smoothed group scores for one stream (see module doc)."""
+
+    def __init__(self, raise_thr: np.ndarray, clear_thr: np.ndarray, video_thr: float,
+                 alpha: float = DEFAULT_ALPHA, clear_frames: int = DEFAULT_CLEAR_FRAMES) -> None:
+        self.raise_thr = np.ascontiguousarray(raise_thr, dtype=np.float64).copy()
+        self.clear_thr = np.ascontiguousarray(clear_thr, dtype=np.float64).copy()
+        self.video_thr = float(video_thr)
+        self.alpha = float(alpha)
+        self.clear_frames = int(clear_frames)
+        self.smooth = np.zeros(N_GROUPS)
+        self.active = np.zeros(N_KINDS, dtype=np.int64)
+        self.quiet = np.zeros(N_KINDS, dtype=np.int64)
+        self.changed = np.zeros(N_KINDS, dtype=np.int64)
+        self.which = np.zeros(N_KINDS, dtype=np.int64)
+        self.dstate = np.zeros(D_STATE_SIZE)
+        self.kinds_raised: set[str] = set()
+        self.reset()
+
+    @classmethod
+    def for_model(cls, model: NormalityModel, type_id: int, **kw: Any) -> Detector:
+        s = model.slot(type_id)
+        if s < 0:
+            raise KeyError(type_id)
+        return cls(model.raise_thr[s], model.clear_thr[s], float(model.video_thr[s]), **kw)
+
+    def reset(self) -> None:
+        """New video: zero the smoothing, alarms and verdict accumulators."""
+        self.smooth[:] = 0.0
+        self.smooth[TRAJ] = 2.0
+        self.smooth[MOVE] = 2.0
+        self.active[:] = 0
+        self.quiet[:] = 0
+        self.changed[:] = 0
+        self.dstate[:] = 0.0
+        self.kinds_raised = set()
+
+    def step(self, scores: np.ndarray, scored: int) -> int:
+        """One frame's scores (and whether the process groups were judged) -> #kind changes.
+
+        After a non-zero return, `changed[k]` is +1/-1 for raised/cleared kinds.
+        """
+        return _detect_step(scores, scored, self.smooth, self.alpha, self.raise_thr,
+                            self.clear_thr, KIND_OF_GROUP, self.active, self.quiet,
+                            self.clear_frames, self.changed, self.which, self.dstate)
+
+    def lost(self, n: int) -> bool:
+        """`n` frames lost in transport: force the sensor kind; True if newly raised."""
+        self.smooth[SENSOR] = max(self.smooth[SENSOR], 1.0)
+        self.quiet[K_SENSOR] = 0
+        if self.active[K_SENSOR]:
+            return False
+        self.active[K_SENSOR] = 1
+        return True
+
+    @property
+    def any_active(self) -> bool:
+        return bool(self.active.any())
+
+    @property
+    def video_score(self) -> float:
+        n = self.dstate[D_VN]
+        return float(self.dstate[D_VSUM] / n) if n > 0 else 0.0
+
+    @property
+    def process_alarms(self) -> int:
+        return int(self.dstate[D_NRAISED])
+
+    def anomalous(self) -> bool:
+        return self.video_score > self.video_thr or self.process_alarms > 0
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def smoothed_scores(model: NormalityModel, type_id: int, rows: np.ndarray,
+                    alpha: float = DEFAULT_ALPHA) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw scores, judged flags, smoothed scores) of one video, as the pipeline computes them."""
+    scores, scored = model.score_rows(type_id, rows)
+    smooth = np.zeros(N_GROUPS)
+    smooth[TRAJ] = smooth[MOVE] = 2.0
+    out = np.zeros_like(scores)
+    _smooth_rows_kernel(scores, scored, alpha, smooth, out)
+    return scores, scored, out
+
+
+def tail_threshold(values: np.ndarray, per_frame_p: float, floor: float) -> float:
+    """Level exceeded with probability `per_frame_p`, exponential tail above the 99th pct."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 100:
+        return max(floor, 1.1 * float(v.max()) if len(v) else floor)
+    u = float(np.quantile(v, TAIL_QUANTILE))
+    exc = v[v > u] - u
+    beta = float(exc.mean()) if len(exc) else 0.0
+    p_u = max(len(exc) / len(v), 1e-12)
+    level = u + beta * math.log(max(p_u / per_frame_p, 1.0))
+    vmax = float(v.max())
+    return max(floor, level, vmax + 0.1 * abs(vmax))
+
+
+def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
+              fa_per_hour: float = 1.0, alpha: float = DEFAULT_ALPHA,
+              clear_frames: int = DEFAULT_CLEAR_FRAMES) -> dict[str, Any]:
+    """Set the model's raise/clear/video thresholds from held-out normal videos.
+
+    Thresholds are pooled over types (scores are already normalised per cell).
+    Returns (and stores in `model.calibration`) what was set and how many
+    alarms the held-out footage itself raises with them.
+    """
+    if not heldout:
+        raise ValueError("calibration needs at least one held-out normal video")
+    per_group: list[list[np.ndarray]] = [[] for _ in range(N_GROUPS)]
+    video_scores = []
+    cache = []
+    for t, rows in heldout:
+        scores, scored, sm = smoothed_scores(model, t, rows, alpha)
+        ok = scored.astype(bool)
+        for g in range(N_GROUPS):
+            per_group[g].append(sm[:, g] if g == SENSOR else sm[ok, g])
+        n = ok.sum()
+        video_scores.append(float((scores[ok, TRAJ] + scores[ok, MOVE]).sum() / n
+                                  - VIDEO_SCORE_EXPECTED) if n else 0.0)
+        cache.append((scores, scored))
+    total = sum(len(r) for _, r in heldout)
+    raise_thr = np.zeros(N_GROUPS)
+    clear_thr = np.zeros(N_GROUPS)
+    for g in range(N_GROUPS):
+        v = np.concatenate(per_group[g]) if per_group[g] else np.zeros(0)
+        if len(v) == 0:
+            raise_thr[g] = THRESHOLD_FLOOR[g]
+            clear_thr[g] = 0.5 * THRESHOLD_FLOOR[g]
+            continue
+        u = np.quantile(v, TAIL_QUANTILE)
+        above = v > u
+        excursions = max(int(np.count_nonzero(above[1:] & ~above[:-1])) + int(above[0]), 1)
+        run = max(above.sum() / excursions, 1.0)
+        p = fa_per_hour * run / FRAMES_PER_HOUR
+        raise_thr[g] = tail_threshold(v, p, float(THRESHOLD_FLOOR[g]))
+        level = float(np.median(v))
+        clear_thr[g] = level + 0.5 * (raise_thr[g] - level)
+    vs = np.array(video_scores)
+    video_thr = float(vs.max() + max(3.0 * vs.std(), 1.0))
+    model.raise_thr[:] = raise_thr
+    model.clear_thr[:] = clear_thr
+    model.video_thr[:] = video_thr
+    # how many alarms would the held-out footage itself raise?
+    alarms = 0
+    for scores, scored in cache:
+        det = Detector(raise_thr, clear_thr, video_thr, alpha, clear_frames)
+        for i in range(len(scores)):
+            if det.step(scores[i], int(scored[i])):
+                alarms += int((det.changed == 1).sum())
+    info = {
+        "alpha": alpha,
+        "clear_frames": clear_frames,
+        "fa_per_hour_target": fa_per_hour,
+        "raise": {g: float(raise_thr[i]) for i, g in enumerate(GROUPS)},
+        "clear": {g: float(clear_thr[i]) for i, g in enumerate(GROUPS)},
+        "video": video_thr,
+        "heldout_videos": len(heldout),
+        "heldout_frames": int(total),
+        "heldout_hours": total / FRAMES_PER_HOUR,
+        "heldout_alarms": alarms,
+        "heldout_video_scores": {"max": float(vs.max()), "mean": float(vs.mean())},
+    }
+    model.calibration = info
+    return info
