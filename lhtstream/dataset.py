@@ -101,7 +101,15 @@ def _safe_scalar(dtype: Any, data: Any = None) -> Any:
     return _numpy_scalar_reconstructor()(dtype, data)
 
 
+def _safe_codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); nothing else passes.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused _codecs.encode call")
+    return text.encode("latin1")
+
+
 _ALLOWED_GLOBALS = {
+    ("_codecs", "encode"): _safe_codecs_encode,
     ("numpy.core.multiarray", "scalar"): _safe_scalar,
     ("numpy._core.multiarray", "scalar"): _safe_scalar,
     ("numpy", "dtype"): _safe_dtype,

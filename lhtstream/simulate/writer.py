@@ -67,9 +67,10 @@ def synthesize(
     """Write a synthetic data set under ``out``; returns a one-line summary.
 
     Default: all 36 types x 2 videos x 2000 frames. ``full``: the real per-type counts
-    x ~15,000 frames (~63 M frames; warns first). A video is anomalous when a
-    per-video draw is below ``anomaly_rate``; its kind cycles deterministically through
-    ``anomalies`` (default all kinds), so with anomaly_rate=1.0 every kind appears.
+    x ~15,000 frames (~63 M frames; warns first). floor(n x ``anomaly_rate``) videos
+    per type are anomalous, spread evenly (rate 0.5: every second video); their kinds
+    cycle deterministically through ``anomalies`` (default all kinds) across the run,
+    so enough anomalous videos cover every kind.
     Videos are named 0001.. per type (the real set numbers across the set).
     """
     out = Path(out)
@@ -117,14 +118,14 @@ def synthesize(
         for index in range(1, counts[type_id] + 1):
             name = f"{index:04d}"
             vseed = video_seed(seed, type_id, index)
-            draw = np.random.default_rng([seed, type_id, index, 0xA0]).random()
             n_frames = frames or (
                 int(np.random.default_rng([seed, type_id, index, 0xF0]).integers(*FULL_FRAMES))
                 if full
                 else DEFAULT_FRAMES
             )
             kind = None
-            if draw < anomaly_rate:
+            # evenly spread quota: exactly floor(n * rate) anomalous videos per type
+            if int(index * anomaly_rate + 1e-9) > int((index - 1) * anomaly_rate + 1e-9):
                 kind = kinds[n_anom % len(kinds)]
                 n_anom += 1
             sim = simulate_video(type_id, vseed, n_frames, kind)
