@@ -292,3 +292,64 @@ def test_ring_buffer_wraps_and_latest_is_a_view_of_the_last_pushes():
 
 def test_warm_up_reports_seconds():
     assert F.warm_up() >= 0.0
+
+
+# ------------------------------------------------------------ against the project's simulator
+
+
+def obstacle_states(metadata: dict, n: int) -> np.ndarray:
+    """Obstacle state per frame from the metadata's key frames (inclusive, -1 = none)."""
+    out = np.zeros(n, dtype=np.int8)
+    for k in (1, 2):
+        a, b = metadata[f"KeyfIniObstacle{k}"], metadata[f"KeyfEndObstacle{k}"]
+        if a >= 0:
+            out[a:b + 1] = k
+    return out
+
+
+@pytest.mark.parametrize("type_id", [1, 5, 12, 20, 27, 33])
+def test_phase_within_half_a_frame_of_simulator_truth(type_id):
+    from lhtstream.simulate import simulate_video
+
+    sim = simulate_video(type_id, 7, 3000)
+    obstacles = obstacle_states(sim.metadata, 3000)
+    feats = F.video_features(sim.image, obstacles)
+    err = circular_error(feats[100:, F.PHASE], sim.truth["phase"][100:])
+    assert err.max() < 0.5
+    assert np.median(err) < 0.2
+    # the loop's rate is a smoothed estimate; truth jitters frame to frame
+    truth_rate = np.convolve(sim.truth["rate"], np.ones(200) / 200, mode="same")
+    rate_err = np.abs(feats[500:-100, F.RATE] - truth_rate[500:-100])
+    assert rate_err.max() < 1.5e-3 and np.median(rate_err) < 3e-4
+
+
+def test_phase_relocks_after_simulated_frequency_drift():
+    from lhtstream.simulate import simulate_video
+
+    sim = simulate_video(20, 5, 4000, anomaly="frequency_drift", windows=[])
+    _, onset, end, magnitude = sim.label
+    assert magnitude >= 0.02 and end + 600 < 4000
+    feats = F.video_features(sim.image)
+    err = circular_error(feats[:, F.PHASE], sim.truth["phase"])
+    rate_err = np.abs(feats[:, F.RATE] - sim.truth["rate"])
+    assert err[100:onset].max() < 0.5
+    assert err[onset + 300:end].max() < 0.5  # locked onto the new frequency
+    assert rate_err[end - 100:end].max() < 3e-3
+    assert err[end + 300:].max() < 0.5  # and back
+    assert rate_err[end + 500:].max() < 3e-3
+
+
+@pytest.mark.parametrize("kind, flag", [("frame_freeze", F.REPEAT), ("camera_dropout", F.EMPTY)])
+def test_sensor_faults_are_flagged_and_the_phase_coasts_through(kind, flag):
+    from lhtstream.simulate import simulate_video
+
+    sim = simulate_video(20, 5, 4000, anomaly=kind, windows=[])
+    _, onset, end, _ = sim.label
+    feats = F.video_features(sim.image)
+    flagged = np.flatnonzero(feats[:, flag])
+    assert flagged[0] == onset and flagged[-1] == end and len(flagged) == end - onset + 1
+    if flag == F.EMPTY:  # last position carried forward
+        assert (feats[onset:end + 1, F.X] == feats[onset - 1, F.X]).all()
+    assert (feats[onset + 1:end + 1, F.RATE] == feats[onset, F.RATE]).all()  # loop frozen
+    err = circular_error(feats[100:, F.PHASE], sim.truth["phase"][100:])
+    assert err.max() < 0.5
