@@ -1,0 +1,390 @@
+"""Paced publisher: plays data-set videos as live 1000 fps camera streams over ZeroMQ.
+
+Frame k of the run (counted per stream, all streams in step) is due at
+``t0 + k / rate``: an absolute schedule, so a late frame never shifts later
+ones (no drift; a stall is followed by a catch-up burst). The loop sleeps until
+shortly before the due time and busy-waits the last ``spin_us`` to hit it.
+
+The socket is an XPUB so the publisher can see subscriptions arrive and hold
+the first frame until ``wait_subscribers`` frame subscribers have joined (a PUB
+drops what it sends before that). Videos are loaded one at a time per stream,
+with the next one prefetched on a worker thread so loading does not stall the
+schedule.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+import zmq
+
+from lhtstream.errors import LhtstreamError
+from lhtstream.protocol import FRAME_DTYPE, MAX_FRAME_SIDE, FrameEncoder, encode
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+SEND_HWM = 10_000
+"""Frames queued per subscriber before a paced PUB drops (10 s at 1 kHz)."""
+
+
+class ReplayError(LhtstreamError):
+    """Replay cannot start or continue (bad selection, endpoint, video)."""
+
+
+@dataclass
+class ReplayStats:
+    """What a run did. Jitter is actual minus scheduled send time of each tick, in µs."""
+
+    frames_sent: int = 0
+    frames_skipped: int = 0
+    videos_started: int = 0
+    ticks: int = 0
+    seconds: float = 0.0
+    streams: list[str] = field(default_factory=list)
+    stopped: bool = False
+    jitter_us: dict[str, float] | None = None
+
+    def summary(self) -> str:
+        rate = self.ticks / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"replay: {'stopped' if self.stopped else 'done'}: {self.frames_sent} frames "
+            f"on {len(self.streams)} stream(s), {self.videos_started} video(s) started, "
+            f"{self.seconds:.2f} s ({rate:.1f} frames/s per stream), "
+            f"{self.frames_skipped} skipped"
+        )
+
+    def jitter_line(self) -> str:
+        if not self.jitter_us:
+            return "replay: pacing jitter n/a (no paced frames sent)"
+        j = self.jitter_us
+        return (
+            f"replay: pacing jitter p50={j['p50']:.0f} p99={j['p99']:.0f} "
+            f"max={j['max']:.0f} us over {int(j['n'])} ticks"
+        )
+
+
+class _Jitter:
+    """Histogram of lateness in 1 µs bins (exact percentiles at µs resolution, O(1) memory)."""
+
+    BINS = 1_000_000  # up to 1 s; anything later lands in the last bin (max kept exactly)
+
+    def __init__(self) -> None:
+        self.hist = np.zeros(self.BINS, dtype=np.int64)
+        self.max_ns = 0
+        self.n = 0
+
+    def add(self, late_ns: int) -> None:
+        us = late_ns // 1000
+        self.hist[us if us < self.BINS else self.BINS - 1] += 1
+        if late_ns > self.max_ns:
+            self.max_ns = late_ns
+        self.n += 1
+
+    def percentiles(self) -> dict[str, float] | None:
+        if self.n == 0:
+            return None
+        cumulative = np.cumsum(self.hist)
+        out: dict[str, float] = {"n": float(self.n), "max": self.max_ns / 1000}
+        for name, q in (("p50", 0.50), ("p99", 0.99), ("p999", 0.999)):
+            out[name] = float(np.searchsorted(cumulative, q * self.n))
+        return out
+
+
+def _load(video: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Frames as C-contiguous ``<u2`` (converted once per video) and obstacle states."""
+    frames = np.ascontiguousarray(video.load(), dtype=FRAME_DTYPE)
+    obstacles = np.asarray(video.obstacle_states(), dtype=np.int64)
+    n, rows, cols = frames.shape
+    where = f"Type{video.type} video {video.name}"
+    if not (1 <= rows <= MAX_FRAME_SIDE and 1 <= cols <= MAX_FRAME_SIDE):
+        raise ReplayError(f"{where}: frames are {rows}x{cols}, outside 1..{MAX_FRAME_SIDE}")
+    if len(obstacles) != n:
+        raise ReplayError(f"{where}: {len(obstacles)} obstacle states for {n} frames")
+    return frames, obstacles
+
+
+class _Stream:
+    """One workstation: its playlist, position, ``seq`` and a prefetched next video."""
+
+    def __init__(self, name: str, playlist: Sequence[Any], loop: bool,
+                 loader: ThreadPoolExecutor) -> None:
+        self.name = name
+        self.playlist = playlist
+        self.loop = loop
+        self.loader = loader
+        self.encoder = FrameEncoder(name)
+        self.seq = 0
+        self.position = -1  # index into playlist of the current video
+        self.video: Any = None
+        self.frames: np.ndarray | None = None
+        self.obstacles: list[int] = []
+        self.index = 0
+        self.count = 0
+        self.finished = False
+        self._next: Future | None = None
+        self._empty_in_a_row = 0
+        self._prefetch()
+        self._advance()
+
+    def _following(self) -> int | None:
+        nxt = self.position + 1
+        if nxt >= len(self.playlist):
+            if not self.loop:
+                return None
+            nxt = 0
+        return nxt
+
+    def _prefetch(self) -> None:
+        nxt = self._following()
+        self._next = None if nxt is None else self.loader.submit(_load, self.playlist[nxt])
+
+    def _advance(self) -> None:
+        """Switch to the next video (waiting for its prefetch) or mark the stream finished."""
+        nxt = self._following()
+        if nxt is None or self._next is None:
+            self.finished = True
+            self.video = self.frames = None
+            return
+        frames, obstacles = self._next.result()
+        self.position = nxt
+        self.video = self.playlist[nxt]
+        self.frames = frames
+        self.obstacles = obstacles.tolist()  # Python ints: cheap per-frame indexing
+        self.count = len(frames)
+        self.index = 0
+        self._prefetch()
+        if self.count == 0:
+            # A zero-frame video still gets start/end; a whole playlist of them ends the stream.
+            self._empty_in_a_row += 1
+            if self._empty_in_a_row > len(self.playlist):
+                self.finished = True
+        else:
+            self._empty_in_a_row = 0
+
+    def video_message(self, event: str) -> list[bytes]:
+        v = self.video
+        return encode("video", {"stream": self.name, "video": v.name, "type": v.type,
+                                "event": event, "metadata": dict(v.metadata)})
+
+
+def _playlists(videos: list[Any], streams: int) -> list[list[Any]]:
+    """Stream i plays the selection rotated by i*len/streams videos, so streams differ."""
+    n = len(videos)
+    return [videos[(i * n) // streams:] + videos[:(i * n) // streams] for i in range(streams)]
+
+
+def replay(
+    data: Any,
+    endpoint: str = DEFAULT_ENDPOINT,
+    *,
+    rate: float | None = 1000.0,
+    loop: bool = False,
+    types: Iterable[int] | None = None,
+    videos: Iterable[str] | None = None,
+    streams: int = 1,
+    wait_subscribers: int = 1,
+    skip: Iterable[int] = (),
+    stop: threading.Event | None = None,
+    log: TextIO | None = sys.stderr,
+    progress_interval: float = 5.0,
+    spin_us: int = 200,
+) -> ReplayStats:
+    """Publish the selected videos of data set ``data`` on ``endpoint``.
+
+    ``rate`` is frames/s per stream (None: as fast as the slowest subscriber
+    takes them, lossless). Stream names are ``ws1..wsK``. ``skip`` lists seq
+    numbers (per stream) not to send, leaving a gap. Returns when every stream
+    has played its playlist (never with ``loop``) or ``stop`` is set.
+    """
+    from lhtstream.dataset import Dataset
+
+    if streams < 1:
+        raise ReplayError(f"--streams must be >= 1, got {streams}")
+    if rate is not None and not rate > 0:
+        raise ReplayError(f"--rate must be > 0 or 'max', got {rate}")
+    selection = list(Dataset(data).videos(types=types, names=videos))
+    if not selection:
+        raise ReplayError(f"{data}: no videos match the selection (types={types}, "
+                          f"videos={videos})")
+    stop = stop or threading.Event()
+    skip_set = frozenset(int(s) for s in skip)
+
+    def say(text: str) -> None:
+        if log is not None:
+            print(text, file=log, flush=True)
+
+    context = zmq.Context()
+    socket = context.socket(zmq.XPUB)
+    socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only new topics
+    socket.setsockopt(zmq.SNDHWM, SEND_HWM)
+    socket.setsockopt(zmq.LINGER, 2000)  # deliver the tail at exit, but never hang on it
+    if rate is None:
+        # Lossless max-rate mode: a full subscriber queue blocks us instead of dropping.
+        socket.setsockopt(zmq.XPUB_NODROP, 1)
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-load")
+    stats = ReplayStats(streams=[f"ws{i + 1}" for i in range(streams)])
+    subscribers = 0
+
+    def drain_subscriptions() -> None:
+        nonlocal subscribers
+        while socket.poll(0, zmq.POLLIN):
+            msg = socket.recv()
+            # A subscription is b"\x01" + prefix; count those that select frames.
+            if msg[:1] == b"\x01" and b"frame".startswith(msg[1:]):
+                subscribers += 1
+                say(f"replay: frame subscriber joined ({subscribers})")
+
+    try:
+        try:
+            socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise ReplayError(f"cannot bind {endpoint}: {exc}") from None
+        say(f"replay: {len(selection)} video(s), {streams} stream(s), "
+            f"rate {'max' if rate is None else f'{rate:g}/s'} on {endpoint}")
+        playlists = _playlists(selection, streams)
+        lanes = [_Stream(name, playlist, loop, loader)
+                 for name, playlist in zip(stats.streams, playlists, strict=True)]
+
+        if wait_subscribers > 0:
+            say(f"replay: waiting for {wait_subscribers} frame subscriber(s)")
+            while subscribers < wait_subscribers and not stop.is_set():
+                if socket.poll(100, zmq.POLLIN):
+                    drain_subscriptions()
+        if stop.is_set():
+            stats.stopped = True
+            return stats
+
+        jitter = _Jitter()
+        _run(socket, lanes, rate, skip_set, stop, stats, jitter, spin_us,
+             drain_subscriptions, say, progress_interval)
+        stats.jitter_us = jitter.percentiles() if rate is not None else None
+        return stats
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+        socket.close()
+        context.term()
+
+
+def _run(socket: Any, lanes: list[_Stream], rate: float | None, skip: frozenset[int],
+         stop: threading.Event, stats: ReplayStats, jitter: _Jitter, spin_us: int,
+         drain_subscriptions: Any, say: Any, progress_interval: float) -> None:
+    """The send loop: one tick per frame period, every active stream sends one frame."""
+    monotonic_ns = time.monotonic_ns
+    sleep = time.sleep
+    spin_ns = spin_us * 1000
+    period_ns = None if rate is None else 1e9 / rate
+    send = socket.send_multipart if rate is not None else _sender_nodrop(socket, stop)
+    t0 = monotonic_ns()
+    next_housekeeping = t0 + 250_000_000
+    next_progress = t0 + int(progress_interval * 1e9)
+    tick = 0
+    active = [lane for lane in lanes if not lane.finished]
+    while active and not stop.is_set():
+        if period_ns is not None:
+            due = t0 + int(tick * period_ns)
+            now = monotonic_ns()
+            while now < due - spin_ns:
+                # Sleep in short pieces so SIGTERM stops even a slow (--rate 1) replay.
+                sleep(min((due - spin_ns - now) / 1e9, 0.05))
+                if stop.is_set():
+                    break
+                now = monotonic_ns()
+            while now < due:
+                now = monotonic_ns()
+            jitter.add(now - due)
+        for lane in active:
+            if lane.index == 0:
+                send(lane.video_message("start"))
+                stats.videos_started += 1
+            if lane.count:
+                seq = lane.seq
+                if seq in skip:
+                    stats.frames_skipped += 1
+                else:
+                    index = lane.index
+                    video = lane.video
+                    send(lane.encoder.encode(
+                        lane.frames[index], video=video.name, type=video.type, seq=seq,
+                        index=index, t_ns=monotonic_ns(), obstacle=lane.obstacles[index]))
+                    stats.frames_sent += 1
+                lane.seq = seq + 1
+                lane.index += 1
+            if lane.index >= lane.count:
+                send(lane.video_message("end"))
+                lane._advance()
+        tick += 1
+        if any(lane.finished for lane in active):
+            active = [lane for lane in active if not lane.finished]
+        now = monotonic_ns()
+        if now >= next_housekeeping:
+            next_housekeeping = now + 250_000_000
+            drain_subscriptions()
+            if now >= next_progress:
+                next_progress = now + int(progress_interval * 1e9)
+                say(f"replay: {(now - t0) / 1e9:.1f} s, {stats.frames_sent} frames sent, "
+                    f"{stats.videos_started} video(s) started")
+    stats.ticks = tick
+    stats.seconds = (monotonic_ns() - t0) / 1e9
+    stats.stopped = stop.is_set()
+
+
+def _sender_nodrop(socket: Any, stop: threading.Event) -> Any:
+    """send_multipart that waits while a subscriber's queue is full (XPUB_NODROP)."""
+    def send(parts: list[Any]) -> None:
+        while True:
+            try:
+                socket.send_multipart(parts, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if stop.is_set():
+                    return
+                socket.poll(100, zmq.POLLOUT)
+    return send
+
+
+def parse_skip(text: str | None) -> list[int]:
+    """``--skip 5,6,100`` -> [5, 6, 100]."""
+    if not text:
+        return []
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ReplayError(f"bad --skip {text!r}: use seq numbers like 5,6,100") from None
+
+
+def run_replay(args: Any) -> int:
+    """CLI handler for ``lhtstream replay``; SIGINT/SIGTERM stop cleanly with exit 0."""
+    from lhtstream.cli import parse_names, parse_types
+
+    if str(args.rate).strip().lower() == "max":
+        rate = None
+    else:
+        try:
+            rate = float(args.rate)
+        except ValueError:
+            raise ReplayError(f"bad --rate {args.rate!r}: frames/s or 'max'") from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = replay(
+            args.data, args.endpoint, rate=rate, loop=args.loop, types=parse_types(args.types),
+            videos=parse_names(args.videos), streams=args.streams,
+            wait_subscribers=args.wait_subscribers, skip=parse_skip(args.skip), stop=stop,
+        )
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(stats.summary(), file=sys.stderr)
+    print(stats.jitter_line(), file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,225 @@
+"""Replay as a separate OS process over real ZeroMQ (ipc:// and tcp://127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from lhtstream.dataset import save_metadata
+from lhtstream.protocol import decode, frame_array
+from tests.processes import ProcessGroup, Subscriber, ipc_endpoint, run_cli, tcp_endpoint
+
+# Two short videos of different ROI sizes; video 0001 has two obstacle windows.
+VIDEOS = {
+    "0001": dict(frames=300, rows=16, cols=22, windows=[(50, 120), (200, 250)]),
+    "0002": dict(frames=200, rows=8, cols=10, windows=[]),
+}
+JITTER_LINE = r"pacing jitter p50=(\d+) p99=(\d+) max=(\d+) us"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny data set in the published format, written from a fixed seed."""
+    root = tmp_path_factory.mktemp("replay-data")
+    folder = root / "Type3"
+    folder.mkdir()
+    rng = np.random.default_rng(1234)
+    metadata, frames = {}, {}
+    for i, (name, spec) in enumerate(VIDEOS.items()):
+        image = rng.integers(0, 1025, size=(spec["frames"], spec["rows"], spec["cols"]))
+        image = image.astype(np.uint16)
+        np.savez_compressed(folder / f"{name}.npz", image=image)
+        windows = spec["windows"] + [(-1, -1)] * (2 - len(spec["windows"]))
+        metadata[name] = {
+            "Index": i + 1,
+            "KeyfIniObstacle1": windows[0][0], "KeyfEndObstacle1": windows[0][1],
+            "KeyfIniObstacle2": windows[1][0], "KeyfEndObstacle2": windows[1][1],
+            "LeftBordPx": 3, "RightBordPx": 3 + spec["cols"] - 1,
+            "SupBordPx": 5, "InfBordPx": 5 + spec["rows"] - 1,
+            "SizeInFrames": spec["frames"],
+        }
+        frames[name] = image
+    save_metadata(folder / "metadata.pkl", metadata)
+    return root, frames
+
+
+def expected_obstacles(name: str) -> np.ndarray:
+    spec = VIDEOS[name]
+    states = np.zeros(spec["frames"], dtype=int)
+    for n, (first, last) in enumerate(spec["windows"], start=1):
+        states[first:last + 1] = n
+    return states
+
+
+@pytest.fixture
+def procs():
+    with ProcessGroup() as group:
+        yield group
+
+
+def collect(sub: Subscriber, streams: int = 1, timeout: float = 30.0) -> list:
+    """Decoded messages until every stream sent the end of its last video (0002 or 0001)."""
+    messages, ended = [], set()
+    deadline = time.monotonic() + timeout
+    while len(ended) < streams:
+        assert time.monotonic() < deadline, f"replay incomplete; got {len(messages)} messages"
+        message = decode(sub.recv(timeout=timeout))
+        messages.append(message)
+        h = message.header
+        if message.topic == "video" and h["event"] == "end":
+            # stream i starts at video i, so its last video is the other one
+            last = "0002" if h["stream"] == "ws1" else "0001"
+            if h["video"] == last:
+                ended.add(h["stream"])
+    return messages
+
+
+def check_stream(messages: list, frames: dict, stream: str, order: list[str],
+                 skipped: frozenset[int] = frozenset()) -> None:
+    """All frames of each video in ``order``, in order, bytes equal, seq gapless but ``skipped``."""
+    mine = [m for m in messages if m.header["stream"] == stream]
+    expected_topics = []
+    for name in order:
+        expected_topics += [("video", name, "start")]
+        expected_topics += [("frame", name, i) for i in range(VIDEOS[name]["frames"])]
+        expected_topics += [("video", name, "end")]
+    seq = 0
+    expected = []
+    for topic, name, what in expected_topics:
+        if topic == "frame":
+            if seq not in skipped:
+                expected.append((topic, name, what, seq))
+            seq += 1
+        else:
+            expected.append((topic, name, what, None))
+    got = [(m.topic, m.header["video"],
+            m.header["frame"] if m.topic == "frame" else m.header["event"],
+            m.header["seq"] if m.topic == "frame" else None) for m in mine]
+    assert got == expected
+    for m in mine:
+        h = m.header
+        assert h["type"] == 3
+        if m.topic == "frame":
+            np.testing.assert_array_equal(frame_array(m), frames[h["video"]][h["frame"]])
+            assert h["obstacle"] == expected_obstacles(h["video"])[h["frame"]]
+        else:
+            assert h["metadata"]["SizeInFrames"] == VIDEOS[h["video"]]["frames"]
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_replay_delivers_every_frame_in_order_at_1khz(procs, dataset, tmp_path, transport):
+    root, frames = dataset
+    endpoint = ipc_endpoint(tmp_path) if transport == "ipc" else tcp_endpoint()
+    replay = procs.cli("replay", root, "--endpoint", endpoint)
+    with Subscriber(endpoint) as sub:
+        messages = collect(sub)
+    check_stream(messages, frames, "ws1", ["0001", "0002"])
+    assert replay.wait(timeout=30) == 0
+    assert re.search(JITTER_LINE, replay.stderr)
+    # Paced at 1 kHz: 500 frames are spread over at least ~499 ms of publish times.
+    t_ns = [m.header["t_ns"] for m in messages if m.topic == "frame"]
+    assert (np.diff(t_ns) > 0).all()
+    assert t_ns[-1] - t_ns[0] >= 495_000_000
+
+
+def test_two_streams_are_separate_and_offset(procs, dataset, tmp_path):
+    root, frames = dataset
+    endpoint = ipc_endpoint(tmp_path)
+    replay = procs.cli("replay", root, "--endpoint", endpoint, "--streams", "2",
+                       "--rate", "max")
+    with Subscriber(endpoint) as sub:
+        messages = collect(sub, streams=2)
+    check_stream(messages, frames, "ws1", ["0001", "0002"])
+    check_stream(messages, frames, "ws2", ["0002", "0001"])
+    assert replay.wait(timeout=30) == 0
+
+
+def test_skip_leaves_a_seq_gap(procs, dataset, tmp_path):
+    root, frames = dataset
+    endpoint = tcp_endpoint()
+    skipped = frozenset({0, 5, 6, 299, 300, 499})
+    replay = procs.cli("replay", root, "--endpoint", endpoint, "--rate", "max",
+                       "--skip", ",".join(map(str, sorted(skipped))))
+    with Subscriber(endpoint) as sub:
+        messages = collect(sub)
+    check_stream(messages, frames, "ws1", ["0001", "0002"], skipped)
+    assert replay.wait(timeout=30) == 0
+
+
+def test_wait_subscribers_holds_frames_until_all_joined(procs, dataset, tmp_path):
+    root, frames = dataset
+    endpoint = ipc_endpoint(tmp_path)
+    replay = procs.cli("replay", root, "--endpoint", endpoint, "--rate", "max",
+                       "--wait-subscribers", "2", "--videos", "0002")
+    with Subscriber(endpoint) as first:
+        replay.wait_for_stderr(r"frame subscriber joined \(1\)")
+        time.sleep(1.0)  # at max rate the whole video would be gone by now
+        assert not first.socket.poll(0), "replay published before the second subscriber"
+        with Subscriber(endpoint, topics=("frame",)) as second:
+            got_first = [decode(first.recv()) for _ in range(202)]
+            got_second = [decode(second.recv()) for _ in range(200)]
+    assert [m.header.get("seq") for m in got_first if m.topic == "frame"] == list(range(200))
+    assert [m.header["seq"] for m in got_second] == list(range(200))
+    assert (got_first[0].topic, got_first[-1].topic) == ("video", "video")
+    assert replay.wait(timeout=30) == 0
+
+
+def test_sigterm_stops_a_looping_replay_with_exit_0_and_jitter(procs, dataset, tmp_path):
+    root, _ = dataset
+    replay = procs.cli("replay", root, "--endpoint", ipc_endpoint(tmp_path), "--loop",
+                       "--wait-subscribers", "0")
+    replay.wait_for_stderr(r"stream\(s\), rate 1000/s")
+    time.sleep(1.0)
+    assert replay.returncode is None  # --loop keeps going
+    replay.signal(signal.SIGTERM)
+    assert replay.wait(timeout=15) == 0
+    match = re.search(JITTER_LINE, replay.stderr)
+    assert match, replay.stderr
+    p50, p99, peak = map(int, match.groups())
+    assert p50 <= p99 <= peak
+    sent = int(re.search(r"stopped: (\d+) frames", replay.stderr).group(1))
+    assert sent > 300  # it looped past the first video's 300 frames
+    assert "Traceback" not in replay.stderr
+
+
+def test_tap_json_count_against_replay(procs, dataset, tmp_path):
+    root, frames = dataset
+    endpoint = tcp_endpoint()
+    replay = procs.cli("replay", root, "--endpoint", endpoint, "--videos", "0001")
+    tap = procs.cli("tap", "--endpoint", endpoint, "--topic", "frame", "--json",
+                    "--count", "20", "--timeout", "60")
+    assert tap.wait(timeout=60) == 0
+    records = [json.loads(line) for line in tap.stdout.splitlines()]
+    assert [r["seq"] for r in records] == list(range(20))
+    assert all(r["topic"] == "frame" and r["shape"] == [16, 22] for r in records)
+    assert [r["obstacle"] for r in records] == [0] * 20
+    assert replay.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--videos", "9999"], "no videos match"),
+    (["--rate", "fast"], "bad --rate"),
+    (["--rate", "0"], "--rate must be > 0"),
+    (["--skip", "a,b"], "bad --skip"),
+])
+def test_bad_arguments_give_one_line_errors(dataset, tmp_path, args, message):
+    root, _ = dataset
+    result = run_cli("replay", root, "--endpoint", ipc_endpoint(tmp_path), *args,
+                     "--wait-subscribers", "0", timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_endpoint_in_use_is_a_one_line_error(procs, dataset, tmp_path):
+    root, _ = dataset
+    endpoint = tcp_endpoint()
+    first = procs.cli("replay", root, "--endpoint", endpoint)  # waits for a subscriber
+    first.wait_for_stderr("waiting for 1")
+    result = run_cli("replay", root, "--endpoint", endpoint, timeout=30)
+    assert result.returncode == 2
+    assert "cannot bind" in result.stderr and "Traceback" not in result.stderr
