@@ -83,11 +83,15 @@ ALARM_KIND_FOR_ANOMALY: dict[str, str] = {
 }
 
 DEFAULT_ALPHA = 0.2
+# Per-group EWMA weights: trajectory/move average over ~2 cycles (their per-frame
+# scores are chi2-distributed and heavy-tailed), the rest over half a cycle.
+DEFAULT_ALPHAS = np.full(N_GROUPS, DEFAULT_ALPHA)
+DEFAULT_ALPHAS[TRAJ] = DEFAULT_ALPHAS[MOVE] = 0.1
 DEFAULT_CLEAR_FRAMES = 10
 FRAMES_PER_HOUR = 3_600_000.0
 TAIL_QUANTILE = 0.99
 # Lowest raise thresholds (smoothed units), for tiny held-out sets.
-THRESHOLD_FLOOR = np.array([6.0, 6.0, 2.5, 2.5, 2.5, 2.5, 2.5, 0.45])
+THRESHOLD_FLOOR = np.array([6.0, 6.0, 4.0, 4.0, 4.0, 4.0, 4.0, 0.45])
 VIDEO_SCORE_EXPECTED = 4.0  # chi2(2) + chi2(2) expectation subtracted from the verdict score
 
 
@@ -140,7 +144,7 @@ def _detect_step(scores, scored, smooth, alpha, raise_thr, clear_thr, kind_of,
     dstate[D_FRAMES] += 1.0
     for g in range(G):
         if scored == 1 or kind_of[g] == K - 1:
-            smooth[g] += alpha * (scores[g] - smooth[g])
+            smooth[g] += alpha[g] * (scores[g] - smooth[g])
     if scored == 1:
         dstate[D_VSUM] += scores[0] + scores[1] - VIDEO_SCORE_EXPECTED
         dstate[D_VN] += 1.0
@@ -188,7 +192,7 @@ def _smooth_rows_kernel(scores, scored, alpha, smooth, out):
     for t in range(scores.shape[0]):
         for g in range(G):
             if scored[t] == 1 or g == G - 1:
-                smooth[g] += alpha * (scores[t, g] - smooth[g])
+                smooth[g] += alpha[g] * (scores[t, g] - smooth[g])
             out[t, g] = smooth[g]
 
 
@@ -199,11 +203,12 @@ class Detector:
     """Hysteresis alarms over smoothed group scores for one stream (see module doc)."""
 
     def __init__(self, raise_thr: np.ndarray, clear_thr: np.ndarray, video_thr: float,
-                 alpha: float = DEFAULT_ALPHA, clear_frames: int = DEFAULT_CLEAR_FRAMES) -> None:
+                 alpha: np.ndarray | None = None,
+                 clear_frames: int = DEFAULT_CLEAR_FRAMES) -> None:
         self.raise_thr = np.ascontiguousarray(raise_thr, dtype=np.float64).copy()
         self.clear_thr = np.ascontiguousarray(clear_thr, dtype=np.float64).copy()
         self.video_thr = float(video_thr)
-        self.alpha = float(alpha)
+        self.alpha = np.array(DEFAULT_ALPHAS if alpha is None else alpha, dtype=np.float64)
         self.clear_frames = int(clear_frames)
         self.smooth = np.zeros(N_GROUPS)
         self.active = np.zeros(N_KINDS, dtype=np.int64)
@@ -271,12 +276,13 @@ class Detector:
 
 
 def smoothed_scores(model: NormalityModel, type_id: int, rows: np.ndarray,
-                    alpha: float = DEFAULT_ALPHA) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    alpha: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(raw scores, judged flags, smoothed scores) of one video, as the pipeline computes them."""
     scores, scored = model.score_rows(type_id, rows)
     smooth = np.zeros(N_GROUPS)
     smooth[TRAJ] = smooth[MOVE] = 2.0
     out = np.zeros_like(scores)
+    alpha = np.array(DEFAULT_ALPHAS if alpha is None else alpha, dtype=np.float64)
     _smooth_rows_kernel(scores, scored, alpha, smooth, out)
     return scores, scored, out
 
@@ -296,7 +302,7 @@ def tail_threshold(values: np.ndarray, per_frame_p: float, floor: float) -> floa
 
 
 def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
-              fa_per_hour: float = 1.0, alpha: float = DEFAULT_ALPHA,
+              fa_per_hour: float = 1.0, alpha: np.ndarray | None = None,
               clear_frames: int = DEFAULT_CLEAR_FRAMES) -> dict[str, Any]:
     """Set the model's raise/clear/video thresholds from held-out normal videos.
 
@@ -348,7 +354,7 @@ def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
             if det.step(scores[i], int(scored[i])):
                 alarms += int((det.changed == 1).sum())
     info = {
-        "alpha": alpha,
+        "alpha": [float(a) for a in (DEFAULT_ALPHAS if alpha is None else alpha)],
         "clear_frames": clear_frames,
         "fa_per_hour_target": fa_per_hour,
         "raise": {g: float(raise_thr[i]) for i, g in enumerate(GROUPS)},

@@ -70,7 +70,7 @@ N_OBSTACLE = 3
 
 DEFAULT_PHASE_BINS = 50
 CYCLE_FRAMES = 10.0          # phase range [0, 10) frames
-WARMUP_FRAMES = 30           # frames at a video's start that are not scored (phase lock, centre)
+WARMUP_FRAMES = 100          # frames at a video's start that are not scored (phase lock, centre)
 CENTRE_TAU = 500.0           # frames; time constant of the running centre
 SPEED_OFFSET = 0.5           # px/frame added before log(speed): bounded score near a stop
 D2_CLIP = 50.0               # per-frame cap so one glitch cannot dominate a smoothed score
@@ -605,6 +605,21 @@ class NormalityModel:
         cov = (C + k * pooledC[:, :, None]) / (n3 + k)[..., None, None]
         cov = cov + COV_FLOOR * np.eye(4)
         svar = (V + k * pooledV[:, :, None]) / (n3 + k)[..., None] + COV_FLOOR
+        # Laser power, spot size and scan speed vary from video to video (a per-video
+        # offset much larger than the frame-to-frame noise); a z-score against the
+        # within-cell variance alone would flag every other normal video. Add the
+        # variance of per-video mean residuals, pooled over types (more videos).
+        vid = np.concatenate([np.full(len(p[1]), i) for i, p in enumerate(prepared)])
+        sel0 = ob == 0
+        if len(prepared) >= 2 and sel0.any():
+            nv = np.bincount(vid[sel0], minlength=len(prepared)).astype(np.float64)
+            have = nv >= 20
+            if have.sum() >= 2:
+                between = np.zeros(N_SCALAR)
+                for kk in range(N_SCALAR):
+                    mv = np.bincount(vid[sel0], R[sel0, 4 + kk], len(prepared))[have] / nv[have]
+                    between[kk] = mv.var(ddof=1)
+                svar = svar + between
         self.count = n3
         self.cov4 = cov
         self.prec4 = np.linalg.inv(cov)

@@ -1,0 +1,159 @@
+"""Normality model: fit, O(1) scoring, online adaptation, save/load and its refusals."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from lhtstream.dataset import Dataset
+from lhtstream.features import INTENSITY, PEAK, video_features
+from lhtstream.model import (
+    GROUPS,
+    INT_HIGH,
+    TRAJ,
+    ModelError,
+    NormalityModel,
+)
+from lhtstream.simulate import simulate_video
+
+FRAMES = 2500
+
+
+def _obstacles(meta: dict, n: int) -> np.ndarray:
+    s = np.zeros(n, dtype=np.int8)
+    for k in (1, 2):
+        a, b = meta[f"KeyfIniObstacle{k}"], meta[f"KeyfEndObstacle{k}"]
+        if a >= 0 and b >= 0:
+            s[a : b + 1] = k
+    return s
+
+
+def _rows(type_id: int, seed: int, anomaly=None) -> np.ndarray:
+    v = simulate_video(type_id, seed, FRAMES, anomaly)
+    return video_features(v.image, _obstacles(v.metadata, FRAMES))
+
+
+@pytest.fixture(scope="module")
+def videos():
+    return [(t, _rows(t, s)) for t in (1, 3) for s in range(4)]
+
+
+@pytest.fixture(scope="module")
+def model(videos):
+    return NormalityModel.fit(videos)
+
+
+def test_noise_on_positions_raises_video_trajectory_score(model):
+    rng = np.random.default_rng(1)
+    clean = _rows(1, 50)
+    v = simulate_video(1, 50, FRAMES)
+    from lhtstream.features import X, Y, measure_video, track
+
+    meas = measure_video(v.image)
+    meas[:, X] += rng.normal(0, np.sqrt(0.02), FRAMES)
+    meas[:, Y] += rng.normal(0, np.sqrt(0.02), FRAMES)
+    noisy = track(meas, _obstacles(v.metadata, FRAMES))
+    sc, ok = model.score_rows(1, clean)
+    sn, okn = model.score_rows(1, noisy)
+    clean_traj = sc[ok == 1, TRAJ].mean()
+    noisy_traj = sn[okn == 1, TRAJ].mean()
+    assert 1.0 < clean_traj < 4.0  # chi2(2) has mean 2 on normal data
+    assert noisy_traj > 2 * clean_traj
+
+
+def test_arrays_do_not_grow_with_training_size(videos):
+    small = NormalityModel.fit(videos[:2] + videos[4:6])
+    big = NormalityModel.fit(videos)
+    assert big.training["frames"] == 2 * small.training["frames"]
+    for name in ("mean", "cov4", "prec4", "prec2", "svar", "rate", "count"):
+        assert getattr(small, name).shape == getattr(big, name).shape
+
+
+def test_save_load_round_trip_scores_identical(model, tmp_path):
+    path = model.save(tmp_path / "m.npz")
+    loaded = NormalityModel.load(path)
+    rows = _rows(3, 60)
+    a, oka = model.score_rows(3, rows)
+    b, okb = loaded.score_rows(3, rows)
+    assert np.array_equal(a, b) and np.array_equal(oka, okb)
+    assert loaded.training == model.training
+
+
+def _rewrite(src, dst, edit):
+    with np.load(src, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    header = json.loads(bytes(data["header"]).decode())
+    header, data = edit(header, data)
+    data["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(dst, **data)
+
+
+def test_refuses_tampered_other_version_and_mismatched_settings(model, tmp_path):
+    src = model.save(tmp_path / "m.npz")
+
+    def tamper(h, d):
+        d["mean"] = d["mean"] + 0.5
+        return h, d
+
+    def version(h, d):
+        h["format_version"] = 999
+        return h, d
+
+    def settings(h, d):
+        h["features"]["threshold"] = h["features"].get("threshold", 8.0) + 1.0
+        return h, d
+
+    for edit, words in ((tamper, "checksum"), (version, "version"), (settings, "feature settings")):
+        dst = tmp_path / f"{edit.__name__}.npz"
+        _rewrite(src, dst, edit)
+        with pytest.raises(ModelError, match=words):
+            NormalityModel.load(dst)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="junk.npz"):
+        NormalityModel.load(junk)
+    assert zipfile.is_zipfile(src)
+
+
+def test_learn_one_follows_a_slow_intensity_drift(model):
+    m = model.copy()
+    rows = _rows(1, 70)
+    brighter = rows.copy()
+    brighter[:, INTENSITY] *= 1.5
+    brighter[:, PEAK] *= 1.5
+    before, ok = m.score_rows(1, brighter)
+    for _ in range(20):
+        state = m.new_state()
+        for r in brighter:
+            m.learn_one(1, r, state, eta=0.02)
+    after, ok2 = m.score_rows(1, brighter)
+    assert before[ok == 1, INT_HIGH].mean() > 4.0
+    assert after[ok2 == 1, INT_HIGH].mean() < 1.0
+    # the shared model was not touched by learning on its copy
+    again, _ = model.score_rows(1, brighter)
+    assert np.array_equal(again, before)
+
+
+def test_unknown_type_is_not_judged(model):
+    rows = _rows(5, 1)
+    scores, ok = model.score_rows(5, rows)
+    assert not ok.any()
+    assert len(GROUPS) == scores.shape[1]
+
+
+def test_train_cli_writes_loadable_model(tmp_path, capsys):
+    from lhtstream.cli import main
+    from lhtstream.simulate import synthesize
+
+    synthesize(tmp_path / "data", types=[1], videos_per_type=4, frames=1500, seed=3)
+    assert len(list(Dataset(tmp_path / "data").videos())) == 4
+    rc = main(["train", str(tmp_path / "data"), "-o", str(tmp_path / "m.npz")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "held-out false alarms" in out
+    m = NormalityModel.load(tmp_path / "m.npz")
+    assert m.types.tolist() == [1] and m.calibrated
+    assert m.training["videos"] == 3 and m.training["heldout_videos"] == 1
