@@ -14,15 +14,27 @@ from numba import njit
 
 @njit(cache=True)
 def render_difference_frames(
-    xs, ys, power, sigma, noise, noise_std, ambient, cooling, diffusion, max_counts, warmup, out
+    xs,
+    ys,
+    power,
+    sigma,
+    gain,
+    noise,
+    noise_std,
+    ambient,
+    cooling,
+    diffusion,
+    max_counts,
+    warmup,
+    out,
 ):
     """Fill ``out`` (frames, rows, cols) uint16 with difference frames.
 
     xs, ys: (warmup + frames, substeps) spot positions in ROI px (x = column, y = row);
-    power: (warmup + frames,) heat per exposure in counts x (2 pi sigma^2) px^2 units;
-    sigma: (warmup + frames,) spot sigma px; noise: (warmup + frames, rows, cols)
-    standard-normal float32 draws scaled by ``noise_std`` counts. The first ``warmup``
-    frames only settle the heat field and are not written.
+    power: (warmup + frames,) heat per exposure, counts x px^2 (integral of the Gaussian);
+    sigma: (warmup + frames,) spot sigma px; gain: (rows, cols) pixel gain;
+    noise: (warmup + frames, rows, cols) standard-normal float32 draws scaled by
+    ``noise_std`` counts. The first ``warmup`` frames only settle the heat field.
     """
     n_total, k_sub = xs.shape
     rows, cols = out.shape[1], out.shape[2]
@@ -45,7 +57,7 @@ def render_difference_frames(
         # deposit along the exposure path (separable Gaussian per sub-step)
         s = sigma[f]
         inv = 1.0 / (2.0 * s * s)
-        amp = power[f] / k_sub
+        amp = power[f] * inv / (np.pi * k_sub)  # Gaussian of integral power[f] / k_sub
         for k in range(k_sub):
             x = xs[f, k]
             y = ys[f, k]
@@ -64,7 +76,7 @@ def render_difference_frames(
         # raw frame and difference
         for i in range(rows):
             for j in range(cols):
-                r = ambient + heat[i, j] + noise_std * noise[f, i, j]
+                r = ambient + gain[i, j] * heat[i, j] + noise_std * noise[f, i, j]
                 q = np.int64(np.floor(r + 0.5))
                 if q < 0:
                     q = 0

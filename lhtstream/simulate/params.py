@@ -39,7 +39,12 @@ VIDEO_SIGMA_REL = 0.03  # std of the relative spot size
 WORKSTATION_SPOT_SIGMA_PX = (1.15, 1.35, 1.25, 1.45)  # optics: Gaussian spot sigma on the sensor
 WORKSTATION_POWER = (1.00, 0.90, 1.10, 0.95)  # relative laser power
 WORKSTATION_NOISE = (0.45, 0.60, 0.50, 0.70)  # sensor noise std per raw frame, counts
-DEPOSIT_COUNTS = 500.0  # heat (counts x px^2 / 2 pi sigma^2) one exposure deposits at power 1
+# Heat one exposure deposits at power 1, counts x px^2 (the Gaussian's integral, so a
+# defocused spot spreads the same energy thinner): ~420 counts peak for a 1.3 px spot at rest.
+DEPOSIT_COUNTS = 420.0 * 2.0 * 3.141592653589793 * 1.3**2
+# Fixed-pattern pixel gain non-uniformity of each workstation's camera (relative std);
+# gives the blob the grainy look of the real frame.
+PIXEL_GAIN_REL = 0.08
 COOLING = 0.80  # fraction of heat left after one frame (before diffusion)
 DIFFUSION = 0.06  # fraction exchanged with each 4-neighbour per frame
 AMBIENT_COUNTS = 180.0  # raw level of the cold workpiece
@@ -66,7 +71,7 @@ OBSTACLE_GAP_REL = 0.12  # half-width of the avoided zone, fraction of the eight
 OBSTACLE_POS_REL = 0.15  # obstacle centre within +-this fraction of the width from the middle
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TypeConfig:
     """Deterministic per-type configuration (type t -> workstation (t-1)//9, workpiece (t-1)%9)."""
 
@@ -82,6 +87,7 @@ class TypeConfig:
     spot_sigma: float
     power: float
     noise: float
+    gain: np.ndarray  # (rows, cols) pixel gain of the ROI (fixed pattern of the camera)
     obstacles: tuple[str, ...]
     obstacle_x: tuple[float, ...]  # obstacle centre offsets from the middle, px
 
@@ -98,6 +104,8 @@ def type_config(type_id: int) -> TypeConfig:
     rows = int(np.clip(round(2 * half + 2 * ROI_MARGIN_Y_PX + rng.integers(0, 3)), 14, 20))
     sup = int(rng.integers(0, 32 - rows + 1))
     left = int(rng.integers(0, 32 - cols + 1))
+    cam = np.random.default_rng([0xCA3E7A, ws]).standard_normal((32, 32))
+    gain = 1.0 + PIXEL_GAIN_REL * cam[sup : sup + rows, left : left + cols]
     obstacles = WORKPIECE_OBSTACLES[wp]
     obstacle_x = tuple(
         float(rng.uniform(-OBSTACLE_POS_REL, OBSTACLE_POS_REL) * width) for _ in obstacles
@@ -115,6 +123,7 @@ def type_config(type_id: int) -> TypeConfig:
         spot_sigma=WORKSTATION_SPOT_SIGMA_PX[ws],
         power=WORKSTATION_POWER[ws],
         noise=WORKSTATION_NOISE[ws],
+        gain=gain,
         obstacles=obstacles,
         obstacle_x=obstacle_x,
     )

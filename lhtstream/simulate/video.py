@@ -160,6 +160,7 @@ def simulate_video(
         np.ascontiguousarray(ys[:, :k_sub]),
         power_f,
         sigma_f,
+        cfg.gain,
         noise,
         float(cfg.noise),
         P.AMBIENT_COUNTS,
