@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import signal
 import sys
@@ -30,7 +31,6 @@ import numpy as np
 
 from lhtstream.errors import LhtstreamError
 
-DEFAULT_CALIBRATION_SECONDS = 5.0
 LATENCY_CAPACITY = 1 << 17
 """Latency samples kept per status interval (131 k: > 2 min at 1 kHz); older ones are
 overwritten when a ``--rate max`` burst exceeds it, but ``max`` is tracked exactly."""
@@ -134,17 +134,16 @@ def _event_fields(event: Any) -> dict[str, Any]:
 
 
 def _model_state(pipeline: Any) -> str:
-    """A human-readable model state for status ("self-calibrating (3.2 s left)", "model")."""
-    describe = getattr(pipeline, "describe_state", None)
-    if callable(describe):
-        return str(describe())
-    state = getattr(pipeline, "state", None)
-    if isinstance(state, str):
-        return state
-    left = getattr(pipeline, "calibration_frames_left", None)
-    if isinstance(left, (int, np.integer)) and left > 0:
-        return f"self-calibrating ({left / 1000:.1f} s left)"
-    return "scoring"
+    """A human-readable model state for status ("self-calibrating (3.2 s left)", ...)."""
+    st = pipeline.status()
+    if st.get("mode") == "calibrating":
+        left = (1.0 - float(st.get("calibration_progress", 0.0))) * pipeline.calibration_frames
+        return f"self-calibrating Type{st.get('type')} ({left / 1000:.1f} s of footage left)"
+    if st.get("model") == "self-calibrated":
+        return f"self-calibrated ({st.get('mode')})"
+    if st.get("model") == "file":
+        return f"model file ({st.get('mode')})"
+    return str(st.get("mode"))
 
 
 class Monitor:
@@ -257,10 +256,10 @@ class Monitor:
         self._emit(st.pipeline.start_video(video, type_id, metadata))
 
     def _end(self, st: StreamState) -> None:
-        verdict = st.pipeline.end_video()
+        # clear events for alarms still active, then the verdict
+        events = st.pipeline.end_video_events()
         st.video = None
-        if verdict is not None:
-            self._emit([verdict])
+        self._emit(events)
 
     def _on_video(self, header: dict) -> None:
         st = self._stream(header["stream"])
@@ -325,9 +324,8 @@ class Monitor:
         return True
 
     def _keep_features(self, st: StreamState) -> None:
-        row = getattr(st.pipeline, "last_features", None)
-        if row is not None:
-            self._feature_rows.setdefault(st.name, []).append(np.array(row, dtype=np.float64))
+        row = st.pipeline.ring.latest(1)[0]
+        self._feature_rows.setdefault(st.name, []).append(np.array(row, dtype=np.float64))
 
     # ------------------------------------------------------------ publishing
 
@@ -383,6 +381,7 @@ class Monitor:
                 "videos": st.videos,
                 "latency_us": st.latency.summary(),
                 "model": _model_state(st.pipeline),
+                "pipeline": st.pipeline.status(),
             }
         return {
             "v": self._protocol.SCHEMA_VERSION,
@@ -420,14 +419,16 @@ _ALARM_WIRE = (
     "v", "stream", "video", "type", "frame", "seq", "t_frame_ns", "t_alarm_ns", "kind",
     "state", "score", "threshold", "features",
 )  # fmt: skip
-_VERDICT_WIRE = ("v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "t_ns")
+_VERDICT_WIRE = (
+    "v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "kinds", "t_ns",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------- start-up
 
 
-def _pipeline_factory(args: argparse.Namespace) -> tuple[Callable[[str], Any], str]:
-    """A function making one pipeline per stream, and a note on the model for status/logs."""
+def _pipeline_factory(args: argparse.Namespace) -> tuple[Callable[[str], Any], str, Any]:
+    """A function making one pipeline per stream, a note on the model, and the model."""
     from lhtstream.pipeline import StreamPipeline
 
     model = None
@@ -445,9 +446,11 @@ def _pipeline_factory(args: argparse.Namespace) -> tuple[Callable[[str], Any], s
         note = f"model {args.model}"
         calibration_frames = 0
     else:
+        from lhtstream.pipeline import DEFAULT_CALIBRATION_FRAMES
+
         seconds = args.calibration_seconds
         if seconds is None:
-            seconds = DEFAULT_CALIBRATION_SECONDS
+            seconds = DEFAULT_CALIBRATION_FRAMES / 1000.0
         calibration_frames = int(round(seconds * 1000))
         note = f"NO MODEL: self-calibrating each stream on its first {seconds:g} s"
         log(
@@ -461,21 +464,49 @@ def _pipeline_factory(args: argparse.Namespace) -> tuple[Callable[[str], Any], s
             return StreamPipeline(stream, model=model)
         return StreamPipeline(stream, model=None, calibration_frames=calibration_frames)
 
-    return make, note
+    return make, note, model
 
 
-def _warm_up(make_pipeline: Callable[[str], Any]) -> None:
-    """Compile every Numba kernel now (cache or JIT), so the first live frame is not late."""
+def _warm_up(model: Any) -> None:
+    """Compile (or load from cache) every kernel of the frame path before subscribing.
+
+    Runs a short simulated video through a throw-away pipeline: features, model fit and
+    scoring, detector — with the loaded model when there is one (for one of its types),
+    else through a tiny self-calibration. A failure here is logged, not fatal: the
+    kernels then compile on the first live frames instead.
+    """
     from lhtstream import features
+    from lhtstream.pipeline import StreamPipeline
+    from lhtstream.simulate import simulate_video
 
     features.warm_up()
+    logger = logging.getLogger("lhtstream.pipeline")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the throw-away pipeline's calibration notices are noise
     try:
-        from lhtstream import pipeline as pipeline_module
-    except ImportError:
-        return
-    warm = getattr(pipeline_module, "warm_up", None)
-    if callable(warm):
-        warm()
+        type_id = 1
+        if model is not None and len(model.types):
+            type_id = int(model.types[0])
+        sim = simulate_video(type_id, 0, 700)
+        frames = np.ascontiguousarray(sim.image, dtype=np.uint16)
+        for pipe in (
+            [StreamPipeline("warm-up", model=model)] if model is not None else []
+        ) + [StreamPipeline("warm-up", calibration_frames=500)]:
+            pipe.start_video("warm-up", type_id, sim.metadata)
+            header = {"frame": 0, "t_ns": 0, "obstacle": 0, "video": "warm-up", "type": type_id}
+            for i in range(frames.shape[0]):
+                header["frame"] = i
+                # read-only frames, like the ones decoded from the wire
+                pixels = np.frombuffer(frames[i].tobytes(), dtype=np.uint16).reshape(
+                    frames.shape[1:]
+                )
+                pipe.process(pixels, header)
+            pipe.note_lost(3, header)
+            pipe.end_video_events()
+    except Exception as exc:
+        log(f"warm-up incomplete ({type(exc).__name__}: {exc}); first frames may be late")
+    finally:
+        logger.setLevel(level)
 
 
 def run_monitor(args: argparse.Namespace) -> int:
@@ -486,8 +517,11 @@ def run_monitor(args: argparse.Namespace) -> int:
     from lhtstream.journal import DEFAULT_JOURNAL, Journal
 
     t0 = time.monotonic()
-    make_pipeline, note = _pipeline_factory(args)
-    _warm_up(make_pipeline)
+    logging.basicConfig(
+        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    make_pipeline, note, model = _pipeline_factory(args)
+    _warm_up(model)
     t_warm = time.monotonic() - t0
     journal = Journal(args.journal or DEFAULT_JOURNAL)
     ctx = zmq.Context.instance()

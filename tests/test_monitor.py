@@ -1,0 +1,313 @@
+"""The monitor as a real OS process: replay -> monitor -> test subscriber over ZeroMQ.
+
+Streamed features are compared with the batch features through the monitor's hidden
+``--dump-features DIR`` hook (it writes each stream's feature rows as ``DIR/<stream>.npy``
+at exit): the only honest way to see per-frame streamed values, since the monitor does
+not publish features per frame.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from lhtstream import protocol
+from lhtstream.journal import Journal
+from tests.processes import ProcessGroup, Subscriber, ipc_endpoint, tcp_endpoint
+
+pytest.importorskip("lhtstream.pipeline")
+pytest.importorskip("lhtstream.replay")
+
+FRAMES = 500
+
+
+@pytest.fixture
+def procs():
+    with ProcessGroup() as group:
+        yield group
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from lhtstream.simulate import synthesize
+
+    root = tmp_path_factory.mktemp("monitor-data")
+    synthesize(root, types=[1], videos_per_type=2, frames=FRAMES, seed=11)
+    return root
+
+
+def endpoints(kind: str, tmp_path: Path) -> tuple[str, str]:
+    if kind == "ipc":
+        return ipc_endpoint(tmp_path, "frames"), ipc_endpoint(tmp_path, "pub")
+    return tcp_endpoint(), tcp_endpoint()
+
+
+def start_monitor(procs, frames_ep, pub_ep, tmp_path, *extra):
+    mon = procs.cli(
+        "monitor", "--frames", frames_ep, "--publish", pub_ep,
+        "--journal", tmp_path / "journal.sqlite", "--status-interval", "0.2", *extra,
+        cwd=tmp_path,
+    )  # fmt: skip
+    mon.wait_for_stderr(r"ready in", timeout=120)
+    return mon
+
+
+def decode(parts):
+    return protocol.decode(parts)
+
+
+def wait_status(sub: Subscriber, predicate, timeout: float = 30.0) -> dict:
+    """Read messages until a status satisfies predicate; returns that status header."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            msg = decode(sub.recv(timeout=max(0.05, deadline - time.monotonic())))
+        except TimeoutError:
+            break
+        if msg.topic == "status":
+            last = msg.header
+            if predicate(last):
+                return last
+    raise AssertionError(f"no matching status within {timeout} s; last: {last}")
+
+
+def final_status(mon, sub: Subscriber) -> dict:
+    """SIGTERM the monitor, expect exit 0 and a last status marked final."""
+    mon.signal(signal.SIGTERM)
+    status = wait_status(sub, lambda s: s.get("final"), timeout=15)
+    assert mon.wait(timeout=15) == 0, mon.stderr
+    return status
+
+
+def batch_features(data: Path, video_name: str) -> np.ndarray:
+    from lhtstream.dataset import Dataset
+    from lhtstream.features import video_features
+
+    video = Dataset(data).video(1, video_name)
+    return video_features(video.load(), video.obstacle_states())
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_every_frame_arrives_and_streamed_features_equal_batch(procs, data, tmp_path, transport):
+    frames_ep, pub_ep = endpoints(transport, tmp_path)
+    dump = tmp_path / "dump"
+    mon = start_monitor(procs, frames_ep, pub_ep, tmp_path, "--dump-features", dump)
+    with Subscriber(pub_ep, ["status", "verdict"]) as sub:
+        wait_status(sub, lambda s: s["frames"] == 0)  # we are subscribed
+        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001")
+        status = wait_status(sub, lambda s: s["frames"] >= FRAMES)
+        assert replay.wait(timeout=30) == 0, replay.stderr
+        assert status["frames"] == FRAMES and status["dropped"] == 0
+        assert status["malformed"] == 0 and status["errors"] == 0
+        (stream,) = status["streams"]
+        assert status["streams"][stream]["frames"] == FRAMES
+        lat = status["latency_us"]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+        last = final_status(mon, sub)
+    assert last["frames"] == FRAMES
+    assert (dump / f"{stream}.npy").exists(), mon.stderr
+    streamed = np.load(dump / f"{stream}.npy", allow_pickle=False)
+    np.testing.assert_array_equal(streamed, batch_features(data, "0001"))
+
+
+def test_skipped_frames_count_as_dropped(procs, data, tmp_path):
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+    with Subscriber(pub_ep, ["status"]) as sub:
+        wait_status(sub, lambda s: True)
+        replay = procs.cli(
+            "replay", data, "--endpoint", frames_ep, "--videos", "0001", "--skip", "10,11,12,300"
+        )
+        status = wait_status(sub, lambda s: s["frames"] + s["dropped"] >= FRAMES)
+        assert replay.wait(timeout=30) == 0, replay.stderr
+        assert (status["frames"], status["dropped"], status["malformed"]) == (FRAMES - 4, 4, 0)
+        final_status(mon, sub)
+    assert "frame(s) lost" in mon.stderr
+
+
+def test_two_streams_are_kept_apart(procs, data, tmp_path):
+    frames_ep, pub_ep = endpoints("tcp", tmp_path)
+    dump = tmp_path / "dump"
+    mon = start_monitor(procs, frames_ep, pub_ep, tmp_path, "--dump-features", dump)
+    with Subscriber(pub_ep, ["status"]) as sub:
+        wait_status(sub, lambda s: True)
+        # two videos, two streams: ws1 plays 0001 then 0002, ws2 plays 0002 then 0001
+        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--streams", "2")
+        status = wait_status(sub, lambda s: s["frames"] >= 4 * FRAMES)
+        assert replay.wait(timeout=30) == 0, replay.stderr
+        assert status["dropped"] == 0 and status["malformed"] == 0
+        assert sorted(status["streams"]) == ["ws1", "ws2"]
+        for detail in status["streams"].values():
+            assert (detail["frames"], detail["dropped"], detail["videos"]) == (2 * FRAMES, 0, 2)
+        final_status(mon, sub)
+    # interleaving must not mix state: each stream equals its own videos in batch, in order
+    a, b = batch_features(data, "0001"), batch_features(data, "0002")
+    np.testing.assert_array_equal(np.load(dump / "ws1.npy"), np.vstack([a, b]))
+    np.testing.assert_array_equal(np.load(dump / "ws2.npy"), np.vstack([b, a]))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _frame_parts(seq: int, index: int, **override) -> list[bytes]:
+    pixels = np.zeros((16, 22), dtype=np.uint16)
+    pixels[5 + index % 5, 3 + index % 11] = 200
+    header = {
+        "v": 1, "stream": "bad", "video": "0001", "type": 1, "seq": seq, "frame": index,
+        "t_ns": time.monotonic_ns(), "shape": [16, 22], "dtype": "<u2", "obstacle": 0,
+    }  # fmt: skip
+    header.update(override)
+    return [b"frame", msgpack.packb(header), pixels.tobytes()]
+
+
+def malformed_corpus() -> list[tuple[str, list[bytes]]]:
+    good = _frame_parts(5, 5)
+    return [
+        ("one part", [b"frame"]),
+        ("four parts", good + [b"extra"]),
+        ("unknown topic", [b"frames", good[1], good[2]]),
+        ("not msgpack", [b"frame", b"\xc1\xc1\xc1", good[2]]),
+        ("not a map", [b"frame", msgpack.packb([1, 2, 3]), good[2]]),
+        ("missing seq", [b"frame", msgpack.packb({"v": 1, "stream": "bad"}), good[2]]),
+        ("mistyped seq", _frame_parts("6", 6)),
+        ("unknown v", _frame_parts(6, 6, v=99)),
+        ("payload size", [b"frame", good[1], good[2][:-2]]),
+        ("absurd shape", _frame_parts(6, 6, shape=[100_000, 100_000])),
+        ("negative shape", _frame_parts(6, 6, shape=[-16, -22])),
+        ("bad dtype", _frame_parts(6, 6, dtype="<f8")),
+        ("seq backwards", _frame_parts(2, 2)),
+        ("duplicate seq", _frame_parts(4, 4)),
+        ("video bad event", [b"video", msgpack.packb({"v": 1, "stream": "bad", "video": "0001",
+                                                       "type": 1, "event": "pause",
+                                                       "metadata": {}})]),
+    ]
+
+
+def test_malformed_messages_are_counted_and_the_next_frame_is_processed(procs, tmp_path):
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)  # XPUB: we see the monitor's subscription arrive
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(frames_ep)
+    try:
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+        assert pub.poll(20_000), "monitor never subscribed"
+        while pub.poll(200):
+            pub.recv()  # consume subscription notices (frame, video)
+        with Subscriber(pub_ep, ["status"]) as sub:
+            wait_status(sub, lambda s: True)
+            for i in range(5):  # seq 0..4 valid
+                pub.send_multipart(_frame_parts(i, i))
+            wait_status(sub, lambda s: s["frames"] == 5)
+            corpus = malformed_corpus()
+            for _name, parts in corpus:
+                pub.send_multipart(parts)
+            pub.send_multipart(_frame_parts(5, 5))  # the next valid frame
+            status = wait_status(sub, lambda s: s["frames"] == 6 and s["malformed"] >= len(corpus))
+            assert status["malformed"] == len(corpus)
+            assert status["dropped"] == 0 and status["errors"] == 0
+            assert mon.returncode is None
+            # oversize: ZeroMQ (MAXMSGSIZE) cuts the peer off; the monitor reconnects and
+            # carries on with the following frames
+            pub.send_multipart([b"frame", b"x" * (protocol.MAX_MESSAGE_BYTES + 1), b""])
+            seq = 6
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                pub.send_multipart(_frame_parts(seq, seq))
+                seq += 1
+                time.sleep(0.01)
+                try:
+                    status = wait_status(sub, lambda s: s["frames"] > 6, timeout=0.3)
+                    break
+                except AssertionError:
+                    continue
+            assert status["frames"] > 6 and mon.returncode is None
+            final_status(mon, sub)
+    finally:
+        pub.close(0)
+    err = mon.stderr
+    # reasons reach stderr, but rate-limited: far fewer lines than bad messages
+    assert "malformed message ignored" in err
+    assert err.count("malformed message ignored") + err.count("out of order") < len(corpus)
+
+
+def test_bad_model_is_refused_with_one_line(procs, tmp_path):
+    bad = tmp_path / "model.npz"
+    bad.write_bytes(b"not a model")
+    mon = procs.cli("monitor", "--model", bad, "--frames", ipc_endpoint(tmp_path),
+                    "--publish", ipc_endpoint(tmp_path, "pub"), cwd=tmp_path)
+    assert mon.wait(timeout=120) == 2
+    lines = [ln for ln in mon.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("lhtstream: error:") and "model.npz" in lines[-1]
+    assert "Traceback" not in mon.stderr
+
+
+# ---------------------------------------------------------------- journal
+
+
+def _collect(sub: Subscriber, topic: str, until, timeout: float = 30.0) -> list[dict]:
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = decode(sub.recv(timeout=0.2))
+        except TimeoutError:
+            continue
+        if msg.topic == topic:
+            got.append(msg.header)
+        if msg.topic == "status" and until(msg.header):
+            return got
+    raise AssertionError(f"timed out collecting {topic}")
+
+
+def test_alarms_are_journaled_before_publish_and_survive_sigkill(procs, data, tmp_path):
+    """A long gap in seq raises a `sensor` alarm; check journal-before-publish, SIGKILL, seq."""
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    journal_path = tmp_path / "journal.sqlite"
+    seen: list[dict] = []
+    for _round in range(2):
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+        with Subscriber(pub_ep, ["status", "alarm"]) as sub:
+            wait_status(sub, lambda s: True)
+            replay = procs.cli(
+                "replay", data, "--endpoint", frames_ep, "--videos", "0001",
+                "--skip", ",".join(str(s) for s in range(200, 300)),
+            )  # fmt: skip
+            alarms = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    msg = decode(sub.recv(timeout=0.2))
+                except TimeoutError:
+                    continue
+                if msg.topic == "alarm":
+                    # published => already committed: a reader must see it right now
+                    with Journal(journal_path, writer=False) as reader:
+                        rows = {r["seq"]: r for r in reader.alarms()}
+                    assert msg.header["seq"] in rows
+                    row = rows[msg.header["seq"]]
+                    assert (row["kind"], row["frame"], row["state"]) == (
+                        msg.header["kind"], msg.header["frame"], msg.header["state"])
+                    alarms.append(msg.header)
+                if msg.topic == "status" and msg.header["frames"] + msg.header["dropped"] >= FRAMES:
+                    break
+            assert replay.wait(timeout=30) == 0
+        assert alarms, f"no alarm raised for 100 lost frames:\n{mon.stderr}"
+        mon.signal(signal.SIGKILL)
+        mon.wait(timeout=10)
+        seen.extend(alarms)
+    seqs = [a["seq"] for a in seen]
+    assert seqs == list(range(1, len(seqs) + 1))  # gapless, continued after the SIGKILL
+    with Journal(journal_path, writer=False) as reader:
+        assert [r["seq"] for r in reader.alarms()] == seqs
+    out = procs.cli("alarms", "--history", "--journal", journal_path, "--json", "--since", "1")
+    assert out.wait(timeout=30) == 0
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(seqs) - 1
