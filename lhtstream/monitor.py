@@ -187,6 +187,14 @@ class Monitor:
         self._gaps = RateLimitedLog()
         self._internal = RateLimitedLog()
         self._feature_rows: dict[str, list[np.ndarray]] = {}
+        self.frame_endpoints: set[str] = set()
+        self.reconnects = 0
+        self.events: Any = None  # PAIR socket of zmq_socket_monitor on `sub`, if watched
+
+    def watch_connections(self, endpoints: Iterable[str]) -> None:
+        """Reconnect these frame endpoints whenever their connection drops."""
+        self.frame_endpoints = set(endpoints)
+        self.events = self.sub.get_monitor_socket(self._zmq.EVENT_DISCONNECTED)
 
     # ------------------------------------------------------------ loop
 
@@ -196,9 +204,16 @@ class Monitor:
         sub = self.sub
         interval_ns = int(self.status_interval * 1e9)
         next_status = time.monotonic_ns() + interval_ns
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        if self.events is not None:
+            poller.register(self.events, zmq.POLLIN)
         while not self.stop_requested:
             wait_ms = max(0, min(_POLL_CAP_MS, (next_status - time.monotonic_ns()) // 1_000_000))
-            if sub.poll(wait_ms, zmq.POLLIN):
+            ready = dict(poller.poll(wait_ms))
+            if self.events is not None and self.events in ready:
+                self._on_socket_events()
+            if sub in ready:
                 # Drain what is queued (bounded, so status and signals still get a turn).
                 for _ in range(DRAIN_BUDGET):
                     try:
@@ -215,6 +230,38 @@ class Monitor:
                 if next_status <= now:  # fell behind (suspended?): don't burst statuses
                     next_status = now + interval_ns
         self.publish_status(time.monotonic_ns(), final=True)
+
+    def _on_socket_events(self) -> None:
+        """Reconnect a frame endpoint after its connection dropped.
+
+        libzmq does not reconnect after a *protocol* error — which includes a message
+        part above ZMQ_MAXMSGSIZE — so one oversize message would silence that
+        publisher for good. Disconnecting and connecting again restores it (for an
+        ordinary disconnect it is what libzmq would do anyway).
+        """
+        from zmq.utils.monitor import recv_monitor_message
+
+        zmq = self._zmq
+        while True:
+            try:
+                event = recv_monitor_message(self.events, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            endpoint = event["endpoint"].decode() if isinstance(event["endpoint"], bytes) else (
+                str(event["endpoint"])
+            )
+            if endpoint not in self.frame_endpoints:
+                continue
+            self.reconnects += 1
+            self._gaps(f"connection to {endpoint} dropped (publisher gone, or it sent a "
+                       "message part above the size bound); reconnecting")
+            try:
+                self.sub.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+            self.sub.connect(endpoint)
 
     # ------------------------------------------------------------ messages
 
@@ -391,6 +438,7 @@ class Monitor:
             "dropped": self.dropped,
             "malformed": self.malformed,
             "errors": self.errors,
+            "reconnects": self.reconnects,
             "alarms": self.alarms,
             "verdicts": self.verdicts,
             "latency_us": self.latency.summary(),
@@ -560,6 +608,7 @@ def run_monitor(args: argparse.Namespace) -> int:
             dump_features=getattr(args, "dump_features", None),
         )
         monitor.stop_requested = stop["flag"]
+        monitor.watch_connections(args.frames or ["tcp://127.0.0.1:5555"])
         log(
             f"ready in {time.monotonic() - t0:.2f} s (kernels warm after {t_warm:.2f} s); "
             f"frames from {', '.join(args.frames or ['tcp://127.0.0.1:5555'])}, publishing on "
@@ -575,6 +624,9 @@ def run_monitor(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+        if monitor is not None and monitor.events is not None:
+            monitor.sub.disable_monitor()
+            monitor.events.close(0)
         sub.close(0)
         pub.close()
         journal.close()
