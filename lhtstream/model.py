@@ -128,8 +128,12 @@ def _cols_array(columns: dict[str, int]) -> np.ndarray:
 # Scoring state per stream/video: running centre x, y (px) and its sample count.
 # S_PREV: 1 when the previous frame was empty/repeated (this frame's velocity is then
 # a jump across the gap, not a move, so the frame is not judged).
-STATE_SIZE = 5
-S_CX, S_CY, S_N, S_FRAMES, S_PREV = range(STATE_SIZE)
+# S_LASTOBS / S_SINCE: obstacle state of the previous frame and frames since it changed
+# (the scanner finishes the pattern it was on when a window opens or closes, so frames
+# just after a key frame belong to neither pattern and are not judged).
+STATE_SIZE = 7
+S_CX, S_CY, S_N, S_FRAMES, S_PREV, S_LASTOBS, S_SINCE = range(STATE_SIZE)
+TRANSITION_FRAMES = 20
 
 
 @njit(cache=True)
@@ -188,6 +192,12 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
     state[S_PREV] = 1.0 if sensor else 0.0
     phase = row[cols[C_PHASE]]
     obs = int(row[cols[C_OBS]])
+    if state[S_FRAMES] == 1.0 or obs != int(state[S_LASTOBS]):
+        state[S_SINCE] = 0.0
+    else:
+        state[S_SINCE] += 1.0
+    state[S_LASTOBS] = obs
+    in_transition = state[S_FRAMES] > 1.0 and state[S_SINCE] < TRANSITION_FRAMES
     if sensor or slot < 0 or not math.isfinite(phase) or obs < 0 or obs > 2:
         return 0
     if known[slot, obs] == 0:
@@ -216,7 +226,7 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
     else:
         cx = state[S_CX]
         cy = state[S_CY]
-    if (state[S_N] == 0.0 or state[S_FRAMES] <= WARMUP_FRAMES or after_gap
+    if (state[S_N] == 0.0 or state[S_FRAMES] <= WARMUP_FRAMES or after_gap or in_transition
             or valid[slot, obs, near] == 0):
         return 0
     r0 = x[0] - cx - x[7]
@@ -467,8 +477,8 @@ class NormalityModel:
         if state is None:
             state = self._state
         slot = self.slot(type_id)
-        self.score_slot(slot, row, state, self._out, self._work)
-        self.learn_slot(slot, row, state, self._work, eta)
+        if self.score_slot(slot, row, state, self._out, self._work):
+            self.learn_slot(slot, row, state, self._work, eta)
 
     def score_rows(self, type_id: int, rows: np.ndarray,
                    state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -530,6 +540,8 @@ class NormalityModel:
         ok[:WARMUP_FRAMES] = False
         gap = (rows[:, c["EMPTY"]] > 0.5) | (rows[:, c["REPEAT"]] > 0.5)
         ok[1:] &= ~gap[:-1]  # velocity across an empty/repeated frame is not a move
+        for k in np.flatnonzero(np.diff(obs) != 0) + 1:
+            ok[k : k + TRANSITION_FRAMES] = False  # pattern switching over at a key frame
         if centres is None:
             sel = ok & (obs == 0)
             if not sel.any():

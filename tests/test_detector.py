@@ -1,0 +1,84 @@
+"""Detector: hysteresis, kinds, sensor separation, threshold calibration (constructed scores)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lhtstream.detector import (
+    ALARM_KIND_FOR_ANOMALY,
+    ALARM_KINDS,
+    Detector,
+    tail_threshold,
+)
+from lhtstream.model import INT_LOW, N_GROUPS, SENSOR, TRAJ
+from lhtstream.simulate import ANOMALY_KINDS, SENSOR_KINDS
+
+
+def _det() -> Detector:
+    raise_thr = np.full(N_GROUPS, 5.0)
+    clear_thr = np.full(N_GROUPS, 3.0)
+    raise_thr[SENSOR], clear_thr[SENSOR] = 0.45, 0.2
+    return Detector(raise_thr, clear_thr, video_thr=1.0)
+
+
+def _normal() -> np.ndarray:
+    s = np.zeros(N_GROUPS)
+    s[TRAJ] = s[TRAJ + 1] = 2.0
+    return s
+
+
+def test_every_anomaly_kind_maps_to_an_alarm_kind_and_sensor_faults_to_sensor():
+    assert set(ALARM_KIND_FOR_ANOMALY) == set(ANOMALY_KINDS)
+    assert set(ALARM_KIND_FOR_ANOMALY.values()) <= set(ALARM_KINDS)
+    for kind, alarm in ALARM_KIND_FOR_ANOMALY.items():
+        assert (alarm == "sensor") == (kind in SENSOR_KINDS)
+
+
+def test_raise_then_clear_with_hysteresis():
+    d = _det()
+    s = _normal()
+    for _ in range(50):
+        assert d.step(s, 1) == 0
+    s[INT_LOW] = 8.0
+    raised_at = None
+    for i in range(20):
+        if d.step(s, 1):
+            raised_at = i
+            break
+    assert raised_at is not None and raised_at <= 5
+    assert d.changed[ALARM_KINDS.index("intensity_low")] == 1
+    # between clear and raise thresholds: stays active
+    s[INT_LOW] = 4.0
+    for _ in range(100):
+        assert d.step(s, 1) == 0
+    s[INT_LOW] = 0.0
+    cleared = [i for i in range(100) if d.step(s, 1)]
+    assert len(cleared) == 1 and cleared[0] >= 9  # clear_frames quiet frames first
+    assert not d.any_active and d.process_alarms == 1 and d.anomalous()
+
+
+def test_unjudged_frames_do_not_move_process_scores_and_sensor_blocks_process_alarms():
+    d = _det()
+    s = _normal()
+    s[INT_LOW] = 50.0
+    s[SENSOR] = 1.0
+    events = [d.step(s, 0) for _ in range(10)]  # blank frames: only the sensor group counts
+    assert sum(events) == 1 and d.active[ALARM_KINDS.index("sensor")] == 1
+    assert d.active[ALARM_KINDS.index("intensity_low")] == 0
+    assert d.smooth[INT_LOW] == 0.0
+
+
+def test_lost_frames_raise_sensor_once():
+    d = _det()
+    assert d.lost(3) is True
+    assert d.lost(2) is False
+    assert d.process_alarms == 0
+
+
+def test_tail_threshold_extrapolates_beyond_the_sample():
+    rng = np.random.default_rng(0)
+    v = rng.exponential(1.0, 100_000)
+    thr = tail_threshold(v, 1e-7, 0.0)
+    # exponential(1): P(X > t) = exp(-t), so the 1e-7 level is ~16.1
+    assert 14.0 < thr < 18.5
+    assert thr > v.max()

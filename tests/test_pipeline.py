@@ -1,0 +1,129 @@
+"""StreamPipeline on simulated videos: each fault raises its alarm kind, normal videos none."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lhtstream.detector import ALARM_KIND_FOR_ANOMALY, Alarm, Verdict, calibrate
+from lhtstream.features import video_features
+from lhtstream.model import NormalityModel
+from lhtstream.pipeline import NO_EVENTS, StreamPipeline
+from lhtstream.simulate import ANOMALY_KINDS, simulate_video
+
+FRAMES = 3000
+TYPE = 3  # has obstacle windows
+
+
+def _obstacles(meta: dict, n: int) -> np.ndarray:
+    s = np.zeros(n, dtype=np.int8)
+    for k in (1, 2):
+        a, b = meta[f"KeyfIniObstacle{k}"], meta[f"KeyfEndObstacle{k}"]
+        if a >= 0 and b >= 0:
+            s[a : b + 1] = k
+    return s
+
+
+def _rows(seed: int) -> np.ndarray:
+    v = simulate_video(TYPE, seed, FRAMES)
+    return video_features(v.image, _obstacles(v.metadata, FRAMES))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = NormalityModel.fit([(TYPE, _rows(s)) for s in range(6)])
+    calibrate(m, [(TYPE, _rows(100 + s)) for s in range(3)])
+    return m
+
+
+def _run(pipe: StreamPipeline, v, name: str) -> list:
+    obs = _obstacles(v.metadata, len(v.image))
+    events = list(pipe.start_video(name, TYPE, v.metadata))
+    for i, frame in enumerate(v.image):
+        header = {"video": name, "type": TYPE, "frame": i, "seq": i, "t_ns": i * 1_000_000,
+                  "obstacle": int(obs[i])}
+        events.extend(pipe.process(frame, header))
+    events.extend(pipe.end_video_events())
+    return events
+
+
+@pytest.mark.parametrize("kind", ANOMALY_KINDS)
+def test_fault_raises_alarm_of_its_kind_after_onset(model, kind):
+    v = simulate_video(TYPE, 900, FRAMES, kind)
+    _, onset, end, _ = v.label
+    events = _run(StreamPipeline("ws1", model), v, "0900")
+    want = ALARM_KIND_FOR_ANOMALY[kind]
+    raises = [e for e in events if isinstance(e, Alarm) and e.state == "raise"]
+    hits = [a.frame for a in raises if a.kind == want and onset <= a.frame <= end + 100]
+    assert hits, f"{kind}: no {want} alarm in {onset}..{end + 100}; got {raises}"
+    assert not [a for a in raises if a.frame < onset], "alarm before the fault started"
+    verdict = events[-1]
+    assert isinstance(verdict, Verdict) and want in verdict.kinds
+    # a sensor fault says nothing about the workpiece: only process faults condemn it
+    assert verdict.anomalous == (want != "sensor")
+    if kind not in ("frequency_drift", "position_noise"):
+        assert min(hits) - onset <= 20
+
+
+def test_normal_videos_raise_nothing_and_verdict_is_normal(model):
+    pipe = StreamPipeline("ws1", model)
+    for seed in (200, 201, 202):
+        v = simulate_video(TYPE, seed, FRAMES)
+        events = _run(pipe, v, f"{seed}")
+        assert [e for e in events if isinstance(e, Alarm)] == []
+        assert len(events) == 1 and not events[0].anomalous and events[0].frames == FRAMES
+
+
+def test_streaming_equals_batch_and_no_event_is_a_shared_tuple(model):
+    v = simulate_video(TYPE, 300, 600)
+    obs = _obstacles(v.metadata, 600)
+    pipe = StreamPipeline("a", model, adapt=False)
+    pipe.start_video("x", TYPE)
+    outs = [pipe.process(f, {"video": "x", "type": TYPE, "frame": i, "obstacle": int(obs[i])})
+            for i, f in enumerate(v.image)]
+    assert all(o is NO_EVENTS for o in outs)
+    streamed = pipe.end_video()
+    batch = StreamPipeline("b", model, adapt=False)
+    ev = batch.process_rows(video_features(v.image, obs), {"video": "x", "type": TYPE})
+    ev += batch.end_video_events()
+    assert streamed.score == ev[-1].score
+
+
+def test_learning_is_frozen_while_an_alarm_is_active(model):
+    v = simulate_video(TYPE, 400, 800)
+    obs = _obstacles(v.metadata, 800)
+    pipe = StreamPipeline("a", model, adapt=True, learn_rate=0.05)
+    pipe.start_video("x", TYPE)
+    h = {"video": "x", "type": TYPE}
+    for i in range(400):
+        pipe.process(v.image[i], dict(h, frame=i, obstacle=int(obs[i])))
+    snap = pipe.model.mean.copy()
+    assert not np.array_equal(snap, model.mean)  # it did adapt (on its private copy)
+    pipe.detector.active[0] = 1  # an alarm is active ...
+    pipe.detector.clear_thr[:] = -1e9  # ... and stays so
+    for i in range(400, 600):
+        pipe.process(v.image[i], dict(h, frame=i, obstacle=int(obs[i])))
+    assert np.array_equal(snap, pipe.model.mean)
+
+
+def test_lost_frames_give_a_sensor_alarm(model):
+    pipe = StreamPipeline("a", model)
+    pipe.start_video("x", TYPE)
+    ev = pipe.note_lost(5, {"video": "x", "type": TYPE, "frame": 10, "t_ns": 7})
+    assert len(ev) == 1 and ev[0].kind == "sensor" and ev[0].features["lost"] == 5.0
+
+
+def test_self_calibration_without_model_then_scores(caplog):
+    pipe = StreamPipeline("a", None, calibration_frames=4000)
+    v = simulate_video(TYPE, 500, 5000)
+    with caplog.at_level("WARNING"):
+        pipe.start_video("x", TYPE)
+        assert pipe.status()["mode"] == "calibrating"
+        obs = _obstacles(v.metadata, 5000)
+        events = []
+        for i, f in enumerate(v.image):
+            events.extend(pipe.process(f, {"video": "x", "type": TYPE, "frame": i,
+                                           "obstacle": int(obs[i])}))
+    assert "SELF-CALIBRATING" in caplog.text
+    assert pipe.status()["mode"] == "scoring" and pipe.status()["model"] == "self-calibrated"
+    assert [e for e in events if isinstance(e, Alarm)] == []
