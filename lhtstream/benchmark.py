@@ -1,0 +1,666 @@
+"""Benchmarks that show the 1 ms budget: end-to-end latency, throughput, micro-benchmarks.
+
+``lhtstream bench`` runs, in this order:
+
+1. the micro-benchmarks in ``bench/`` (pytest-benchmark, in a subprocess);
+2. end-to-end latency: replay, monitor and a subscriber as separate processes at
+   1000 frames/s over ``ipc://`` and ``tcp://127.0.0.1``, and four streams into one
+   monitor (`run_endtoend`);
+3. throughput: the monitor fed ``--rate max`` (`run_max_rate`) and the offline
+   pipeline over files (`run_batch_throughput`), projected to the full real data set.
+
+Per-frame handling latency is the monitor's own measure (done minus the frame's
+``t_ns``, both ``CLOCK_MONOTONIC``). The monitor only publishes per-interval
+percentiles, so for exact run-wide p99.9 the monitor child is started through
+``python -m lhtstream.benchmark monitor --latency-log FILE ...``: the unchanged
+``lhtstream monitor`` code, with its total latency recorder also keeping every
+sample (one array store per frame), saved as ``.npy`` at exit. Alarm delivery
+latency is measured by the subscriber (this process): receipt minus ``t_frame_ns``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lhtstream.errors import LhtstreamError
+
+BUDGET_US = 1000.0
+"""The hard per-frame budget: one camera frame period at 1000 frames/s."""
+FULL_DATASET_FRAMES = 4223 * 15_000
+"""Frames in the real data set (4223 videos x ~15,000 frames)."""
+
+
+class BenchError(LhtstreamError):
+    """A benchmark could not run or its result broke the budget."""
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM the child when the parent dies (Linux), so nothing is left behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the parent's finally-blocks still clean up
+        pass
+
+
+class Child:
+    """A ``python -m ...`` child with its stderr/stdout lines collected by threads."""
+
+    def __init__(self, args: Sequence[str], name: str, echo: bool = False) -> None:
+        self.name = name
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Own session: a terminal Ctrl-C reaches only the parent, which stops the
+        # children in order (monitor after replay) instead of all at once.
+        self.popen = subprocess.Popen(
+            [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, bufsize=1, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        self.lines: list[str] = []
+        self.echo = echo
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._pump, args=(s,), daemon=True)
+                         for s in (self.popen.stdout, self.popen.stderr)]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+            if self.echo:
+                print(f"[{self.name}] {line}", end="", file=sys.stderr)
+        stream.close()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait for an output line matching ``pattern``; BenchError if it exits or times out."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            with self._lock:
+                new = self.lines[seen:]
+            for line in new:
+                m = regex.search(line)
+                if m:
+                    return m
+            seen += len(new)
+            if self.popen.poll() is not None and seen >= len(self.lines):
+                for t in self._threads:
+                    t.join(timeout=2)
+                with self._lock:
+                    rest = self.lines[seen:]
+                for line in rest:
+                    m = regex.search(line)
+                    if m:
+                        return m
+                raise BenchError(f"{self.name} exited ({self.popen.returncode}) before "
+                                 f"/{pattern}/:\n{self.text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: /{pattern}/ not seen within {timeout:.0f} s:\n"
+                                 f"{self.text()[-2000:]}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; output fully collected. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        for t in self._threads:
+            t.join(timeout=5)
+        return self.popen.returncode
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def endpoints(transport: str, folder: Path) -> tuple[str, str]:
+    """(frames, publish) endpoints: ipc sockets in ``folder`` or two free local TCP ports."""
+    if transport == "ipc":
+        return f"ipc://{folder}/frames", f"ipc://{folder}/out"
+    if transport == "tcp":
+        a = free_tcp_port()
+        b = free_tcp_port()
+        while b == a:
+            b = free_tcp_port()
+        return f"tcp://127.0.0.1:{a}", f"tcp://127.0.0.1:{b}"
+    raise BenchError(f"unknown transport {transport!r}: ipc or tcp")
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A temp folder with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def monitor_args(frames: str | Sequence[str], publish: str, model: Path | None, journal: Path,
+                 latency_log: Path | None, status_interval: float = 0.5) -> list[str]:
+    """argv (after the interpreter) of a monitor child, with the latency log when asked."""
+    head = (["-m", "lhtstream.benchmark", "monitor", "--latency-log", str(latency_log)]
+            if latency_log is not None else ["-m", "lhtstream.cli", "monitor"])
+    args = [*head, "--publish", publish, "--journal", str(journal),
+            "--status-interval", str(status_interval)]
+    for f in [frames] if isinstance(frames, str) else frames:
+        args += ["--frames", f]
+    if model is not None:
+        args += ["--model", str(model)]
+    return args
+
+
+# ---------------------------------------------------------------- monitor with latency log
+
+
+def _monitor_with_latency_log(argv: Sequence[str]) -> int:
+    """``python -m lhtstream.benchmark monitor --latency-log FILE <monitor options>``.
+
+    Runs ``lhtstream monitor`` unchanged except that the monitor's total latency
+    recorder also stores every per-frame value (µs) in a preallocated array that
+    is written to FILE (``.npy``, float64) when the monitor stops.
+    """
+    from lhtstream import cli, monitor
+
+    if len(argv) < 2 or argv[0] != "--latency-log":
+        print("usage: python -m lhtstream.benchmark monitor --latency-log FILE [monitor options]",
+              file=sys.stderr)
+        return 2
+    path, rest = Path(argv[1]), list(argv[2:])
+    capacity = 4_000_000  # 66 min at 1 kHz, 16 min at 4 kHz; 32 MB
+    log = np.zeros(capacity)
+    count = [0]
+
+    class LoggingRecorder(monitor.LatencyRecorder):
+        def record(self, micros: float) -> None:
+            super().record(micros)
+            n = count[0]
+            if n < capacity:
+                log[n] = micros
+            count[0] = n + 1
+
+    original_init = monitor.Monitor.__init__
+
+    def init(self: Any, *a: Any, **kw: Any) -> None:
+        original_init(self, *a, **kw)
+        self.latency = LoggingRecorder()
+
+    monitor.Monitor.__init__ = init  # type: ignore[method-assign]
+    try:
+        code = cli.main(["monitor", *rest])
+    finally:
+        n = min(count[0], capacity)
+        tmp = path.with_name(path.name + ".part.npy")
+        np.save(tmp, log[:n])
+        os.replace(tmp, path)
+    return code
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def percentiles(values: np.ndarray, qs: Sequence[tuple[str, float]]) -> dict[str, float | None]:
+    """Named percentiles (and max) of ``values`` in the same unit, rounded to 0.1."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {**{name: None for name, _ in qs}, "max": None}
+    out: dict[str, float | None] = {
+        name: round(float(np.percentile(v, q)), 1) for name, q in qs
+    }
+    out["max"] = round(float(v.max()), 1)
+    return out
+
+
+LAT_QS = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
+DELIVERY_QS = (("p50", 50.0), ("p99", 99.0))
+
+_SENT = re.compile(r"replay: (?:done|stopped): (\d+) frames on (\d+) stream")
+_JITTER = re.compile(r"pacing jitter p50=(\d+) p99=(\d+) max=(\d+) us over (\d+) ticks")
+
+
+def parse_replay(text: str) -> tuple[int, dict[str, float] | None, float | None]:
+    """(frames sent, jitter {p50,p99,max} µs, seconds) from the replay's exit lines."""
+    m = _SENT.search(text)
+    if not m:
+        raise BenchError(f"replay printed no summary line:\n{text[-2000:]}")
+    j = _JITTER.search(text)
+    jitter = None if not j else {"p50": float(j[1]), "p99": float(j[2]), "max": float(j[3])}
+    s = re.search(r"video\(s\) started, ([\d.]+) s", text)
+    return int(m[1]), jitter, float(s[1]) if s else None
+
+
+# ---------------------------------------------------------------- the bench data set
+
+
+def bench_data(cache: Path | None = None) -> tuple[Path, Path]:
+    """(live data root, model path): the demo's data set and model (built once, cached)."""
+    from lhtstream.demo import prepare
+
+    prepared = prepare(cache or _default_bench_cache(), quiet=True)
+    return prepared.live, prepared.model
+
+
+def _default_bench_cache() -> Path:
+    from lhtstream.demo import default_cache
+
+    return default_cache().parent / "bench"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+class Run:
+    """Replay + monitor children and a subscriber here; always cleaned up on exit."""
+
+    def __init__(self, transport: str, model: Path | None, streams_frames: int = 1,
+                 status_interval: float = 0.5, echo: bool = False) -> None:
+        import zmq
+
+        self.folder = short_tempdir("lht-bench-")
+        self.frames_ep, self.publish_ep = endpoints(transport, self.folder)
+        self.latency_log = self.folder / "latency.npy"
+        self.children: list[Child] = []
+        self.echo = echo
+        self.monitor = Child(monitor_args(self.frames_ep, self.publish_ep, model,
+                                          self.folder / "journal.sqlite", self.latency_log,
+                                          status_interval), "monitor", echo)
+        self.children.append(self.monitor)
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        for topic in (b"alarm", b"verdict", b"status"):
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self.replay: Child | None = None
+        self.alarms: list[dict] = []
+        self.verdicts: list[dict] = []
+        self.statuses: list[tuple[int, dict]] = []
+        self.delivery_us: list[float] = []
+
+    def start(self, data: Path, rate: str, streams: int = 1, loop: bool = False,
+              ready_timeout: float = 180.0) -> None:
+        self.monitor.wait_for(r"monitor: ready in", ready_timeout)
+        self.sub.connect(self.publish_ep)
+        args = ["-m", "lhtstream.cli", "replay", str(data), "--endpoint", self.frames_ep,
+                "--rate", rate, "--streams", str(streams), "--wait-subscribers", "1"]
+        if loop:
+            args.append("--loop")
+        self.replay = Child(args, "replay", self.echo)
+        self.children.append(self.replay)
+
+    def pump(self, timeout_ms: int) -> None:
+        """Receive what the monitor published for up to ``timeout_ms`` (alarms timed on receipt)."""
+        import msgpack
+        import zmq
+
+        if not self.sub.poll(timeout_ms):
+            return
+        while True:
+            try:
+                parts = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic_ns()
+            topic = parts[0]
+            header = msgpack.unpackb(parts[1], raw=False)
+            if topic == b"alarm":
+                self.delivery_us.append((now - header["t_frame_ns"]) / 1000.0)
+                self.alarms.append(header)
+            elif topic == b"verdict":
+                self.verdicts.append(header)
+            elif topic == b"status":
+                self.statuses.append((now, header))
+
+    def last_status(self) -> dict:
+        return self.statuses[-1][1] if self.statuses else {}
+
+    def pump_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.pump(50)
+
+    def drain_until_processed(self, total: int, timeout: float = 15.0) -> None:
+        """Pump until the monitor's status reports ``total`` frames received (or timeout)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.pump(100)
+            st = self.last_status()
+            if st.get("frames", 0) + st.get("dropped", 0) >= total:
+                self.pump_for(0.3)  # alarms/verdicts of the tail
+                return
+
+    def latencies(self) -> np.ndarray:
+        if not self.latency_log.exists():
+            raise BenchError(f"monitor wrote no latency log:\n{self.monitor.text()[-2000:]}")
+        return np.load(self.latency_log, allow_pickle=False)
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            with contextlib.suppress(Exception):
+                child.stop()
+        with contextlib.suppress(Exception):
+            self.sub.close(0)
+            self.ctx.term()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1,
+                 data: Path | None = None, model: Path | None = None,
+                 echo: bool = False) -> dict[str, Any]:
+    """Replay at 1000 frames/s per stream for ``seconds``, into one monitor; the result dict.
+
+    ``data``/``model`` default to the demo's data set (faults injected, so alarms occur).
+    Does not assert: see `check_endtoend`.
+    """
+    if data is None or model is None:
+        data, model = bench_data()
+    with Run(transport, model, echo=echo) as run:
+        run.start(data, "1000", streams=streams, loop=True)
+        assert run.replay is not None
+        run.replay.wait_for(r"replay: frame subscriber joined", 60)
+        run.pump_for(seconds)
+        run.replay.stop()
+        sent, jitter, _ = parse_replay(run.replay.text())
+        run.drain_until_processed(sent)
+        run.monitor.stop()
+        run.pump_for(0.2)
+        lat = run.latencies()
+        final = run.last_status()
+        processed = int(lat.size)
+        dropped = int(final.get("dropped", 0))
+        return {
+            "transport": transport,
+            "rate_hz": 1000,
+            "streams": streams,
+            "seconds": seconds,
+            "frames_sent": sent,
+            "frames_processed": processed,
+            "frames_lost": max(sent - processed, 0) + dropped,
+            "over_budget_frames": int((lat > BUDGET_US).sum()),
+            "latency_us": percentiles(lat, LAT_QS),
+            "alarms": sum(1 for a in run.alarms if a.get("state") == "raise"),
+            "alarm_delivery_us": percentiles(np.array(run.delivery_us), DELIVERY_QS),
+            "replay_jitter_us": jitter,
+            "verdicts": len(run.verdicts),
+        }
+
+
+def check_endtoend(result: dict[str, Any]) -> list[str]:
+    """The budget violations of one end-to-end result (empty when it passed)."""
+    problems = []
+    where = f"{result['transport']} x{result['streams']}"
+    if result["frames_lost"]:
+        problems.append(f"{where}: {result['frames_lost']} frame(s) lost")
+    if result["frames_processed"] == 0:
+        problems.append(f"{where}: no frame processed")
+    p999 = result["latency_us"]["p999"]
+    if p999 is None or p999 >= BUDGET_US:
+        problems.append(f"{where}: handling p99.9 {p999} us is not under {BUDGET_US:.0f} us")
+    return problems
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def run_max_rate(data: Path | None = None, model: Path | None = None,
+                 echo: bool = False) -> dict[str, Any]:
+    """The monitor fed ``--rate max`` (lossless XPUB): sustained frames/s with nothing lost."""
+    if data is None or model is None:
+        data, model = bench_data()
+    with Run("ipc", model, status_interval=0.1, echo=echo) as run:
+        run.start(data, "max")
+        assert run.replay is not None
+        while run.replay.popen.poll() is None:
+            run.pump(100)
+        sent, _, _ = parse_replay(run.replay.text())
+        run.drain_until_processed(sent, timeout=60)
+        run.monitor.stop()
+        lat = run.latencies()
+        counts = [(t, st["frames"]) for t, st in run.statuses if st.get("frames", 0) > 0]
+        rate = None
+        if len(counts) >= 2:
+            # from the first status that saw frames to the first that saw them all
+            t_first, f_first = counts[0]
+            t_last, f_last = next(((t, f) for t, f in counts if f >= lat.size), counts[-1])
+            if t_last > t_first:
+                rate = (f_last - f_first) / ((t_last - t_first) / 1e9)
+        dropped = int(run.last_status().get("dropped", 0))
+        return {
+            "frames_sent": sent,
+            "frames_processed": int(lat.size),
+            "frames_lost": max(sent - int(lat.size), 0) + dropped,
+            "frames_per_s": None if rate is None else round(rate),
+            "projected_full_dataset_h": (None if not rate
+                                         else round(FULL_DATASET_FRAMES / rate / 3600, 2)),
+        }
+
+
+def run_batch_throughput(data: Path | None = None, model: Path | None = None,
+                         max_videos: int = 6) -> dict[str, Any]:
+    """Offline frames/s through the same pipeline (files -> features -> model -> detector).
+
+    Two paths: ``process`` frame by frame (what evaluate's streaming mode does)
+    and ``video_features`` in batch + ``process_rows``. Single core.
+    """
+    from lhtstream.dataset import Dataset
+    from lhtstream.features import video_features
+    from lhtstream.model import NormalityModel
+    from lhtstream.pipeline import StreamPipeline
+
+    if data is None or model is None:
+        data, model = bench_data()
+    m = NormalityModel.load(model)
+    videos = [(v, v.load(), v.obstacle_states()) for v in Dataset(data).videos()][:max_videos]
+    frames = sum(len(img) for _, img, _ in videos)
+
+    pipe = StreamPipeline("batch", model=m)
+    t0 = time.perf_counter()
+    for v, img, obst in videos:
+        pipe.start_video(v.name, v.type, v.metadata)
+        header = {"video": v.name, "type": v.type, "frame": 0, "t_ns": 0, "obstacle": 0}
+        for i in range(len(img)):
+            header["frame"] = i
+            header["obstacle"] = int(obst[i])
+            pipe.process(img[i], header)
+        pipe.end_video_events()
+    per_frame = frames / (time.perf_counter() - t0)
+
+    pipe = StreamPipeline("batch", model=m)
+    t0 = time.perf_counter()
+    for v, img, obst in videos:
+        pipe.start_video(v.name, v.type, v.metadata)
+        rows = video_features(img, obst)
+        pipe.process_rows(rows, {"video": v.name, "type": v.type, "t_ns": 0, "obstacle": 0})
+        pipe.end_video_events()
+    batch = frames / (time.perf_counter() - t0)
+    return {
+        "frames": frames,
+        "process_frames_per_s": round(per_frame),
+        "batch_frames_per_s": round(batch),
+        "projected_full_dataset_h_process": round(FULL_DATASET_FRAMES / per_frame / 3600, 2),
+        "projected_full_dataset_h_batch": round(FULL_DATASET_FRAMES / batch / 3600, 2),
+    }
+
+
+# ---------------------------------------------------------------- micro-benchmarks
+
+
+def run_micro(quick: bool, json_out: Path) -> dict[str, Any]:
+    """Run ``bench/bench_*.py`` (not the end-to-end one) under pytest-benchmark; p50/p99 µs."""
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    if not bench_dir.is_dir():
+        raise BenchError(f"{bench_dir}: micro-benchmarks not found (run from a source checkout)")
+    files = sorted(str(p) for p in bench_dir.glob("bench_*.py") if p.name != "bench_endtoend.py")
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={json_out}"]
+    env = dict(os.environ, LHTSTREAM_BENCH_QUICK="1" if quick else "0")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"micro-benchmarks failed (pytest exit {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-1000:]}")
+    report = json.loads(json_out.read_text())
+    out = {}
+    for b in report.get("benchmarks", []):
+        extra = b.get("extra_info", {})
+        out[b["name"]] = {"p50_us": extra.get("p50_us"), "p99_us": extra.get("p99_us"),
+                          "rounds": b["stats"]["rounds"]}
+    return out
+
+
+# ---------------------------------------------------------------- the bench command
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers ran on."""
+    import numba
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "numba": numba.__version__, "numpy": np.__version__,
+            "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else (f"{v:,.1f}" if isinstance(v, float) else f"{v:,}")
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A plain-text table of a ``run_bench`` result."""
+    lines = []
+    micro = results.get("micro") or {}
+    if micro:
+        lines.append("micro-benchmarks (per frame)           p50 us     p99 us")
+        for name, r in micro.items():
+            lines.append(f"  {name:<36} {_fmt(r['p50_us']):>8} {_fmt(r['p99_us']):>10}")
+        if results.get("kdeamd_ratio"):
+            lines.append(f"  KDE-AMD / ours (per-frame p50): {results['kdeamd_ratio']:.0f}x")
+    e2e = results.get("endtoend") or []
+    if e2e:
+        lines.append("end-to-end at 1 kHz/stream     frames  lost >1ms  p50    p99    p99.9  max"
+                     "     alarm p50/p99 us  jitter p99")
+        for r in e2e:
+            lat, dl, jit = r["latency_us"], r["alarm_delivery_us"], r["replay_jitter_us"] or {}
+            lines.append(
+                f"  {r['transport']} x{r['streams']} {r['seconds']:g}s".ljust(30)
+                + f"{r['frames_processed']:>7} {r['frames_lost']:>5} {r['over_budget_frames']:>5}"
+                f"  {_fmt(lat['p50']):>5} {_fmt(lat['p99']):>6} {_fmt(lat['p999']):>6}"
+                f" {_fmt(lat['max']):>7}  {_fmt(dl['p50']):>7}/{_fmt(dl['p99']):<8}"
+                f"  {_fmt(jit.get('p99'))}")
+    mx = results.get("max_rate")
+    if mx:
+        lines.append(f"monitor --rate max: {_fmt(mx['frames_per_s'])} frames/s, "
+                     f"{mx['frames_lost']} lost of {mx['frames_sent']}; full data set "
+                     f"(63.3 M frames) in {_fmt(mx['projected_full_dataset_h'])} h")
+    bt = results.get("batch")
+    if bt:
+        lines.append(f"offline pipeline (1 core): {_fmt(bt['process_frames_per_s'])} frames/s "
+                     f"frame by frame, {_fmt(bt['batch_frames_per_s'])} frames/s batch; full "
+                     f"data set in {_fmt(bt['projected_full_dataset_h_process'])} h / "
+                     f"{_fmt(bt['projected_full_dataset_h_batch'])} h")
+    m = results.get("machine") or {}
+    if m:
+        lines.append(f"machine: {m['nproc']} cpu(s), {m['cpu']}, Python {m['python']}, "
+                     f"numba {m['numba']}, load {m['load_avg_1min']}")
+    for p in results.get("problems", []):
+        lines.append(f"FAILED: {p}")
+    return "\n".join(lines)
+
+
+def run_bench(args: Any) -> int:
+    """CLI handler for ``lhtstream bench [--quick] [--json FILE] [--seconds S]``."""
+    quick = bool(getattr(args, "quick", False))
+    seconds = getattr(args, "seconds", None) or (5.0 if quick else 60.0)
+    say = lambda text: print(f"bench: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    results: dict[str, Any] = {"command": "lhtstream bench" + (" --quick" if quick else ""),
+                               "machine": machine(), "problems": []}
+    t0 = time.monotonic()
+    say("preparing the data set and model (cached after the first run)")
+    data, model = bench_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        say("micro-benchmarks (pytest-benchmark)")
+        try:
+            results["micro"] = run_micro(quick, Path(tmp) / "micro.json")
+        except BenchError as exc:
+            results["problems"].append(str(exc).splitlines()[0])
+            say(str(exc))
+    micro = results.get("micro") or {}
+    ours = (micro.get("test_monitor_step") or {}).get("p50_us")
+    theirs = (micro.get("test_kdeamd_frame") or {}).get("p50_us")
+    if ours and theirs:
+        results["kdeamd_ratio"] = theirs / ours
+    results["endtoend"] = []
+    for transport, streams in (("ipc", 1), ("tcp", 1), ("ipc", 4)):
+        say(f"end to end: {transport}, {streams} stream(s), {seconds:g} s at 1 kHz each")
+        r = run_endtoend(transport, seconds, streams, data, model)
+        results["endtoend"].append(r)
+        results["problems"] += check_endtoend(r)
+    say("throughput: monitor fed --rate max")
+    results["max_rate"] = run_max_rate(data, model)
+    if results["max_rate"]["frames_lost"]:
+        results["problems"].append(f"--rate max: {results['max_rate']['frames_lost']} lost")
+    say("throughput: offline pipeline")
+    results["batch"] = run_batch_throughput(data, model, max_videos=2 if quick else 6)
+    results["wall_s"] = round(time.monotonic() - t0, 1)
+    print(summary_table(results))
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        say(f"results written to {args.json}")
+    return 1 if results["problems"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["monitor"]:
+        return _monitor_with_latency_log(argv[1:])
+    print("usage: python -m lhtstream.benchmark monitor --latency-log FILE [monitor options]\n"
+          "(run the benchmarks with `lhtstream bench`)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
