@@ -293,9 +293,11 @@ def _run(socket: Any, lanes: list[_Stream], rate: float | None, skip: frozenset[
             while now < due - spin_ns:
                 # Sleep in short pieces so SIGTERM stops even a slow (--rate 1) replay.
                 sleep(min((due - spin_ns - now) / 1e9, 0.05))
+                now = monotonic_ns()
                 if stop.is_set():
                     break
-                now = monotonic_ns()
+            if stop.is_set():
+                break
             while now < due:
                 now = monotonic_ns()
             jitter.add(now - due)

@@ -223,3 +223,27 @@ def test_endpoint_in_use_is_a_one_line_error(procs, dataset, tmp_path):
     result = run_cli("replay", root, "--endpoint", endpoint, timeout=30)
     assert result.returncode == 2
     assert "cannot bind" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_replays_simulator_output_with_obstacle_windows(procs, tmp_path):
+    """The simulator's files (real format, metadata from its pickle) go out unchanged."""
+    from lhtstream.dataset import Dataset
+    from lhtstream.simulate import synthesize
+
+    # Type 3 is a workpiece with two obstacles, so both windows occur in 400 frames.
+    synthesize(tmp_path / "sim", types=[3], videos_per_type=2, frames=400, seed=3)
+    videos = list(Dataset(tmp_path / "sim").videos())
+    assert all(set(v.obstacle_states().tolist()) == {0, 1, 2} for v in videos)
+    endpoint = ipc_endpoint(tmp_path)
+    replay = procs.cli("replay", tmp_path / "sim", "--endpoint", endpoint, "--rate", "max")
+    with Subscriber(endpoint) as sub:
+        messages = collect(sub)
+    assert replay.wait(timeout=30) == 0
+    for video in videos:
+        got = [m for m in messages if m.topic == "frame" and m.header["video"] == video.name]
+        pixels = np.stack([frame_array(m) for m in got])
+        np.testing.assert_array_equal(pixels, video.load())
+        np.testing.assert_array_equal([m.header["obstacle"] for m in got],
+                                      video.obstacle_states())
+    starts = [m.header for m in messages if m.topic == "video" and m.header["event"] == "start"]
+    assert [h["metadata"] for h in starts] == [dict(v.metadata) for v in videos]
