@@ -73,7 +73,7 @@ class ReplayStats:
 class _Jitter:
     """Histogram of lateness in 1 µs bins (exact percentiles at µs resolution, O(1) memory)."""
 
-    BINS = 1_000_000  # up to 1 s; anything later lands in the last bin (max kept exactly)
+    BINS = 200_000  # up to 200 ms; anything later lands in the last bin (max kept exactly)
 
     def __init__(self) -> None:
         self.hist = np.zeros(self.BINS, dtype=np.int64)
