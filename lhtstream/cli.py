@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark suites and print a summary")
     p.add_argument("--quick", action="store_true", help="short runs (what CI runs)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per end-to-end run (default: 60, or 5 with --quick)")
     p.set_defaults(func=cmd_bench)
     return parser
 
