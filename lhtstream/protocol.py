@@ -417,6 +417,8 @@ def tap(
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         socket.connect(endpoint)
+        topic_list = ",".join(topics) if topics else "all topics"
+        print(f"tap: listening on {endpoint} ({topic_list})", file=err, flush=True)
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         while count is None or printed < count:

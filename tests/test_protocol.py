@@ -299,8 +299,10 @@ def test_tap_topic_filter_and_readable_frame_line(procs):
 def test_tap_timeout_and_sigterm_exit_zero(procs):
     quiet = procs.cli("tap", "--endpoint", tcp_endpoint(), "--timeout", "0.5")
     assert quiet.wait(timeout=30) == 0 and quiet.stdout == ""
+    assert "listening on" in quiet.stderr
     endless = procs.cli("tap", "--endpoint", tcp_endpoint())
-    time.sleep(1.0)
+    endless.wait_for_stderr("tap: listening on")
+    time.sleep(0.3)
     assert endless.returncode is None
     assert endless.terminate(timeout=10) == 0
     assert "Traceback" not in endless.stderr
