@@ -215,7 +215,8 @@ def run_demo(args: Any) -> int:
         n_videos = len(labels)
         print(f"demo: replay pid {replay.pid} streaming {n_videos} videos at 1000 frames/s "
               f"over {frames_ep}", flush=True)
-        deadline = None if not seconds else time.monotonic() + 5.0 + float(seconds)
+        # --seconds: stop the replay that long after it starts (it joins within ~1 s)
+        deadline = None if not seconds else time.monotonic() + 1.0 + float(seconds)
         last_line = 0.0
         replay_done_at = None
         while True:
@@ -275,7 +276,11 @@ def run_demo(args: Any) -> int:
     if any(code != 0 for code in codes.values()):
         raise DemoError(f"child process failed (exit codes {codes}):\n"
                         + "\n".join(c.text()[-1500:] for c in children))
-    seen = {(v["type"], v["video"]) for v in verdicts}
+    # With --seconds only the videos that were (partly) streamed are summarised.
+    seen = {(v["type"], v["video"]) for v in verdicts} | {(a["type"], a["video"]) for a in alarms}
+    for st in (status.get("streams") or {}).values():
+        if st.get("video") is not None:
+            seen.add((st.get("type"), st.get("video")))
     shown = {k: v for k, v in labels.items() if k in seen} if seconds else labels
     rows = _match(shown, alarms, verdicts)
     print(format_summary(rows, percentiles(lat, LAT_QS), int(lat.size),
