@@ -338,7 +338,9 @@ class Run:
             topic = parts[0]
             header = msgpack.unpackb(parts[1], raw=False)
             if topic == b"alarm":
-                self.delivery_us.append((now - header["t_frame_ns"]) / 1000.0)
+                # Only raises: a `clear` at a video's end is not tied to a frame (t_frame_ns 0).
+                if header.get("state") == "raise" and header.get("t_frame_ns", 0) > 0:
+                    self.delivery_us.append((now - header["t_frame_ns"]) / 1000.0)
                 self.alarms.append(header)
             elif topic == b"verdict":
                 self.verdicts.append(header)
