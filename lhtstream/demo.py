@@ -75,7 +75,7 @@ def prepare(cache: Path, quiet: bool = False) -> Prepared:
     stamp = cache / "demo-settings.json"
     t0 = time.monotonic()
     with contextlib.suppress(OSError, ValueError):
-        if json.loads(stamp.read_text()) == SETTINGS and model.is_file():
+        if json.loads(stamp.read_text()) == SETTINGS and _loads(model):
             return Prepared(train, live, model, True, time.monotonic() - t0)
 
     def say(text: str) -> None:
@@ -100,6 +100,17 @@ def prepare(cache: Path, quiet: bool = False) -> Prepared:
     os.replace(tmp, model)
     stamp.write_text(json.dumps(SETTINGS, indent=1))
     return Prepared(train, live, model, False, time.monotonic() - t0)
+
+
+def _loads(model: Path) -> bool:
+    """True when the cached model loads with this version of lhtstream (else retrain)."""
+    from lhtstream.model import NormalityModel
+
+    try:
+        NormalityModel.load(model)
+    except Exception:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- summary
