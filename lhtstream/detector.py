@@ -37,6 +37,7 @@ import numpy as np
 from numba import njit
 
 from lhtstream.model import (
+    COMB,
     FREQ,
     GROUPS,
     INT_HIGH,
@@ -45,6 +46,7 @@ from lhtstream.model import (
     N_GROUPS,
     SENSOR,
     SIZE,
+    SLIP,
     STALL,
     TRAJ,
     NormalityModel,
@@ -66,6 +68,8 @@ KIND_OF_GROUP[INT_HIGH] = ALARM_KINDS.index("intensity_high")
 KIND_OF_GROUP[SIZE] = ALARM_KINDS.index("spot_size")
 KIND_OF_GROUP[STALL] = ALARM_KINDS.index("stall")
 KIND_OF_GROUP[FREQ] = ALARM_KINDS.index("frequency")
+KIND_OF_GROUP[COMB] = ALARM_KINDS.index("trajectory")
+KIND_OF_GROUP[SLIP] = ALARM_KINDS.index("frequency")
 KIND_OF_GROUP[SENSOR] = K_SENSOR
 
 #: The alarm kind each simulator anomaly kind should raise.
@@ -86,12 +90,15 @@ DEFAULT_ALPHA = 0.2
 # Per-group EWMA weights: trajectory/move average over ~2 cycles (their per-frame
 # scores are chi2-distributed and heavy-tailed), the rest over half a cycle.
 DEFAULT_ALPHAS = np.full(N_GROUPS, DEFAULT_ALPHA)
-DEFAULT_ALPHAS[TRAJ] = DEFAULT_ALPHAS[MOVE] = 0.1
+DEFAULT_ALPHAS[TRAJ] = DEFAULT_ALPHAS[MOVE] = DEFAULT_ALPHAS[COMB] = 0.1
 DEFAULT_CLEAR_FRAMES = 10
 FRAMES_PER_HOUR = 3_600_000.0
 TAIL_QUANTILE = 0.99
 # Lowest raise thresholds (smoothed units), for tiny held-out sets.
-THRESHOLD_FLOOR = np.array([6.0, 6.0, 4.0, 4.0, 4.0, 4.0, 4.0, 0.45])
+THRESHOLD_FLOOR = np.array([6.0, 6.0, 4.0, 4.0, 4.0, 4.0, 4.0, 10.0, 5.0, 0.45])
+# Neutral (normal-expectation) level of each group: where smoothing starts.
+NEUTRAL = np.zeros(N_GROUPS)
+NEUTRAL[TRAJ] = NEUTRAL[MOVE] = NEUTRAL[COMB] = 2.0
 VIDEO_SCORE_EXPECTED = 4.0  # chi2(2) + chi2(2) expectation subtracted from the verdict score
 
 
@@ -228,9 +235,7 @@ class Detector:
 
     def reset(self) -> None:
         """New video: zero the smoothing, alarms and verdict accumulators."""
-        self.smooth[:] = 0.0
-        self.smooth[TRAJ] = 2.0
-        self.smooth[MOVE] = 2.0
+        self.smooth[:] = NEUTRAL
         self.active[:] = 0
         self.quiet[:] = 0
         self.changed[:] = 0
@@ -279,8 +284,7 @@ def smoothed_scores(model: NormalityModel, type_id: int, rows: np.ndarray,
                     alpha: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(raw scores, judged flags, smoothed scores) of one video, as the pipeline computes them."""
     scores, scored = model.score_rows(type_id, rows)
-    smooth = np.zeros(N_GROUPS)
-    smooth[TRAJ] = smooth[MOVE] = 2.0
+    smooth = NEUTRAL.copy()
     out = np.zeros_like(scores)
     alpha = np.array(DEFAULT_ALPHAS if alpha is None else alpha, dtype=np.float64)
     _smooth_rows_kernel(scores, scored, alpha, smooth, out)

@@ -53,13 +53,13 @@ from numba import njit
 from lhtstream.errors import LhtstreamError
 
 FORMAT = "lhtstream-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cycle-comb groups (cycle_residual, cycle_slip) and their arrays
 
-# Score groups (columns of the score vector).
-TRAJ, MOVE, INT_LOW, INT_HIGH, SIZE, STALL, FREQ, SENSOR = range(8)
+# Score groups (columns of the score vector). SENSOR stays last (the detector relies on it).
+TRAJ, MOVE, INT_LOW, INT_HIGH, SIZE, STALL, FREQ, COMB, SLIP, SENSOR = range(10)
 GROUPS: tuple[str, ...] = (
     "trajectory", "move", "intensity_low", "intensity_high",
-    "spot_size", "stall", "frequency", "sensor",
+    "spot_size", "stall", "frequency", "cycle_residual", "cycle_slip", "sensor",
 )
 N_GROUPS = len(GROUPS)
 
@@ -75,6 +75,7 @@ CENTRE_TAU = 500.0           # frames; time constant of the running centre
 SPEED_OFFSET = 0.5           # px/frame added before log(speed): bounded score near a stop
 D2_CLIP = 50.0               # per-frame cap so one glitch cannot dominate a smoothed score
 Z_CLIP = 10.0
+COMB_CLIP = 25.0             # lower cap for the comb: one bad frame alone cannot raise an alarm
 PRIOR_WEIGHT = 5.0           # frames' worth of pooled covariance mixed into each cell
 MIN_CELL_COUNT = 3.0         # a cell with fewer training frames is not judged
 MIN_STATE_COUNT = 50.0       # an obstacle state with fewer training frames is not judged
@@ -131,9 +132,16 @@ def _cols_array(columns: dict[str, int]) -> np.ndarray:
 # S_LASTOBS / S_SINCE: obstacle state of the previous frame and frames since it changed
 # (the scanner finishes the pattern it was on when a window opens or closes, so frames
 # just after a key frame belong to neither pattern and are not judged).
-STATE_SIZE = 7
-S_CX, S_CY, S_N, S_FRAMES, S_PREV, S_LASTOBS, S_SINCE = range(STATE_SIZE)
+# Then the cycle comb: a ring of the last COMB_LAG frames' (x, y, obstacle, ok) and of
+# their slip terms (d.v, v.v), indexed by frame count modulo COMB_LAG.
+S_CX, S_CY, S_N, S_FRAMES, S_PREV, S_LASTOBS, S_SINCE = range(7)
+COMB_LAG = 10                # frames per scan cycle (100 Hz scanner, 1 kHz camera)
+S_RING = 7                   # COMB_LAG x (x, y, obstacle, ok)
+S_SLIPRING = S_RING + 4 * COMB_LAG   # COMB_LAG x (d.v, v.v)
+STATE_SIZE = S_SLIPRING + 2 * COMB_LAG
 TRANSITION_FRAMES = 20
+STALL_SPEED_FRACTION = 0.5   # stall is judged only below this share of the cell's normal speed
+MIN_SLIP_FRAMES = 5          # valid slip terms in the last cycle needed for a slip estimate
 
 
 @njit(cache=True)
@@ -170,16 +178,113 @@ def _derived(row, cols, out7):
 
 
 @njit(cache=True)
-def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
+def _comb_step(row, cols, state, unusable, velocity_ok, obs, in_transition, out3):
+    """Advance the cycle comb by one frame (call once per frame, after S_FRAMES += 1).
+
+    out3 = (dx, dy, slip). slip: the least-squares along-track slip of the last
+    cycle's d = p_t - p_{t-COMB_LAG} on the frame moves v, sum(d.v) / sum(v.v)
+    (frames of phase per cycle). (dx, dy): this frame's d minus slip x its move (px).
+    Returns bit 1 when d is valid (both frames usable, same obstacle state, not just
+    after a key frame) and bit 2 when the slip is.
+    """
+    f = int(state[S_FRAMES]) - 1
+    k = f % COMB_LAG
+    b = S_RING + 4 * k
+    sb = S_SLIPRING + 2 * k
+    x = row[cols[C_X]]
+    y = row[cols[C_Y]]
+    ok_now = (not unusable) and math.isfinite(x) and math.isfinite(y)
+    old_ok = f >= COMB_LAG and state[b + 3] > 0.5 and int(state[b + 2]) == obs
+    out3[0] = 0.0
+    out3[1] = 0.0
+    out3[2] = 0.0
+    state[sb] = 0.0
+    state[sb + 1] = 0.0
+    valid = 0
+    if ok_now and old_ok and not in_transition:
+        dx = x - state[b]
+        dy = y - state[b + 1]
+        out3[0] = dx
+        out3[1] = dy
+        valid = 1
+        if velocity_ok:
+            vx = row[cols[C_VX]]
+            vy = row[cols[C_VY]]
+            state[sb] = dx * vx + dy * vy
+            state[sb + 1] = vx * vx + vy * vy
+    state[b] = x
+    state[b + 1] = y
+    state[b + 2] = obs
+    state[b + 3] = 1.0 if ok_now else 0.0
+    sdv = 0.0
+    svv = 0.0
+    n = 0
+    for j in range(COMB_LAG):
+        vv = state[S_SLIPRING + 2 * j + 1]
+        if vv > 0.0:
+            sdv += state[S_SLIPRING + 2 * j]
+            svv += vv
+            n += 1
+    if n >= MIN_SLIP_FRAMES and svv > 0.0:
+        sl = sdv / svv
+        out3[2] = sl
+        valid |= 2
+        if (valid & 1) != 0 and velocity_ok:
+            # the cycle's common along-track slip is precession (scan-frequency offset),
+            # not a trajectory change: take it out of the residual
+            out3[0] -= sl * row[cols[C_VX]]
+            out3[1] -= sl * row[cols[C_VY]]
+    return valid
+
+
+@njit(cache=True)
+def _frame_flags(row, cols, state):
+    """Per-frame bookkeeping shared by scoring and fitting; advances the state.
+
+    Returns (blank, unusable, after_gap, obs, in_transition): blank = camera fault
+    (all-zero or byte-repeated frame); unusable = no fresh spot position (blank, or
+    nothing above threshold: a stalled spot heats nothing new).
+    """
+    empty = row[cols[C_EMPTY]] > 0.5
+    repeat = row[cols[C_REPEAT]] > 0.5
+    blank = repeat or (empty and not row[cols[C_PEAK]] > 0.0)
+    unusable = empty or repeat
+    state[S_FRAMES] += 1.0
+    after_gap = state[S_PREV] > 0.5
+    state[S_PREV] = 1.0 if unusable else 0.0
+    ov = row[cols[C_OBS]]
+    obs = int(ov) if math.isfinite(ov) else -1
+    if state[S_FRAMES] == 1.0 or obs != int(state[S_LASTOBS]):
+        state[S_SINCE] = 0.0
+    else:
+        state[S_SINCE] += 1.0
+    state[S_LASTOBS] = obs
+    in_transition = state[S_FRAMES] > 1.0 and state[S_SINCE] < TRANSITION_FRAMES
+    return blank, unusable, after_gap, obs, in_transition
+
+
+@njit(cache=True)
+def _comb_rows_kernel(rows, cols, state, out, valid):
+    """Batch form of the comb (for fitting): out (n, 3) = dx, dy, slip; valid bits."""
+    for t in range(rows.shape[0]):
+        blank, unusable, after_gap, obs, in_tr = _frame_flags(rows[t], cols, state)
+        valid[t] = _comb_step(rows[t], cols, state, unusable,
+                              not (unusable or after_gap), obs, in_tr, out[t])
+
+
+@njit(cache=True)
+def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, cprec, slip, valid, known,
                   state, out, work):
-    """Score one feature row into `out` (N_GROUPS); update the running centre.
+    """Score one feature row into `out` (N_GROUPS); update the running centre and comb.
 
     Returns 1 when the process groups were scored, 0 when the frame cannot be
-    judged (sensor-flagged, warm-up, unknown cell): then they hold neutral values.
+    judged (blank/repeated, warm-up, unknown cell): then they hold neutral values.
+    A frame with nothing above threshold that is not all zero (a stalled spot
+    heats nothing new) is judged as a stall, not as a camera fault.
     """
     nb = mean.shape[2]
-    sensor = row[cols[C_EMPTY]] > 0.5 or row[cols[C_REPEAT]] > 0.5
-    out[SENSOR] = 1.0 if sensor else 0.0
+    blank, unusable, after_gap, obs, in_transition = _frame_flags(row, cols, state)
+    out[SENSOR] = 1.0 if blank else 0.0
     out[TRAJ] = 2.0
     out[MOVE] = 2.0
     out[INT_LOW] = 0.0
@@ -187,21 +292,22 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
     out[SIZE] = 0.0
     out[STALL] = 0.0
     out[FREQ] = 0.0
-    state[S_FRAMES] += 1.0
-    after_gap = state[S_PREV] > 0.5
-    state[S_PREV] = 1.0 if sensor else 0.0
+    out[COMB] = 2.0
+    out[SLIP] = 0.0
+    comb = work[20:23]
+    cv = _comb_step(row, cols, state, unusable, not (unusable or after_gap), obs,
+                    in_transition, comb)
     phase = row[cols[C_PHASE]]
-    obs = int(row[cols[C_OBS]])
-    if state[S_FRAMES] == 1.0 or obs != int(state[S_LASTOBS]):
-        state[S_SINCE] = 0.0
-    else:
-        state[S_SINCE] += 1.0
-    state[S_LASTOBS] = obs
-    in_transition = state[S_FRAMES] > 1.0 and state[S_SINCE] < TRANSITION_FRAMES
-    if sensor or slot < 0 or not math.isfinite(phase) or obs < 0 or obs > 2:
+    if blank or slot < 0 or not math.isfinite(phase) or obs < 0 or obs > 2:
         return 0
     if known[slot, obs] == 0:
         return 0
+    if unusable:
+        # faint, not blank: the spot stopped moving (no new pixels heated)
+        if state[S_FRAMES] <= WARMUP_FRAMES:
+            return 0
+        out[STALL] = Z_CLIP
+        return 1
     i0, i1, w, near = _bin_weights(phase, nb)
     x = work
     _derived(row, cols, x)
@@ -251,11 +357,24 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
     out[INT_LOW] = -zi
     out[INT_HIGH] = zi
     out[SIZE] = min(max(zs, -Z_CLIP), Z_CLIP)
-    out[STALL] = min(max(-zv, -Z_CLIP), Z_CLIP)
+    # stall only when the spot is really slow: a smaller or slower pattern is not a stall
+    speed = math.exp(x[6]) - SPEED_OFFSET
+    slow = speed < STALL_SPEED_FRACTION * (math.exp(x[13]) - SPEED_OFFSET)
+    if slow:
+        out[STALL] = min(max(-zv, 0.0), Z_CLIP)
     zr = (row[cols[C_RATE]] - rate[slot, obs, 0]) / math.sqrt(rate[slot, obs, 1])
     if not math.isfinite(zr):
         zr = 0.0
     out[FREQ] = min(abs(zr), Z_CLIP)
+    if (cv & 1) != 0 and not slow:
+        cp = cprec[slot, obs, near]
+        dx = comb[0]
+        dy = comb[1]
+        d2c = cp[0, 0] * dx * dx + 2.0 * cp[0, 1] * dx * dy + cp[1, 1] * dy * dy
+        out[COMB] = min(d2c, COMB_CLIP)
+    if (cv & 2) != 0:
+        zl = (comb[2] - slip[slot, obs, 0]) / math.sqrt(slip[slot, obs, 1])
+        out[SLIP] = min(abs(zl), Z_CLIP)
     return 1
 
 
@@ -333,11 +452,11 @@ def _learn_kernel(row, cols, slot, mean, cov4, prec4, prec2, svar, valid, known,
 
 
 @njit(cache=True)
-def _score_rows_kernel(rows, cols, slot, mean, prec4, prec2, svar, rate, valid, known,
-                       state, out, scored, work):
+def _score_rows_kernel(rows, cols, slot, mean, prec4, prec2, svar, rate, cprec, slip, valid,
+                       known, state, out, scored, work):
     for t in range(rows.shape[0]):
         scored[t] = _score_kernel(rows[t], cols, slot, mean, prec4, prec2, svar, rate,
-                                  valid, known, state, out[t], work)
+                                  cprec, slip, valid, known, state, out[t], work)
 
 
 @njit(cache=True)
@@ -397,6 +516,8 @@ class NormalityModel:
         self.prec2 = np.tile(np.eye(2), (T, N_OBSTACLE, B, 1, 1))
         self.svar = np.ones((T, N_OBSTACLE, B, N_SCALAR))
         self.rate = np.tile(np.array([1.0, 1e-4]), (T, N_OBSTACLE, 1))
+        self.cprec = np.tile(np.eye(2), (T, N_OBSTACLE, B, 1, 1))
+        self.slip = np.tile(np.array([0.0, 1.0]), (T, N_OBSTACLE, 1))
         self.count = np.zeros((T, N_OBSTACLE, B))
         self.valid = np.zeros((T, N_OBSTACLE, B), dtype=np.uint8)
         self.known = np.zeros((T, N_OBSTACLE), dtype=np.uint8)
@@ -443,7 +564,8 @@ class NormalityModel:
                    work: np.ndarray) -> int:
         """Hot-path form of `score_one`: 1 when the process groups were judged."""
         return _score_kernel(row, self.cols, slot, self.mean, self.prec4, self.prec2,
-                             self.svar, self.rate, self.valid, self.known, state, out, work)
+                             self.svar, self.rate, self.cprec, self.slip, self.valid,
+                             self.known, state, out, work)
 
     def score_one(self, type_id: int, row: np.ndarray, state: np.ndarray | None = None,
                   out: np.ndarray | None = None) -> np.ndarray:
@@ -489,8 +611,8 @@ class NormalityModel:
         if state is None:
             state = self.new_state()
         _score_rows_kernel(rows, self.cols, self.slot(type_id), self.mean, self.prec4,
-                           self.prec2, self.svar, self.rate, self.valid, self.known,
-                           state, out, scored, np.zeros(32))
+                           self.prec2, self.svar, self.rate, self.cprec, self.slip, self.valid,
+                           self.known, state, out, scored, np.zeros(32))
         return out, scored
 
     # ---- fitting
@@ -513,6 +635,7 @@ class NormalityModel:
         model._fit_pass(videos, centres=None)
         for _ in range(iterations):
             model._fit_pass(videos, centres="stream")
+        model._fit_comb(videos)
         model.training = {
             "types": [int(t) for t in model.types],
             "videos": len(videos),
@@ -655,6 +778,51 @@ class NormalityModel:
                     rate[s, o] = (v.mean(), max(v.var(), 1e-6))
         self.rate = rate
 
+    def _fit_comb(self, videos) -> None:
+        """Cycle-comb statistics. Per cell (type, obstacle state, phase bin): E[d d^T]
+        of the slip-corrected move since the previous cycle (2x2, shrunk towards the
+        (type, state) pool like the other covariances, inverted): it is larger at the
+        corners, where one frame's move is a poor tangent. Per (type, state): mean and
+        variance of the cycle slip, pooled over all frames of all videos of the type,
+        so they include each video's own precession (its scan-frequency offset)."""
+        T, B = len(self.types), self.phase_bins
+        S = np.zeros((T, N_OBSTACLE, B, 2, 2))
+        n = np.zeros((T, N_OBSTACLE, B))
+        sl: list[list[list[np.ndarray]]] = [[[] for _ in range(N_OBSTACLE)] for _ in range(T)]
+        for t, rows in videos:
+            slot = self.slot(t)
+            out = np.zeros((len(rows), 3))
+            valid = np.zeros(len(rows), dtype=np.int64)
+            _comb_rows_kernel(rows, self.cols, self.new_state(), out, valid)
+            ok = self._ok_mask(rows)
+            obs = rows[:, self.columns["OBSTACLE"]]
+            phase = rows[:, self.columns["PHASE"]]
+            for o in range(N_OBSTACLE):
+                sel = ok & (obs == o) & ((valid & 1) != 0)
+                d = out[sel, :2]
+                u = phase[sel] * B / CYCLE_FRAMES - 0.5
+                fl = np.floor(u)
+                b = (fl.astype(np.int64) + (u - fl >= 0.5)) % B  # nearest bin, as scored
+                for i in range(2):
+                    for j in range(2):
+                        S[slot, o, :, i, j] += np.bincount(b, d[:, i] * d[:, j], B)
+                n[slot, o] += np.bincount(b, minlength=B)
+                sl[slot][o].append(out[ok & (obs == o) & ((valid & 2) != 0), 2])
+        ntot = n.sum(axis=2)
+        pooled = S.sum(axis=2) / np.maximum(ntot, 1.0)[:, :, None, None]
+        cov = (S + PRIOR_WEIGHT * pooled[:, :, None]) / (n + PRIOR_WEIGHT)[..., None, None]
+        cov = cov + COV_FLOOR * np.eye(2)
+        cprec = np.linalg.inv(cov)
+        cprec[ntot < MIN_STATE_COUNT] = np.eye(2)
+        slip = np.tile(np.array([0.0, 1.0]), (T, N_OBSTACLE, 1))
+        for s_ in range(T):
+            for o in range(N_OBSTACLE):
+                v = np.concatenate(sl[s_][o]) if sl[s_][o] else np.zeros(0)
+                if len(v) >= MIN_STATE_COUNT:
+                    slip[s_, o] = (v.mean(), max(v.var(), 1e-6))
+        self.cprec = cprec
+        self.slip = slip
+
     def _ok_mask(self, rows: np.ndarray) -> np.ndarray:
         c = self.columns
         obs = rows[:, c["OBSTACLE"]]
@@ -746,8 +914,8 @@ class NormalityModel:
         return model
 
 
-_ARRAYS = ("types", "mean", "cov4", "prec4", "prec2", "svar", "rate", "count", "valid",
-           "known", "raise_thr", "clear_thr", "video_thr")
+_ARRAYS = ("types", "mean", "cov4", "prec4", "prec2", "svar", "rate", "cprec", "slip", "count",
+           "valid", "known", "raise_thr", "clear_thr", "video_thr")
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
