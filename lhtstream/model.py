@@ -75,6 +75,7 @@ CENTRE_TAU = 500.0           # frames; time constant of the running centre
 SPEED_OFFSET = 0.5           # px/frame added before log(speed): bounded score near a stop
 D2_CLIP = 50.0               # per-frame cap so one glitch cannot dominate a smoothed score
 Z_CLIP = 10.0
+SLIP_CLIP = 20.0             # a 3 % frequency step is ~40 sd of the normal cycle slip
 COMB_CLIP = 25.0             # lower cap for the comb: one bad frame alone cannot raise an alarm
 PRIOR_WEIGHT = 5.0           # frames' worth of pooled covariance mixed into each cell
 MIN_CELL_COUNT = 3.0         # a cell with fewer training frames is not judged
@@ -137,11 +138,16 @@ def _cols_array(columns: dict[str, int]) -> np.ndarray:
 S_CX, S_CY, S_N, S_FRAMES, S_PREV, S_LASTOBS, S_SINCE = range(7)
 COMB_LAG = 10                # frames per scan cycle (100 Hz scanner, 1 kHz camera)
 S_RING = 7                   # COMB_LAG x (x, y, obstacle, ok)
-S_SLIPRING = S_RING + 4 * COMB_LAG   # COMB_LAG x (d.v, v.v)
-STATE_SIZE = S_SLIPRING + 2 * COMB_LAG
+S_SLIPRING = S_RING + 4 * COMB_LAG   # COMB_LAG x (d.v, v.v, d.d)
+STATE_SIZE = S_SLIPRING + 3 * COMB_LAG
 TRANSITION_FRAMES = 20
 STALL_SPEED_FRACTION = 0.5   # stall is judged only below this share of the cell's normal speed
-MIN_SLIP_FRAMES = 5          # valid slip terms in the last cycle needed for a slip estimate
+SLIP_FRAMES = 5              # frames whose d the slip is fitted on (half a cycle: fast, and
+MIN_SLIP_FRAMES = 3          # still several directions); valid ones needed for an estimate
+# A slip is a frequency change only when it explains most of the cycle's moves d (a
+# consistent along-track shift); a changed pattern shape moves points every which way.
+SLIP_CONSISTENCY = 0.5       # share of sum(d.d) explained by the slip
+SLIP_OVER_COMB = 3.0         # |z| of a consistent slip above which the comb is left to it
 
 
 @njit(cache=True)
@@ -181,16 +187,17 @@ def _derived(row, cols, out7):
 def _comb_step(row, cols, state, unusable, velocity_ok, obs, in_transition, out3):
     """Advance the cycle comb by one frame (call once per frame, after S_FRAMES += 1).
 
-    out3 = (dx, dy, slip). slip: the least-squares along-track slip of the last
+    out3 = (dx, dy, slip, consistency). slip: the least-squares along-track slip of the last
     cycle's d = p_t - p_{t-COMB_LAG} on the frame moves v, sum(d.v) / sum(v.v)
-    (frames of phase per cycle). (dx, dy): this frame's d minus slip x its move (px).
+    (frames of phase per cycle); consistency: the share of the cycle's sum(d.d) the
+    slip explains (0..1). (dx, dy): this frame's d minus slip x its move (px).
     Returns bit 1 when d is valid (both frames usable, same obstacle state, not just
     after a key frame) and bit 2 when the slip is.
     """
     f = int(state[S_FRAMES]) - 1
     k = f % COMB_LAG
     b = S_RING + 4 * k
-    sb = S_SLIPRING + 2 * k
+    sb = S_SLIPRING + 3 * k
     x = row[cols[C_X]]
     y = row[cols[C_Y]]
     ok_now = (not unusable) and math.isfinite(x) and math.isfinite(y)
@@ -198,8 +205,10 @@ def _comb_step(row, cols, state, unusable, velocity_ok, obs, in_transition, out3
     out3[0] = 0.0
     out3[1] = 0.0
     out3[2] = 0.0
+    out3[3] = 0.0
     state[sb] = 0.0
     state[sb + 1] = 0.0
+    state[sb + 2] = 0.0
     valid = 0
     if ok_now and old_ok and not in_transition:
         dx = x - state[b]
@@ -212,22 +221,27 @@ def _comb_step(row, cols, state, unusable, velocity_ok, obs, in_transition, out3
             vy = row[cols[C_VY]]
             state[sb] = dx * vx + dy * vy
             state[sb + 1] = vx * vx + vy * vy
+            state[sb + 2] = dx * dx + dy * dy
     state[b] = x
     state[b + 1] = y
     state[b + 2] = obs
     state[b + 3] = 1.0 if ok_now else 0.0
     sdv = 0.0
     svv = 0.0
+    sdd = 0.0
     n = 0
-    for j in range(COMB_LAG):
-        vv = state[S_SLIPRING + 2 * j + 1]
+    for back in range(SLIP_FRAMES):
+        j = (k - back) % COMB_LAG
+        vv = state[S_SLIPRING + 3 * j + 1]
         if vv > 0.0:
-            sdv += state[S_SLIPRING + 2 * j]
+            sdv += state[S_SLIPRING + 3 * j]
             svv += vv
+            sdd += state[S_SLIPRING + 3 * j + 2]
             n += 1
     if n >= MIN_SLIP_FRAMES and svv > 0.0:
         sl = sdv / svv
         out3[2] = sl
+        out3[3] = sdv * sdv / (svv * sdd) if sdd > 0.0 else 0.0
         valid |= 2
         if (valid & 1) != 0 and velocity_ok:
             # the cycle's common along-track slip is precession (scan-frequency offset),
@@ -265,7 +279,7 @@ def _frame_flags(row, cols, state):
 
 @njit(cache=True)
 def _comb_rows_kernel(rows, cols, state, out, valid):
-    """Batch form of the comb (for fitting): out (n, 3) = dx, dy, slip; valid bits."""
+    """Batch form of the comb (for fitting): out (n, 4) = dx, dy, slip, consistency."""
     for t in range(rows.shape[0]):
         blank, unusable, after_gap, obs, in_tr = _frame_flags(rows[t], cols, state)
         valid[t] = _comb_step(rows[t], cols, state, unusable,
@@ -294,7 +308,7 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, cprec, slip, 
     out[FREQ] = 0.0
     out[COMB] = 2.0
     out[SLIP] = 0.0
-    comb = work[20:23]
+    comb = work[20:24]
     cv = _comb_step(row, cols, state, unusable, not (unusable or after_gap), obs,
                     in_transition, comb)
     phase = row[cols[C_PHASE]]
@@ -366,15 +380,16 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, cprec, slip, 
     if not math.isfinite(zr):
         zr = 0.0
     out[FREQ] = min(abs(zr), Z_CLIP)
-    if (cv & 1) != 0 and not slow:
+    zl = 0.0
+    if (cv & 2) != 0 and comb[3] >= SLIP_CONSISTENCY:
+        zl = abs(comb[2] - slip[slot, obs, 0]) / math.sqrt(slip[slot, obs, 1])
+        out[SLIP] = min(zl, SLIP_CLIP)
+    if (cv & 1) != 0 and not slow and zl < SLIP_OVER_COMB:
         cp = cprec[slot, obs, near]
         dx = comb[0]
         dy = comb[1]
         d2c = cp[0, 0] * dx * dx + 2.0 * cp[0, 1] * dx * dy + cp[1, 1] * dy * dy
         out[COMB] = min(d2c, COMB_CLIP)
-    if (cv & 2) != 0:
-        zl = (comb[2] - slip[slot, obs, 0]) / math.sqrt(slip[slot, obs, 1])
-        out[SLIP] = min(abs(zl), Z_CLIP)
     return 1
 
 
@@ -791,7 +806,7 @@ class NormalityModel:
         sl: list[list[list[np.ndarray]]] = [[[] for _ in range(N_OBSTACLE)] for _ in range(T)]
         for t, rows in videos:
             slot = self.slot(t)
-            out = np.zeros((len(rows), 3))
+            out = np.zeros((len(rows), 4))
             valid = np.zeros(len(rows), dtype=np.int64)
             _comb_rows_kernel(rows, self.cols, self.new_state(), out, valid)
             ok = self._ok_mask(rows)
