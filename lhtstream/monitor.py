@@ -181,6 +181,9 @@ class Monitor:
         self.alarms = 0
         self.verdicts = 0
         self.latency = LatencyRecorder()
+        # the monitor's own share: received -> done (no transport, no queueing)
+        self.service = LatencyRecorder()
+        self._t_recv = 0
         self.started_ns = time.monotonic_ns()
         self.stop_requested = False
         self._bad_input = RateLimitedLog()
@@ -220,6 +223,7 @@ class Monitor:
                         parts = sub.recv_multipart(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
+                    self._t_recv = time.monotonic_ns()
                     self.handle(parts)
                     if self.stop_requested:
                         break
@@ -352,6 +356,7 @@ class Monitor:
         micros = (done - header["t_ns"]) / 1000.0
         self.latency.record(micros)
         st.latency.record(micros)
+        self.service.record((done - self._t_recv) / 1000.0)
         st.frames += 1
         st.frame = header["frame"]
         self.frames += 1
@@ -442,6 +447,7 @@ class Monitor:
             "alarms": self.alarms,
             "verdicts": self.verdicts,
             "latency_us": self.latency.summary(),
+            "service_us": self.service.summary(),
             "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
             "model": self.model_note,
             "streams": streams,
