@@ -797,8 +797,8 @@ class NormalityModel:
         """Cycle-comb statistics. Per cell (type, obstacle state, phase bin): E[d d^T]
         of the slip-corrected move since the previous cycle (2x2, shrunk towards the
         (type, state) pool like the other covariances, inverted): it is larger at the
-        corners, where one frame's move is a poor tangent. Per (type, state): mean and
-        variance of the cycle slip, pooled over all frames of all videos of the type,
+        corners, where one frame's move is a poor tangent. Per obstacle state: mean and
+        variance of the cycle slip, pooled over all frames of all videos (all types),
         so they include each video's own precession (its scan-frequency offset)."""
         T, B = len(self.types), self.phase_bins
         S = np.zeros((T, N_OBSTACLE, B, 2, 2))
@@ -829,12 +829,14 @@ class NormalityModel:
         cov = cov + COV_FLOOR * np.eye(2)
         cprec = np.linalg.inv(cov)
         cprec[ntot < MIN_STATE_COUNT] = np.eye(2)
+        # The slip's per-video level is the video's own scan-frequency offset, which does
+        # not depend on the workpiece type and which a few videos per type do not sample:
+        # pool it over all types (per obstacle state).
         slip = np.tile(np.array([0.0, 1.0]), (T, N_OBSTACLE, 1))
-        for s_ in range(T):
-            for o in range(N_OBSTACLE):
-                v = np.concatenate(sl[s_][o]) if sl[s_][o] else np.zeros(0)
-                if len(v) >= MIN_STATE_COUNT:
-                    slip[s_, o] = (v.mean(), max(v.var(), 1e-6))
+        for o in range(N_OBSTACLE):
+            v = np.concatenate([a for s_ in range(T) for a in sl[s_][o]] or [np.zeros(0)])
+            if len(v) >= MIN_STATE_COUNT:
+                slip[:, o] = (v.mean(), max(v.var(), 1e-6))
         self.cprec = cprec
         self.slip = slip
 
