@@ -571,17 +571,6 @@ def run_monitor(args: argparse.Namespace) -> int:
     from lhtstream.journal import DEFAULT_JOURNAL, Journal
 
     t0 = time.monotonic()
-    logging.basicConfig(
-        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    make_pipeline, note, model = _pipeline_factory(args)
-    _warm_up(model)
-    t_warm = time.monotonic() - t0
-    journal = Journal(args.journal or DEFAULT_JOURNAL)
-    ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 1000)  # give the last status a second to leave at exit
-    sub = ctx.socket(zmq.SUB)
     monitor: Monitor | None = None
     stop = {"flag": False}
 
@@ -590,8 +579,30 @@ def run_monitor(args: argparse.Namespace) -> int:
         if monitor is not None:
             monitor.stop_requested = True
 
+    # Installed first, so a SIGTERM during the warm-up also ends in a clean exit 0.
     old_int = signal.signal(signal.SIGINT, _on_signal)
     old_term = signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        logging.basicConfig(
+            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+        )
+        make_pipeline, note, model = _pipeline_factory(args)
+        _warm_up(model)
+        t_warm = time.monotonic() - t0
+        journal = None if stop["flag"] else Journal(args.journal or DEFAULT_JOURNAL)
+    except BaseException:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        raise
+    if journal is None:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        log("stopped during start-up")
+        return 0
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 1000)  # give the last status a second to leave at exit
+    sub = ctx.socket(zmq.SUB)
     try:
         try:
             pub.bind(args.publish)
