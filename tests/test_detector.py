@@ -10,7 +10,7 @@ from lhtstream.detector import (
     Detector,
     tail_threshold,
 )
-from lhtstream.model import INT_LOW, N_GROUPS, SENSOR, TRAJ
+from lhtstream.model import COMB, INT_LOW, N_GROUPS, SENSOR, SLIP, TRAJ
 from lhtstream.simulate import ANOMALY_KINDS, SENSOR_KINDS
 
 
@@ -82,3 +82,16 @@ def test_tail_threshold_extrapolates_beyond_the_sample():
     # exponential(1): P(X > t) = exp(-t), so the 1e-7 level is ~16.1
     assert 14.0 < thr < 18.5
     assert thr > v.max()
+
+
+def test_cycle_comb_groups_raise_trajectory_and_frequency():
+    for group, kind in ((COMB, "trajectory"), (SLIP, "frequency")):
+        d = _det()
+        s = _normal()
+        s[COMB] = 2.0
+        for _ in range(30):
+            assert d.step(s, 1) == 0
+        s[group] = 25.0
+        raised = [i for i in range(20) if d.step(s, 1)]
+        assert raised and raised[0] <= 5
+        assert [ALARM_KINDS[k] for k in range(len(ALARM_KINDS)) if d.active[k]] == [kind]

@@ -11,8 +11,10 @@ import pytest
 from lhtstream.dataset import Dataset
 from lhtstream.features import INTENSITY, PEAK, video_features
 from lhtstream.model import (
+    COMB,
     GROUPS,
     INT_HIGH,
+    SLIP,
     TRAJ,
     ModelError,
     NormalityModel,
@@ -62,13 +64,32 @@ def test_noise_on_positions_raises_video_trajectory_score(model):
     noisy_traj = sn[okn == 1, TRAJ].mean()
     assert 1.0 < clean_traj < 4.0  # chi2(2) has mean 2 on normal data
     assert noisy_traj > 2 * clean_traj
+    # the cycle comb (move since the same point one scan cycle earlier) does not depend
+    # on the video's geometry: 0.14 px noise multiplies its chi2(2) level many times
+    clean_comb = sc[ok == 1, COMB].mean()
+    noisy_comb = sn[okn == 1, COMB].mean()
+    assert 1.0 < clean_comb < 4.0
+    assert noisy_comb > 4 * clean_comb
+
+
+def test_frequency_step_shows_as_cycle_slip_not_as_comb_residual(model):
+    from lhtstream.simulate import Anomaly
+
+    v = simulate_video(1, 51, FRAMES, Anomaly("frequency_drift", 1200, 1800, 0.03))
+    rows = video_features(v.image, _obstacles(v.metadata, FRAMES))
+    sc, ok = model.score_rows(1, rows)
+    before = sc[200:1200][ok[200:1200] == 1]
+    after = sc[1220:1260][ok[1220:1260] == 1]  # within 2-6 cycles of the onset
+    assert before[:, SLIP].mean() < 1.0
+    assert after[:, SLIP].mean() > 8.0
+    assert after[:, COMB].mean() < 4.0  # the consistent slip is left to the frequency group
 
 
 def test_arrays_do_not_grow_with_training_size(videos):
     small = NormalityModel.fit(videos[:2] + videos[4:6])
     big = NormalityModel.fit(videos)
     assert big.training["frames"] == 2 * small.training["frames"]
-    for name in ("mean", "cov4", "prec4", "prec2", "svar", "rate", "count"):
+    for name in ("mean", "cov4", "prec4", "prec2", "svar", "rate", "cprec", "slip", "count"):
         assert getattr(small, name).shape == getattr(big, name).shape
 
 
