@@ -29,7 +29,9 @@ Per-frame group scores (`GROUPS`, see `score_one`):
 | spot_size | +z of spread | N(0, 1) |
 | stall | -z of log speed | N(0, 1) |
 | frequency | abs z of rate | half-normal |
-| sensor | 1 for an empty or repeated frame | 0 |
+| cycle_residual | d2 of p_t - p_{t-10} minus the cycle slip (the comb) | chi2(2): mean 2 |
+| cycle_slip | abs z of the consistent along-track slip per cycle | half-normal |
+| sensor | 1 for an all-zero or repeated frame | 0 |
 
 Saved as one `.npz`: arrays plus a JSON header under the key `header`
 (format version, training-data description, feature settings, a SHA-256 of
