@@ -95,7 +95,7 @@ DEFAULT_CLEAR_FRAMES = 10
 FRAMES_PER_HOUR = 3_600_000.0
 TAIL_QUANTILE = 0.99
 # Lowest raise thresholds (smoothed units), for tiny held-out sets.
-THRESHOLD_FLOOR = np.array([6.0, 6.0, 4.0, 4.0, 4.0, 4.0, 4.0, 10.0, 5.0, 0.45])
+THRESHOLD_FLOOR = np.array([6.0, 6.0, 4.0, 4.0, 4.0, 4.0, 6.0, 10.0, 5.0, 0.45])
 # Neutral (normal-expectation) level of each group: where smoothing starts.
 NEUTRAL = np.zeros(N_GROUPS)
 NEUTRAL[TRAJ] = NEUTRAL[MOVE] = NEUTRAL[COMB] = 2.0

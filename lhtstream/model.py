@@ -779,20 +779,19 @@ class NormalityModel:
         self.svar = svar
         self.known = (ntot >= MIN_STATE_COUNT).astype(np.uint8)
         self.valid = ((n3 >= MIN_CELL_COUNT) & (self.known[:, :, None] > 0)).astype(np.uint8)
-        # phase rate per (type, obstacle state)
+        # phase rate per obstacle state (the same for every type)
         rate = np.tile(np.array([1.0, 1e-4]), (T, N_OBSTACLE, 1))
-        rslot = np.concatenate([
-            np.full(int(self._ok_mask(rows).sum()), self.slot(t), dtype=np.int64)
-            for t, rows in videos])
         robs = np.concatenate([
             rows[self._ok_mask(rows), self.columns["OBSTACLE"]].astype(np.int64)
             for _, rows in videos])
-        for s in range(T):
-            for o in range(N_OBSTACLE):
-                v = rate_all[(rslot == s) & (robs == o)]
-                v = v[np.isfinite(v)]
-                if len(v) >= 2:
-                    rate[s, o] = (v.mean(), max(v.var(), 1e-6))
+        # A video's rate is its scanner's frequency offset, not a type property, and a few
+        # videos per type do not sample it: pool over all types (per obstacle state).
+        # Per-type statistics raised 5 false frequency alarms in 400 s of long videos.
+        for o in range(N_OBSTACLE):
+            v = rate_all[robs == o]
+            v = v[np.isfinite(v)]
+            if len(v) >= 2:
+                rate[:, o] = (v.mean(), max(v.var(), 1e-6))
         self.rate = rate
 
     def _fit_comb(self, videos) -> None:
