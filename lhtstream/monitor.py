@@ -38,6 +38,10 @@ DRAIN_BUDGET = 2_000
 """Messages handled per wake-up before the loop looks at the clock again (status, signals)."""
 _POLL_CAP_MS = 100
 """Longest poll: bounds the reaction time to SIGTERM (pyzmq retries polls on EINTR)."""
+RECONNECT_GRACE_S = 0.5
+"""After a frame connection drops, how long libzmq gets to show it is reconnecting by
+itself (it emits CONNECT_RETRIED/DELAYED/CONNECTED at once when it does) before the
+monitor concludes it gave up (a protocol error) and reconnects explicitly."""
 
 
 class MonitorError(LhtstreamError):
@@ -121,6 +125,8 @@ class StreamState:
         # (seq starts again at 0): after RESTART_RUN of them the stream is re-based.
         self._restart_next: int | None = None
         self._restart_run = 0
+        # A publisher (re)starting sends `video start`, then seq 0: that pair re-bases at once.
+        self.video_start_seen = False
 
     RESTART_RUN = 100
 
@@ -193,11 +199,18 @@ class Monitor:
         self.frame_endpoints: set[str] = set()
         self.reconnects = 0
         self.events: Any = None  # PAIR socket of zmq_socket_monitor on `sub`, if watched
+        # endpoint -> monotonic ns by which libzmq must have shown it reconnects by itself
+        self._dropped_at: dict[str, int] = {}
+        self._drained = True  # the last receive found the SUB queue empty
 
     def watch_connections(self, endpoints: Iterable[str]) -> None:
-        """Reconnect these frame endpoints whenever their connection drops."""
+        """Watch these frame endpoints; reconnect one only when libzmq has given up on it."""
+        zmq = self._zmq
         self.frame_endpoints = set(endpoints)
-        self.events = self.sub.get_monitor_socket(self._zmq.EVENT_DISCONNECTED)
+        self.events = self.sub.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED
+            | zmq.EVENT_CONNECTED
+        )
 
     # ------------------------------------------------------------ loop
 
@@ -218,16 +231,22 @@ class Monitor:
                 self._on_socket_events()
             if sub in ready:
                 # Drain what is queued (bounded, so status and signals still get a turn).
+                self._drained = False
                 for _ in range(DRAIN_BUDGET):
                     try:
                         parts = sub.recv_multipart(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
+                        self._drained = True
                         break
                     self._t_recv = time.monotonic_ns()
                     self.handle(parts)
                     if self.stop_requested:
                         break
+            else:
+                self._drained = True
             now = time.monotonic_ns()
+            if self._dropped_at:
+                self._reconnect_abandoned(now)
             if now >= next_status:
                 self.publish_status(now)
                 next_status += interval_ns
@@ -236,12 +255,13 @@ class Monitor:
         self.publish_status(time.monotonic_ns(), final=True)
 
     def _on_socket_events(self) -> None:
-        """Reconnect a frame endpoint after its connection dropped.
+        """Track which frame connections dropped and whether libzmq is reconnecting them.
 
-        libzmq does not reconnect after a *protocol* error — which includes a message
-        part above ZMQ_MAXMSGSIZE — so one oversize message would silence that
-        publisher for good. Disconnecting and connecting again restores it (for an
-        ordinary disconnect it is what libzmq would do anyway).
+        An ordinary disconnect (publisher exited or restarted) needs nothing from us:
+        libzmq retries by itself (CONNECT_RETRIED/DELAYED at once, CONNECTED later) and
+        keeps the pipe, so frames already queued are still delivered. Only after a
+        *protocol* error (e.g. a part above ZMQ_MAXMSGSIZE) does it drop the connection
+        for good, and then no retry event follows the DISCONNECTED one.
         """
         from zmq.utils.monitor import recv_monitor_message
 
@@ -251,16 +271,34 @@ class Monitor:
                 event = recv_monitor_message(self.events, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            endpoint = event["endpoint"].decode() if isinstance(event["endpoint"], bytes) else (
-                str(event["endpoint"])
-            )
+            raw = event["endpoint"]
+            endpoint = raw.decode() if isinstance(raw, bytes) else str(raw)
             if endpoint not in self.frame_endpoints:
                 continue
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._dropped_at[endpoint] = time.monotonic_ns() + int(RECONNECT_GRACE_S * 1e9)
+            else:  # libzmq is reconnecting (or has): leave it alone
+                self._dropped_at.pop(endpoint, None)
+
+    def _reconnect_abandoned(self, now_ns: int) -> None:
+        """Reconnect frame endpoints libzmq gave up on, once the SUB queue is drained.
+
+        Never earlier: an explicit disconnect terminates the endpoint's pipe, discarding
+        frames still queued in it, and a pipe terminated while a multipart message is
+        being read trips libzmq's ``!_more`` assertion in fq.cpp (libzmq #3485/#3663),
+        which aborted the monitor when a ``--rate max`` replay exited.
+        """
+        if not self._drained:
+            return
+        zmq = self._zmq
+        for endpoint, deadline in list(self._dropped_at.items()):
+            if now_ns < deadline:
+                continue
+            del self._dropped_at[endpoint]
             self.reconnects += 1
-            self._gaps(f"connection to {endpoint} dropped (publisher gone, or it sent a "
-                       "message part above the size bound); reconnecting")
+            self._gaps(f"connection to {endpoint} dropped and libzmq did not reconnect "
+                       "(the publisher sent a message part above the size bound?); "
+                       "reconnecting")
             try:
                 self.sub.disconnect(endpoint)
             except zmq.ZMQError:
@@ -315,6 +353,7 @@ class Monitor:
     def _on_video(self, header: dict) -> None:
         st = self._stream(header["stream"])
         if header["event"] == "start":
+            st.video_start_seen = True
             self._start(st, header["video"], header["type"], header["metadata"])
         elif st.video == header["video"]:
             self._end(st)
@@ -326,7 +365,10 @@ class Monitor:
         last = st.last_seq
         if last is not None and seq != last + 1:
             if seq <= last:
-                if not self._maybe_restart(st, seq):
+                if seq == 0 and st.video_start_seen:
+                    log(f"stream {st.name!r}: publisher restarted (video start, then seq 0 "
+                        f"after {last}); following it")
+                elif not self._maybe_restart(st, seq):
                     st.malformed += 1
                     self.malformed += 1
                     self._bad_input(
@@ -343,6 +385,7 @@ class Monitor:
                     self._emit(st.pipeline.note_lost(lost, header))
         st.last_seq = seq
         st._restart_run = 0
+        st.video_start_seen = False
         if st.video != header["video"]:
             # Joined mid-stream or lost the `video start`: start from this frame on.
             self._start(st, header["video"], header["type"], {})

@@ -138,6 +138,52 @@ def test_two_streams_are_kept_apart(procs, data, tmp_path):
     np.testing.assert_array_equal(np.load(dump / "ws2.npy"), np.vstack([b, a]))
 
 
+# ---------------------------------------------------------------- publisher exit
+
+BURST = 2000  # frames per video of the burst data set (2 videos)
+
+
+@pytest.fixture(scope="module")
+def burst_data(tmp_path_factory) -> Path:
+    from lhtstream.simulate import synthesize
+
+    root = tmp_path_factory.mktemp("burst-data")
+    synthesize(root, types=[1], videos_per_type=2, frames=BURST, seed=12)
+    return root
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_max_rate_replay_exiting_with_frames_queued_loses_nothing(
+    procs, burst_data, tmp_path, transport
+):
+    """A --rate max replay outruns the monitor and exits while thousands of frames are still
+    queued in the monitor's SUB socket. Its disconnect must neither abort the monitor (the
+    libzmq `!_more` assertion in fq.cpp, tripped by an explicit disconnect while reading)
+    nor discard the queued frames; a second replay on the same endpoint is followed too
+    (libzmq reconnects by itself, and its seq restarting at 0 is no malformed input)."""
+    frames_ep, pub_ep = endpoints(transport, tmp_path)
+    mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+    sent = 0
+    with Subscriber(pub_ep, ["status"]) as sub:
+        wait_status(sub, lambda s: True)
+        for _round in range(2):
+            replay = procs.cli("replay", burst_data, "--endpoint", frames_ep, "--rate", "max")
+            assert replay.wait(timeout=60) == 0, replay.stderr
+            sent += int(replay.wait_for_stderr(r"(\d+) frames on 1 stream").group(1))
+            status = wait_status(
+                sub, lambda s, n=sent: s["frames"] + s["dropped"] + s["malformed"] >= n
+                or s["errors"], timeout=30,
+            )  # fmt: skip
+            assert mon.returncode is None, mon.stderr
+            assert (status["frames"], status["dropped"]) == (sent, 0), status
+            assert status["malformed"] == 0 and status["errors"] == 0
+            assert status["reconnects"] == 0  # an ordinary disconnect is libzmq's business
+            assert status["streams"]["ws1"]["videos"] == 2 * (_round + 1)
+        assert sent == 2 * 2 * BURST
+        last = final_status(mon, sub)
+    assert last["frames"] == sent
+
+
 # ---------------------------------------------------------------- bad input
 
 
