@@ -119,6 +119,7 @@ class StreamState:
         self.video: str | None = None  # the video the pipeline is in, None between videos
         self.type = 0
         self.frame = -1
+        self.t_ns = 0  # the last handled frame's t_ns: stamps events that carry no frame time
         self.videos = 0
         self.latency = LatencyRecorder(1 << 14)
         # A run of consecutive seqs below last_seq means the publisher restarted
@@ -342,13 +343,13 @@ class Monitor:
         st.video = video
         st.type = type_id
         st.videos += 1
-        self._emit(st.pipeline.start_video(video, type_id, metadata))
+        self._emit(st.pipeline.start_video(video, type_id, metadata), st)
 
     def _end(self, st: StreamState) -> None:
         # clear events for alarms still active, then the verdict
         events = st.pipeline.end_video_events()
         st.video = None
-        self._emit(events)
+        self._emit(events, st)
 
     def _on_video(self, header: dict) -> None:
         st = self._stream(header["stream"])
@@ -382,7 +383,7 @@ class Monitor:
                 self.dropped += lost
                 self._gaps(f"stream {st.name!r}: {lost} frame(s) lost before seq {seq}")
                 if st.video is not None:
-                    self._emit(st.pipeline.note_lost(lost, header))
+                    self._emit(st.pipeline.note_lost(lost, header), st)
         st.last_seq = seq
         st._restart_run = 0
         st.video_start_seen = False
@@ -392,11 +393,13 @@ class Monitor:
         frame = self._protocol.frame_array(message)
         events = st.pipeline.process(frame, header)
         if events:
-            self._emit(events)
+            self._emit(events, st)
         if self.dump_features is not None:
             self._keep_features(st)
         done = time.monotonic_ns()
-        micros = (done - header["t_ns"]) / 1000.0
+        t_ns = header["t_ns"]
+        st.t_ns = t_ns
+        micros = (done - t_ns) / 1000.0
         self.latency.record(micros)
         st.latency.record(micros)
         self.service.record((done - self._t_recv) / 1000.0)
@@ -424,8 +427,13 @@ class Monitor:
 
     # ------------------------------------------------------------ publishing
 
-    def _emit(self, events: Iterable[Any] | None) -> None:
-        """Journal (commit) each event, then publish it."""
+    def _emit(self, events: Iterable[Any] | None, st: StreamState | None = None) -> None:
+        """Journal (commit) each event, then publish it.
+
+        Events without a frame time (the pipeline's end-of-video ``clear`` alarms carry
+        ``t_frame_ns`` 0) get the ``t_ns`` of the stream's last frame, so a consumer
+        computing delivery latency never sees 0.
+        """
         if not events:
             return
         for event in events:
@@ -433,6 +441,11 @@ class Monitor:
             if type(event).__name__ == "Verdict" or "anomalous" in fields:
                 self._publish_verdict(fields)
             else:
+                if not fields.get("t_frame_ns") and st is not None and st.t_ns:
+                    # it refers to the last frame handled (whose index the pipeline, which
+                    # counts frames received, does not know after lost frames)
+                    fields["t_frame_ns"] = st.t_ns
+                    fields["frame"] = st.frame
                 self._publish_alarm(fields)
 
     def _publish_alarm(self, fields: dict[str, Any]) -> None:

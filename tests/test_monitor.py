@@ -352,3 +352,67 @@ def test_alarms_are_journaled_before_publish_and_survive_sigkill(procs, data, tm
     assert out.wait(timeout=30) == 0
     lines = out.stdout.splitlines()
     assert len(lines) == len(seqs) - 1
+
+
+# ---------------------------------------------------------------- event times
+
+
+class _EndClearPipeline:
+    """Stands in for StreamPipeline: one alarm stays active until the video ends, when (like
+    ``end_video_events``) its clear carries no frame time (``t_frame_ns`` 0)."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def start_video(self, video, type_id, metadata=None):
+        self.video, self.type, self.frames = video, type_id, 0
+        return []
+
+    def process(self, frame, header):
+        self.frames += 1
+        return ()
+
+    def note_lost(self, n, header):
+        return ()
+
+    def end_video_events(self):
+        from lhtstream.detector import Alarm, Verdict
+
+        clear = Alarm("ws1", self.video, self.type, self.frames - 1, 0, "trajectory", "clear",
+                      0.5, 1.0, {})
+        return [clear, Verdict("ws1", self.video, self.type, self.frames, 2.0, True, 1,
+                               ["trajectory"])]
+
+    def status(self):
+        return {"mode": "scoring"}
+
+
+class _CapturePub:
+    def __init__(self) -> None:
+        self.sent: list[protocol.Message] = []
+
+    def send_multipart(self, parts) -> None:
+        self.sent.append(protocol.decode(parts))
+
+
+def test_end_of_video_clear_carries_the_last_frames_time(tmp_path):
+    from lhtstream.monitor import Monitor
+
+    pub = _CapturePub()
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        monitor = Monitor(make_pipeline=lambda name: _EndClearPipeline(), journal=journal,
+                          publish=pub, subscribe=None)
+        pixels = np.zeros((16, 22), dtype=np.uint16)
+        t_last = 0
+        for seq in (0, 1, 2, 5):  # seq 3, 4 lost: the pipeline counts 4 frames, last index 5
+            t_last = time.monotonic_ns()
+            monitor.handle(protocol.encode_frame(pixels, stream="ws1", video="0001", type=1,
+                                                 seq=seq, index=seq, t_ns=t_last))
+        monitor.handle(protocol.encode("video", {"stream": "ws1", "video": "0001", "type": 1,
+                                                 "event": "end", "metadata": {}}))
+        (alarm,) = [m.header for m in pub.sent if m.topic == "alarm"]
+        (verdict,) = [m.header for m in pub.sent if m.topic == "verdict"]
+        assert (alarm["state"], alarm["t_frame_ns"], alarm["frame"]) == ("clear", t_last, 5)
+        assert alarm["t_alarm_ns"] >= alarm["t_frame_ns"]
+        assert verdict["t_ns"] >= t_last and verdict["kinds"] == ["trajectory"]
+        assert journal.alarms()[0]["t_frame_ns"] == t_last  # journaled the same
