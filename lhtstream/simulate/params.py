@@ -31,7 +31,7 @@ FREQ_JITTER_TAU_FRAMES = 300.0  # correlation time
 SCANNER_JITTER_PX = 0.04
 # Per-video placement/size variation of the eight inside the ROI.
 VIDEO_OFFSET_PX = 0.6  # centre offset, uniform in +-this, each axis
-VIDEO_AMPLITUDE_REL = 0.015  # std of the relative size of the eight
+VIDEO_AMPLITUDE_REL = 0.010  # std of the relative size of the eight; calibrated, docs/kdeamd.md
 VIDEO_POWER_REL = 0.04  # std of the relative laser power
 VIDEO_SIGMA_REL = 0.03  # std of the relative spot size
 
