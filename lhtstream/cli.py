@@ -241,12 +241,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import zmq
+
     from lhtstream.errors import LhtstreamError
 
     try:
         return int(args.func(args) or 0)
     except (UsageError, LhtstreamError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"lhtstream: error: {exc}", file=sys.stderr)
+        return 2
+    except zmq.ZMQError as exc:  # a bad endpoint, an address in use, ...
+        print(f"lhtstream: error: ZeroMQ: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lhtstream: interrupted", file=sys.stderr)
