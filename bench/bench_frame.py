@@ -49,13 +49,14 @@ def test_model_detector(benchmark, live_video, model, obstacles):
     """Model score + online update + detector for one feature row (what follows features)."""
     from lhtstream.detector import Detector
     from lhtstream.features import video_features
+    from lhtstream.model import N_GROUPS
 
     rows = video_features(np.ascontiguousarray(live_video.image, dtype=np.uint16),
                           obstacles(live_video))
     m = model.copy()
     slot = m.slot(TYPE)
     det = Detector.for_model(m, TYPE)
-    state, scores, work = m.new_state(), np.zeros(8), np.zeros(32)
+    state, scores, work = m.new_state(), np.zeros(N_GROUPS), np.zeros(32)
     nxt = _stepper(len(rows))
 
     def step() -> None:

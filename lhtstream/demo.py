@@ -17,9 +17,11 @@ The cache is ``--cache DIR``, else ``$XDG_CACHE_HOME/lhtstream/demo``, else
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,10 +32,11 @@ import numpy as np
 
 from lhtstream.errors import LhtstreamError
 
-# The demo set. Changing any of these invalidates the cache (the settings are
-# stored next to the data and compared on the next run).
+# The demo set. The cache is keyed on these, the lhtstream version and a fingerprint
+# of the simulator and of the training code (`cache_keys`): change any and the next
+# run rebuilds what is stale.
 SETTINGS: dict[str, Any] = {
-    "version": 1,
+    "version": 2,
     "types": [1, 20],              # no obstacle / one obstacle window
     "train_videos_per_type": 4,
     "train_frames": 3000,
@@ -44,6 +47,12 @@ SETTINGS: dict[str, Any] = {
     "train_seed": 101,
     "live_seed": 202,
 }
+
+INTERRUPTED_EXIT = 130
+"""Exit status after Ctrl-C (128 + SIGINT, the shell convention); 0 after a full run."""
+
+# Modules whose code decides what the trained model contains.
+_TRAINING_MODULES = ("features", "model", "detector", "pipeline")
 
 
 class DemoError(LhtstreamError):
@@ -65,18 +74,76 @@ class Prepared:
     seconds: float
 
 
+def _sources_digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with contextlib.suppress(OSError):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _constants_digest(*modules: Any) -> str:
+    """Digest of the modules' public UPPER_CASE constants as they are now (catches a
+    parameter overridden at run time, which a digest of the source would miss)."""
+    values = {}
+    for mod in modules:
+        for name in sorted(vars(mod)):
+            if name.isupper() and not name.startswith("_"):
+                values[f"{mod.__name__}.{name}"] = repr(getattr(mod, name))
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def cache_keys() -> dict[str, str]:
+    """``{"data": ..., "model": ...}`` hex digests the cached data and model are valid for.
+
+    data: demo `SETTINGS`, lhtstream version, the simulator's source files and the
+    current values of its parameters (``lhtstream.simulate.params``, ``.anomalies``).
+    model: the data key plus the source of the feature, model, detector and pipeline
+    modules (a retrain is cheap; training on stale code is silently wrong).
+    """
+    import importlib
+
+    import lhtstream
+    from lhtstream.simulate import anomalies, params
+
+    package = Path(lhtstream.__file__).parent
+    data = hashlib.sha256(json.dumps({
+        "settings": SETTINGS,
+        "lhtstream": lhtstream.__version__,
+        "simulator_sources": _sources_digest(list((package / "simulate").glob("*.py"))),
+        "simulator_params": _constants_digest(params, anomalies),
+    }, sort_keys=True).encode()).hexdigest()
+    training = [Path(importlib.import_module(f"lhtstream.{m}").__file__)
+                for m in _TRAINING_MODULES]
+    model = hashlib.sha256((data + _sources_digest(training)).encode()).hexdigest()
+    return {"data": data, "model": model}
+
+
 def prepare(cache: Path, quiet: bool = False) -> Prepared:
-    """Synthesise the demo data and train its model into ``cache`` unless already there."""
+    """Synthesise the demo data and train its model into ``cache`` unless still valid there.
+
+    The stamp ``demo-cache.json`` records the `cache_keys` the data and the model were
+    made for. Stale data (settings, version or simulator changed) is re-synthesised and
+    the model retrained; a stale model, or one that no longer loads (e.g. an older
+    model format), is retrained on the cached data.
+    """
     from lhtstream.model import fit_dataset
     from lhtstream.simulate import synthesize
 
     cache = Path(cache)
     train, live, model = cache / "train", cache / "live", cache / "model.npz"
-    stamp = cache / "demo-settings.json"
+    stamp = cache / "demo-cache.json"
     t0 = time.monotonic()
+    keys = cache_keys()
+    old: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
-        if json.loads(stamp.read_text()) == SETTINGS and _loads(model):
-            return Prepared(train, live, model, True, time.monotonic() - t0)
+        loaded = json.loads(stamp.read_text())
+        old = loaded if isinstance(loaded, dict) else {}
+    data_ok = old.get("data") == keys["data"] and train.is_dir() and live.is_dir()
+    model_ok = data_ok and old.get("model") == keys["model"] and _loads(model)
+    if model_ok:
+        return Prepared(train, live, model, True, time.monotonic() - t0)
 
     def say(text: str) -> None:
         if not quiet:
@@ -84,21 +151,25 @@ def prepare(cache: Path, quiet: bool = False) -> Prepared:
 
     s = SETTINGS
     cache.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)
-    for folder in (train, live):
-        shutil.rmtree(folder, ignore_errors=True)
-    say(f"synthesising the demo data set into {cache} (first run only)")
-    synthesize(train, types=s["types"], videos_per_type=s["train_videos_per_type"],
-               frames=s["train_frames"], seed=s["train_seed"])
-    synthesize(live, types=s["types"], videos_per_type=s["live_videos_per_type"],
-               frames=s["live_frames"], anomaly_rate=s["live_anomaly_rate"],
-               anomalies=s["live_anomalies"], seed=s["live_seed"])
-    say("training the normality model on the normal videos")
+    stamp.unlink(missing_ok=True)  # an interrupted rebuild leaves no valid stamp
+    (cache / "demo-settings.json").unlink(missing_ok=True)  # the stamp of older versions
+    if not data_ok:
+        for folder in (train, live):
+            shutil.rmtree(folder, ignore_errors=True)
+        say(f"synthesising the demo data set into {cache}"
+            + (" (simulator, settings or version changed)" if old else " (first run only)"))
+        synthesize(train, types=s["types"], videos_per_type=s["train_videos_per_type"],
+                   frames=s["train_frames"], seed=s["train_seed"])
+        synthesize(live, types=s["types"], videos_per_type=s["live_videos_per_type"],
+                   frames=s["live_frames"], anomaly_rate=s["live_anomaly_rate"],
+                   anomalies=s["live_anomalies"], seed=s["live_seed"])
+    say("training the normality model on the normal videos"
+        + ("" if not data_ok else " (the cached model is stale or does not load)"))
     fitted = fit_dataset(train)
     tmp = cache / "model.part.npz"
     fitted.save(tmp)
     os.replace(tmp, model)
-    stamp.write_text(json.dumps(SETTINGS, indent=1))
+    stamp.write_text(json.dumps({**keys, "settings": SETTINGS}, indent=1))
     return Prepared(train, live, model, False, time.monotonic() - t0)
 
 
@@ -117,66 +188,116 @@ def _loads(model: Path) -> bool:
 
 
 def _match(labels: dict, alarms: list[dict], verdicts: list[dict]) -> list[dict[str, Any]]:
-    """One row per live video: the injected fault, the first alarm raised at/after it, verdict."""
+    """One row per video: the injected fault against the alarms raised on it.
+
+    A fault is *detected* by the first raise of its expected kind
+    (`detector.ALARM_KIND_FOR_ANOMALY`) at or after its onset; the delay is in
+    frames. *False alarms* are raises on a normal video, and raises before the
+    onset in a faulty one. Raises of other kinds after the onset are listed as
+    ``other`` (a fault often disturbs more than one feature). Frames are the
+    video's frame indices.
+    """
     from lhtstream.detector import ALARM_KIND_FOR_ANOMALY
 
     by_video: dict[tuple[int, str], list[dict]] = {}
     for a in alarms:
-        if a.get("state") == "raise":
-            by_video.setdefault((a["type"], a["video"]), []).append(a)
+        by_video.setdefault((a["type"], a["video"]), []).append(a)
     verdict = {(v["type"], v["video"]): v for v in verdicts}
     rows = []
     for key in sorted(labels):
         label = labels[key]
-        raised = sorted(by_video.get(key, []), key=lambda a: a["frame"])
-        onset = label.onset_frame if label.kind != "normal" else None
-        first = None
-        if onset is not None:
-            first = next((a for a in raised if a["frame"] >= onset), None)
+        events = sorted(by_video.get(key, []), key=lambda a: a["frame"])
+        raised = [a for a in events if a.get("state") == "raise"]
+        normal = label.kind == "normal"
+        onset = None if normal else label.onset_frame
+        expected = None if normal else ALARM_KIND_FOR_ANOMALY.get(label.kind)
+        false, other, hit = [], [], None
+        for a in raised:
+            if onset is None or a["frame"] < onset:
+                false.append(a)
+            elif hit is None and a["kind"] == expected:
+                hit = a
+            else:
+                other.append(a)
+        # an alarm of the expected kind raised early and still active at the onset
+        # covers the fault, but it is a false alarm, not a detection
+        active_at_onset = None
+        if onset is not None and hit is None:
+            for a in events:
+                if a["kind"] != expected or a["frame"] >= onset:
+                    continue
+                active_at_onset = a if a["state"] == "raise" else None
         v = verdict.get(key)
         rows.append({
             "type": key[0], "video": key[1], "fault": label.kind, "onset": onset,
-            "expected_kind": ALARM_KIND_FOR_ANOMALY.get(label.kind),
-            "alarms": [(a["kind"], a["frame"]) for a in raised],
-            "detected_kind": None if first is None else first["kind"],
-            "delay_frames": None if first is None else first["frame"] - onset,
-            "false_alarms_before_onset": sum(1 for a in raised
-                                             if onset is None or a["frame"] < onset),
+            "expected_kind": expected,
+            "detected_kind": None if hit is None else hit["kind"],
+            "delay_frames": None if hit is None else hit["frame"] - onset,
+            "active_at_onset_frame": None if active_at_onset is None
+            else active_at_onset["frame"],
+            "false_alarms": [(a["kind"], a["frame"], round(float(a["score"]), 3))
+                             for a in false],
+            "other_alarms": [(a["kind"], a["frame"] - onset) for a in other],
             "verdict": None if v is None else ("ANOMALOUS" if v["anomalous"] else "normal"),
         })
     return rows
 
 
-def format_summary(rows: list[dict], latency: dict, frames: int, lost: int) -> str:
-    lines = ["", "video        injected fault (onset)           first alarm after onset"
-             "          verdict"]
+def format_summary(rows: list[dict], latency: dict, frames: int, lost: int,
+                   partial: bool = False) -> str:
+    """The end-of-demo table: per video the fault, its alarm and delay, false alarms."""
+    head = (f"{'video':<12} {'injected fault (onset frame)':<30} {'alarm of the expected kind':<30}"
+            f" {'false alarms (kind@frame)':<30} verdict")
+    lines = ["", "partial summary (interrupted): the videos streamed so far" if partial else "",
+             head]
     for r in rows:
-        fault = "none" if r["fault"] == "normal" else f"{r['fault']} (frame {r['onset']})"
+        name = f"Type{r['type']}/{r['video']}"
         if r["fault"] == "normal":
-            got = ("no alarm" if not r["alarms"]
-                   else f"{len(r['alarms'])} alarm(s): " + ", ".join(k for k, _ in r["alarms"]))
-        elif r["detected_kind"] is None:
-            got = "MISSED"
+            fault, got = "none", "-"
         else:
-            got = f"{r['detected_kind']} after {r['delay_frames']} frames"
-        lines.append(f"Type{r['type']}/{r['video']}  {fault:<33} {got:<32} {r['verdict'] or '-'}")
+            fault = f"{r['fault']} ({r['onset']})"
+            if r["detected_kind"] is not None:
+                got = f"{r['detected_kind']} after {r['delay_frames']} frames"
+            elif r["active_at_onset_frame"] is not None:
+                got = f"{r['expected_kind']} active since {r['active_at_onset_frame']}"
+            else:
+                got = f"MISSED ({r['expected_kind']})"
+        fa = ", ".join(f"{k}@{f}" for k, f, _ in r["false_alarms"]) or "none"
+        lines.append(f"{name:<12} {fault:<30} {got:<30} {fa:<30} {r['verdict'] or '-'}")
+        if r["other_alarms"]:
+            kinds: dict[str, list[int]] = {}
+            for k, d in r["other_alarms"]:
+                kinds.setdefault(k, []).append(d)
+            lines.append(f"{'':<12} also raised after the onset: " + ", ".join(
+                f"{k} +{d[0]}" + (f" (x{len(d)})" if len(d) > 1 else "")
+                for k, d in kinds.items()))
     faults = [r for r in rows if r["fault"] != "normal"]
     found = [r for r in faults if r["detected_kind"] is not None]
-    false = sum(r["false_alarms_before_onset"] for r in rows)
-    lines.append(f"\ninjected faults: {len(faults)}, alarmed: {len(found)}; "
-                 f"alarms on normal footage: {false}")
+    on_normal = sum(len(r["false_alarms"]) for r in rows if r["fault"] == "normal")
+    before = sum(len(r["false_alarms"]) for r in faults)
+    delays = sorted(r["delay_frames"] for r in found)
+    lines.append(
+        f"\ninjected faults: {len(faults)}, alarmed with the expected kind: {len(found)}"
+        + (f" (delay {delays[0]}..{delays[-1]} frames)" if delays else "")
+        + f"; false alarms: {on_normal + before} ({on_normal} on normal videos, "
+        f"{before} before a fault's onset)")
     lat = latency
     lines.append(f"frames handled: {frames:,}, lost: {lost}; per-frame handling latency (us): "
                  f"p50 {lat.get('p50')}  p99 {lat.get('p99')}  p99.9 {lat.get('p999')}  "
                  f"max {lat.get('max')}")
-    return "\n".join(lines)
+    return "\n".join(line for i, line in enumerate(lines) if line or i == 0)
 
 
 # ---------------------------------------------------------------- run
 
 
 def run_demo(args: Any) -> int:
-    """CLI handler for ``lhtstream demo [--cache DIR] [--seconds S]``."""
+    """CLI handler for ``lhtstream demo [--cache DIR] [--seconds S]``.
+
+    Returns 0 after a full run. Ctrl-C (SIGINT) stops the replay, then the
+    monitor, removes the temp folder with the ipc sockets, prints a partial
+    summary and returns `INTERRUPTED_EXIT` (130).
+    """
     import msgpack
     import zmq
 
@@ -212,6 +333,8 @@ def run_demo(args: Any) -> int:
     verdicts: list[dict] = []
     status: dict = {}
     interrupted = False
+    streaming = False
+    codes: dict[str, int | None] = {}
     try:
         monitor = Child(monitor_args(frames_ep, publish_ep, prepared.model,
                                      folder / "journal.sqlite", latency_log, 0.5), "monitor")
@@ -250,6 +373,12 @@ def run_demo(args: Any) -> int:
                         verdicts.append(header)
                     elif parts[0] == b"status":
                         status = header
+                        if not streaming and status.get("frames", 0) > 0:
+                            streaming = True
+                            if tty:
+                                print("\r\033[K", end="")
+                            print("demo: frames are flowing through the monitor "
+                                  "(Ctrl-C stops cleanly)", flush=True)
             now = time.monotonic()
             if tty and now - last_line > 0.25:
                 last_line = now
@@ -270,32 +399,43 @@ def run_demo(args: Any) -> int:
             print("\r\033[K", end="")
     except KeyboardInterrupt:
         interrupted = True
-        print("\ndemo: interrupted; stopping the replay and the monitor", file=sys.stderr)
+        if tty:
+            print("\r\033[K", end="")
+        print("demo: interrupted; stopping the replay and the monitor", file=sys.stderr,
+              flush=True)
     finally:
-        codes = {c.name: c.stop() for c in reversed(children)}  # replay first, then monitor
-        sub.close(0)
-        ctx.term()
+        # A second Ctrl-C must not abandon the children half-stopped: ignore SIGINT
+        # while stopping them (each stop is bounded: SIGTERM, then SIGKILL after 5 s).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for c in reversed(children):  # replay first, then the monitor
+                codes[c.name] = c.stop(timeout=5.0)
+            sub.close(0)
+            ctx.term()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     try:
-        sent = parse_replay(children[1].text())[0] if len(children) > 1 else 0
+        sent = 0
+        with contextlib.suppress(LhtstreamError):  # a replay stopped before it began
+            sent = parse_replay(children[1].text())[0] if len(children) > 1 else 0
         lat = (np.load(latency_log, allow_pickle=False) if latency_log.exists()
                else np.zeros(0))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if interrupted:
-        print(f"demo: stopped (children exit codes {codes})", file=sys.stderr)
-        return 130
-    if any(code != 0 for code in codes.values()):
+    if not interrupted and any(code != 0 for code in codes.values()):
         raise DemoError(f"child process failed (exit codes {codes}):\n"
                         + "\n".join(c.text()[-1500:] for c in children))
-    # With --seconds only the videos that were (partly) streamed are summarised.
+    # With --seconds or after Ctrl-C only the videos that were (partly) streamed
+    # are summarised.
     seen = {(v["type"], v["video"]) for v in verdicts} | {(a["type"], a["video"]) for a in alarms}
     for st in (status.get("streams") or {}).values():
         if st.get("video") is not None:
             seen.add((st.get("type"), st.get("video")))
-    shown = {k: v for k, v in labels.items() if k in seen} if seconds else labels
+    shown = {k: v for k, v in labels.items() if k in seen} if (seconds or interrupted) else labels
     rows = _match(shown, alarms, verdicts)
     print(format_summary(rows, percentiles(lat, LAT_QS), int(lat.size),
-                         max(sent - int(lat.size), 0)))
-    print(f"demo: done in {time.monotonic() - t_start:.1f} s; replay and monitor stopped "
-          f"(exit codes {codes['replay']}, {codes['monitor']})", flush=True)
-    return 0
+                         max(sent - int(lat.size), 0), partial=interrupted))
+    ended = "interrupted after" if interrupted else "done in"
+    print(f"demo: {ended} {time.monotonic() - t_start:.1f} s; replay and monitor stopped "
+          f"(exit codes {codes.get('replay')}, {codes.get('monitor')})", flush=True)
+    return INTERRUPTED_EXIT if interrupted else 0
