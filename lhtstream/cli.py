@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lhtstream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="synthesise, train, replay and monitor: the whole system in one run")
+    p = sub.add_parser("demo", help="synthesise, train, replay and monitor: the whole system in one run",
+                       epilog="Exit status: 0 after a full run; 130 after Ctrl-C, which stops the replay and the "
+                              "monitor, removes their sockets and prints a partial summary.")
     p.add_argument("--cache", default=None, help="folder for the demo data set and model (default: user cache)")
     p.add_argument("--seconds", type=float, default=None, help="seconds of footage to stream (default: the demo set)")
     p.set_defaults(func=cmd_demo)

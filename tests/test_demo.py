@@ -4,7 +4,9 @@ works against a real PUB, the Quick start and the option reference match the CLI
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -38,10 +40,11 @@ def test_demo_reports_injected_faults_and_leaves_no_process(tmp_path):
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
     # 5 s of footage: Type1/0001 (normal) and Type1/0002 with its power drop at frame ~1560
-    assert re.search(r"Type1/0002\s+power_drop \(frame \d+\)\s+intensity_low after \d+ frames",
+    assert re.search(r"Type1/0002\s+power_drop \(\d+\)\s+intensity_low after \d+ frames",
                      out), out
-    assert re.search(r"Type1/0001\s+none", out), out
+    assert re.search(r"Type1/0001\s+none\s+-\s+none\s+normal", out), out
     assert re.search(r"frames handled: [\d,]+, lost: 0;", out), out
+    assert "alarms on normal footage" not in out
     assert (cache / "model.npz").is_file()
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
     assert len(pids) == 2, out
@@ -53,6 +56,89 @@ def test_demo_reports_injected_faults_and_leaves_no_process(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused from" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """The demo's data and model, prepared once in-process (what the first run does)."""
+    from lhtstream.demo import prepare
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    prepare(cache, quiet=True)
+    return cache
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_stops_children_and_exits_130(demo_cache):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lhtstream.cli", "demo", "--cache", str(demo_cache)],
+        env=_child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("frames are flowing" in line for line in lines):
+            assert proc.poll() is None, "".join(lines) + proc.stderr.read()
+            assert time.monotonic() < deadline, "demo never started streaming:\n" + "".join(lines)
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        t0 = time.monotonic()
+        proc.wait(timeout=15)
+        elapsed = time.monotonic() - t0
+        reader.join(timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 130, out + proc.stderr.read()
+    assert elapsed < 8.0, f"demo took {elapsed:.1f} s to stop after SIGINT"
+    assert "partial summary" in out, out
+    handled = re.search(r"frames handled: ([\d,]+)", out)
+    assert handled and int(handled[1].replace(",", "")) > 0, out
+    assert re.search(r"Type1/0001\s+none", out), out  # the first video was summarised
+    pids = {name: int(pid) for name, pid in re.findall(r"demo: (monitor|replay) pid (\d+)", out)}
+    assert set(pids) == {"monitor", "replay"}, out
+    assert not [p for p in pids.values() if _alive(p)], f"children left running: {pids}"
+    folder = Path(re.search(r"over ipc://(\S+)/frames", out)[1])
+    assert not folder.exists() or not any(p.is_socket() for p in folder.iterdir()), \
+        f"ipc sockets left in {folder}"
+
+
+def test_demo_cache_is_rebuilt_when_stale(tmp_path, monkeypatch):
+    from lhtstream import demo
+    from lhtstream.model import NormalityModel
+    from lhtstream.simulate import params
+
+    # a smaller set keeps this fast; changing SETTINGS is itself a cache change
+    monkeypatch.setitem(demo.SETTINGS, "train_videos_per_type", 3)
+    monkeypatch.setitem(demo.SETTINGS, "train_frames", 1500)
+    monkeypatch.setitem(demo.SETTINGS, "live_videos_per_type", 1)
+    monkeypatch.setitem(demo.SETTINGS, "live_frames", 600)
+    monkeypatch.setitem(demo.SETTINGS, "types", [1])
+    cache = tmp_path / "cache"
+    assert not demo.prepare(cache, quiet=True).reused
+    video = cache / "live" / "Type1" / "0001.npz"
+    first = video.read_bytes()
+    assert demo.prepare(cache, quiet=True).reused
+
+    # a model that no longer loads (e.g. an older format) is retrained, data kept
+    (cache / "model.npz").write_bytes(b"not a model")
+    mtime = video.stat().st_mtime_ns
+    assert not demo.prepare(cache, quiet=True).reused
+    assert video.stat().st_mtime_ns == mtime
+    NormalityModel.load(cache / "model.npz")  # the retrained one loads
+    assert demo.prepare(cache, quiet=True).reused
+
+    # a recalibrated simulator parameter makes the cached videos stale
+    monkeypatch.setattr(params, "VIDEO_AMPLITUDE_REL", params.VIDEO_AMPLITUDE_REL * 1.5)
+    assert not demo.prepare(cache, quiet=True).reused
+    assert video.read_bytes() != first
+    assert demo.prepare(cache, quiet=True).reused
 
 
 def _section(title: str) -> str:

@@ -1,0 +1,67 @@
+"""The benchmark's pure logic: percentile summaries, the budget check, and parsing
+the replay's exit lines (a format the benchmark depends on but does not own).
+No timing is asserted here; that is what `lhtstream bench` is for."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.processes import _child_env
+
+
+def test_percentiles_of_known_values():
+    from lhtstream.benchmark import LAT_QS, percentiles
+
+    # 1..1000: linear interpolation puts p50 at 500.5, p99 at 990.01, p99.9 at 999.001
+    out = percentiles(np.arange(1, 1001, dtype=float), LAT_QS)
+    assert out == {"p50": 500.5, "p99": 990.0, "p999": 999.0, "max": 1000.0}
+    assert percentiles(np.array([7.0]), LAT_QS) == {"p50": 7.0, "p99": 7.0, "p999": 7.0,
+                                                    "max": 7.0}
+    assert percentiles(np.zeros(0), LAT_QS) == {"p50": None, "p99": None, "p999": None,
+                                                "max": None}
+
+
+def _result(**over):
+    r = {"transport": "ipc", "streams": 1, "frames_lost": 0, "frames_processed": 5000,
+         "latency_us": {"p50": 200.0, "p99": 600.0, "p999": 999.9, "max": 4000.0}}
+    r.update(over)
+    return r
+
+
+def test_check_endtoend_flags_loss_and_the_p999_budget():
+    from lhtstream.benchmark import check_endtoend
+
+    assert check_endtoend(_result()) == []
+    assert len(check_endtoend(_result(frames_lost=3))) == 1
+    assert len(check_endtoend(_result(frames_processed=0,
+                                      latency_us={"p50": None, "p99": None, "p999": None,
+                                                  "max": None}))) == 2
+    over = check_endtoend(_result(latency_us={"p50": 1, "p99": 2, "p999": 1000.0, "max": 3}))
+    assert len(over) == 1 and "p99.9" in over[0]
+
+
+def test_parse_replay_reads_the_real_replay_exit_lines(tiny_dataset):
+    from lhtstream.benchmark import parse_replay
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lhtstream.cli", "replay", str(tiny_dataset), "--endpoint",
+         "tcp://127.0.0.1:0", "--rate", "2000", "--wait-subscribers", "0"],
+        env=_child_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sent, jitter, seconds = parse_replay(proc.stderr + proc.stdout)
+    assert sent == 2 * 300  # tiny_dataset: 2 videos x 300 frames
+    assert jitter is not None and set(jitter) == {"p50", "p99", "max"}
+    assert 0 <= jitter["p50"] <= jitter["p99"] <= jitter["max"]
+    assert seconds is not None and seconds > 0
+
+
+def test_parse_replay_without_a_summary_is_an_error():
+    from lhtstream.benchmark import BenchError, parse_replay
+
+    with pytest.raises(BenchError, match="no summary line"):
+        parse_replay("replay: bound tcp://127.0.0.1:5555\n")
