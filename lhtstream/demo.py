@@ -38,7 +38,10 @@ from lhtstream.errors import LhtstreamError
 SETTINGS: dict[str, Any] = {
     "version": 2,
     "types": [1, 20],              # no obstacle / one obstacle window
-    "train_videos_per_type": 4,
+    # 8, not 4: with 4 normal videos per type the per-video laser-power spread is
+    # under-sampled and two live Type20 videos (power 7-10 % under the lowest training
+    # video) raised intensity_low from their first scored frame, long before any fault
+    "train_videos_per_type": 8,
     "train_frames": 3000,
     "live_videos_per_type": 3,
     "live_frames": 3000,
@@ -352,7 +355,8 @@ def run_demo(args: Any) -> int:
         # --seconds: stop the replay that long after it starts (it joins within ~1 s)
         deadline = None if not seconds else time.monotonic() + 1.0 + float(seconds)
         last_line = 0.0
-        replay_done_at = None
+        replay_done_at: float | None = None
+        replay_sent: int | None = None
         while True:
             if sub.poll(100):
                 while True:
@@ -391,7 +395,15 @@ def run_demo(args: Any) -> int:
                 replay.stop()
             if replay.popen.poll() is not None:
                 replay_done_at = replay_done_at or now
-                if len(verdicts) >= n_videos or now - replay_done_at > 5.0:
+                if replay_sent is None:  # its last lines may still be in the pipe
+                    with contextlib.suppress(LhtstreamError):
+                        replay_sent = parse_replay(replay.text())[0]
+                # done when every verdict came, or (--seconds: the last video gets
+                # none) every frame sent was handled and a status interval passed
+                handled = status.get("frames", 0) + status.get("dropped", 0)
+                if (len(verdicts) >= n_videos or now - replay_done_at > 5.0
+                        or (replay_sent is not None and handled >= replay_sent
+                            and now - replay_done_at > 0.6)):
                     break
             if monitor.popen.poll() is not None:
                 raise DemoError(f"the monitor exited early:\n{monitor.text()[-2000:]}")
