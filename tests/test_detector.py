@@ -10,7 +10,7 @@ from lhtstream.detector import (
     Detector,
     tail_threshold,
 )
-from lhtstream.model import COMB, INT_LOW, N_GROUPS, SENSOR, SLIP, TRAJ
+from lhtstream.model import COMB, INT_LOW, MOVE, N_GROUPS, SENSOR, SLIP, TRAJ
 from lhtstream.simulate import ANOMALY_KINDS, SENSOR_KINDS
 
 
@@ -95,3 +95,56 @@ def test_cycle_comb_groups_raise_trajectory_and_frequency():
         raised = [i for i in range(20) if d.step(s, 1)]
         assert raised and raised[0] <= 5
         assert [ALARM_KINDS[k] for k in range(len(ALARM_KINDS)) if d.active[k]] == [kind]
+
+
+def test_verdict_score_is_largest_evidence_relative_to_its_threshold():
+    # a group held below its raise threshold (5): score = level / threshold < 1
+    d = _det()
+    s = _normal()
+    s[INT_LOW] = 4.0
+    for _ in range(200):
+        d.step(s, 1)
+    assert abs(d.video_score - 0.8) < 1e-6 and not d.anomalous()
+    # above it: an alarm, and the score says by how much (peak 6 / 5)
+    s[INT_LOW] = 6.0
+    for _ in range(200):
+        d.step(s, 1)
+    assert abs(d.video_score - 1.2) < 1e-6 and d.anomalous() and d.process_alarms == 1
+    s[INT_LOW] = 0.0
+    for _ in range(200):
+        d.step(s, 1)
+    assert abs(d.video_score - 1.2) < 1e-6  # the peak is remembered to the end of the video
+
+
+def test_verdict_mean_statistic_relative_to_video_threshold_not_trajectory_peaks():
+    d = _det()  # video threshold 1.0, raise thresholds 5
+    s = _normal()
+    s[TRAJ] = s[MOVE] = 2.75  # mean excess (2.75 + 2.75 - 4) = 1.5 per frame
+    for _ in range(300):
+        d.step(s, 1)
+    assert abs(d.video_score - 1.5) < 1e-6 and d.anomalous()
+    # a brief trajectory burst past its raise threshold is trajectory evidence through the
+    # mean only (its peaks follow the video's pattern size)
+    d = _det()
+    s = _normal()
+    for i in range(1000):
+        s[TRAJ] = 40.0 if i < 20 else 2.0
+        d.step(s, 1)
+    assert d.peak[TRAJ] > 1.0
+    assert abs(d.video_score - (38.0 * 20 / 1000)) < 1e-6
+
+
+def test_sensor_fault_makes_the_verdict_anomalous_without_process_alarm():
+    d = _det()
+    s = _normal()
+    for _ in range(100):
+        d.step(s, 1)
+    assert d.video_score < 1.0 and not d.anomalous()
+    s[SENSOR] = 1.0
+    for _ in range(5):  # five blank frames
+        d.step(s, 0)
+    assert d.process_alarms == 0 and d.active[ALARM_KINDS.index("sensor")] == 1
+    assert d.video_score > 1.0 and d.anomalous()
+    d = _det()
+    d.lost(3)  # frames lost in transport count the same way
+    assert d.video_score >= 1.0 / 0.45 - 1e-9 and d.anomalous()

@@ -36,6 +36,13 @@ def model():
     return m
 
 
+@pytest.fixture(scope="module")
+def normal_verdicts(model) -> list:
+    pipe = StreamPipeline("ws1", model)
+    return [(seed, _run(pipe, simulate_video(TYPE, seed, FRAMES), f"{seed}"))
+            for seed in (200, 201, 202)]
+
+
 def _run(pipe: StreamPipeline, v, name: str) -> list:
     obs = _obstacles(v.metadata, len(v.image))
     events = list(pipe.start_video(name, TYPE, v.metadata))
@@ -48,7 +55,7 @@ def _run(pipe: StreamPipeline, v, name: str) -> list:
 
 
 @pytest.mark.parametrize("kind", ANOMALY_KINDS)
-def test_fault_raises_alarm_of_its_kind_after_onset(model, kind):
+def test_fault_raises_alarm_of_its_kind_after_onset(model, normal_verdicts, kind):
     v = simulate_video(TYPE, 900, FRAMES, kind)
     _, onset, end, _ = v.label
     events = _run(StreamPipeline("ws1", model), v, "0900")
@@ -59,8 +66,13 @@ def test_fault_raises_alarm_of_its_kind_after_onset(model, kind):
     assert not [a for a in raises if a.frame < onset], "alarm before the fault started"
     verdict = events[-1]
     assert isinstance(verdict, Verdict) and want in verdict.kinds
-    # a sensor fault says nothing about the workpiece: only process faults condemn it
-    assert verdict.anomalous == (want != "sensor")
+    # every fault, sensor included, scores above the normal videos of its type and past
+    # the threshold (1.0): footage with camera faults does not verify a workpiece as good
+    assert verdict.score > max(events[-1].score for _, events in normal_verdicts)
+    assert verdict.score > 1.0 and verdict.anomalous
+    if want == "sensor":
+        # ... but the verdict says it was the camera, not the process
+        assert verdict.kinds == ["sensor"]
     # every kind within two scan cycles (the cycle comb sees position noise, shrink,
     # misplaced patterns and frequency steps regardless of the video's geometry)
     assert min(hits) - onset <= 20, f"{kind}: first {want} alarm {min(hits) - onset} late"
@@ -72,13 +84,11 @@ def test_fault_raises_alarm_of_its_kind_after_onset(model, kind):
         assert min((a.frame, a.kind) for a in raises if a.frame >= onset)[1] == want
 
 
-def test_normal_videos_raise_nothing_and_verdict_is_normal(model):
-    pipe = StreamPipeline("ws1", model)
-    for seed in (200, 201, 202):
-        v = simulate_video(TYPE, seed, FRAMES)
-        events = _run(pipe, v, f"{seed}")
+def test_normal_videos_raise_nothing_and_verdict_is_normal(normal_verdicts):
+    for _seed, events in normal_verdicts:
         assert [e for e in events if isinstance(e, Alarm)] == []
         assert len(events) == 1 and not events[0].anomalous and events[0].frames == FRAMES
+        assert 0.0 <= events[0].score < 1.0  # below every threshold
 
 
 def test_streaming_equals_batch_and_no_event_is_a_shared_tuple(model):
@@ -118,6 +128,8 @@ def test_lost_frames_give_a_sensor_alarm(model):
     pipe.start_video("x", TYPE)
     ev = pipe.note_lost(5, {"video": "x", "type": TYPE, "frame": 10, "t_ns": 7})
     assert len(ev) == 1 and ev[0].kind == "sensor" and ev[0].features["lost"] == 5.0
+    verdict = pipe.end_video()
+    assert verdict.anomalous and verdict.score > 1.0 and verdict.kinds == ["sensor"]
 
 
 def test_self_calibration_without_model_then_scores(caplog):
