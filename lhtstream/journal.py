@@ -27,7 +27,8 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,18 @@ class Journal:
         (top,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM alarms").fetchone()
         return int(top) + 1
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for the appends inside: one commit (~0.2 ms) instead of one per
+        row, for the several events a single frame or video end can raise."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def append_alarm(self, fields: Mapping[str, Any]) -> int:
         """Commit one alarm and return its ``seq``; call this before publishing the alarm.
 
@@ -207,7 +220,7 @@ class Journal:
                 features,
             ),
         )  # fmt: skip
-        # Autocommit mode: the INSERT is its own committed transaction when execute returns.
+        # Autocommit mode (outside `batch`): the INSERT is committed when execute returns.
         return int(cur.lastrowid)
 
     def append_verdict(self, fields: Mapping[str, Any]) -> int:
