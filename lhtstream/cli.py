@@ -151,53 +151,142 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lhtstream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="synthesise, train, replay and monitor: the whole system in one run",
-                       epilog="Exit status: 0 after a full run; 130 after Ctrl-C, which stops the replay and the "
-                              "monitor, removes their sockets and prints a partial summary.")
-    p.add_argument("--cache", default=None, help="folder for the demo data set and model (default: user cache)")
-    p.add_argument("--seconds", type=float, default=None, help="seconds of footage to stream (default: the demo set)")
+    p = sub.add_parser(
+        "demo",
+        help="synthesise, train, replay and monitor: the whole system in one run",
+        epilog="Exit status: 0 after a full run; 130 after Ctrl-C, which stops the replay and the "
+        "monitor, removes their sockets and prints a partial summary.",
+    )
+    p.add_argument(
+        "--cache", default=None, help="folder for the demo data set and model (default: user cache)"
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds of footage to stream (default: the demo set)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="write a synthetic data set in the published format")
     p.add_argument("out", help="output folder (created); TypeN/ folders and labels.csv go inside")
-    p.add_argument("--types", default=None, help="types to generate, e.g. 1,5,20-36 (default: all 36)")
-    p.add_argument("--videos-per-type", type=int, default=None, help="videos per type (default: small set)")
+    p.add_argument(
+        "--types", default=None, help="types to generate, e.g. 1,5,20-36 (default: all 36)"
+    )
+    p.add_argument(
+        "--videos-per-type", type=int, default=None, help="videos per type (default: small set)"
+    )
     p.add_argument("--frames", type=int, default=None, help="frames per video (1 frame = 1 ms)")
-    p.add_argument("--anomaly-rate", type=float, default=0.0, help="fraction of videos with an injected fault")
-    p.add_argument("--anomalies", default=None, help="fault kinds to draw from, comma-separated (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same arguments and seed give identical files")
-    p.add_argument("--full", action="store_true", help="the real data set's size: 4223 videos, ~63 M frames, tens of GB")
+    p.add_argument(
+        "--anomaly-rate", type=float, default=0.0, help="fraction of videos with an injected fault"
+    )
+    p.add_argument(
+        "--anomalies", default=None, help="fault kinds to draw from, comma-separated (default: all)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed; same arguments and seed give identical files",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the real data set's size: 4223 videos, ~63 M frames, tens of GB",
+    )
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("validate", help="check a data set (root or TypeN folder) against the format")
+    p = sub.add_parser(
+        "validate", help="check a data set (root or TypeN folder) against the format"
+    )
     p.add_argument("data", help="data-set root or one TypeN folder")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("replay", help="publish videos as a live 1000 fps stream")
     p.add_argument("data", help="data-set root or one TypeN folder")
-    p.add_argument("--endpoint", default=DEFAULT_FRAME_ENDPOINT, help="PUB endpoint to bind (default: %(default)s)")
-    p.add_argument("--rate", default="1000", help="frames/s per stream, or 'max' (default: %(default)s)")
-    p.add_argument("--loop", action="store_true", help="start again from the first video after the last")
+    p.add_argument(
+        "--endpoint",
+        default=DEFAULT_FRAME_ENDPOINT,
+        help="PUB endpoint to bind (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rate", default="1000", help="frames/s per stream, or 'max' (default: %(default)s)"
+    )
+    p.add_argument(
+        "--loop", action="store_true", help="start again from the first video after the last"
+    )
     p.add_argument("--types", default=None, help="types to replay, e.g. 1,5,20-36")
     p.add_argument("--videos", default=None, help="video names to replay, e.g. 0001,0002")
-    p.add_argument("--streams", type=int, default=1, help="independent streams (workstations), each at the full rate")
-    p.add_argument("--wait-subscribers", type=int, default=1, help="hold the first frame until N subscribers joined (0: start at once)")
-    p.add_argument("--skip", default=None, help=argparse.SUPPRESS)  # test hook: seq numbers not to send
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="independent streams (workstations), each at the full rate",
+    )
+    p.add_argument(
+        "--wait-subscribers",
+        type=int,
+        default=1,
+        help="hold the first frame until N subscribers joined (0: start at once)",
+    )
+    p.add_argument(
+        "--skip", default=None, help=argparse.SUPPRESS
+    )  # test hook: seq numbers not to send
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("monitor", help="score frame streams live and publish status, alarms and verdicts")
-    p.add_argument("--frames", action="append", default=None, help=f"frame endpoint to connect (repeatable; default {DEFAULT_FRAME_ENDPOINT})")
-    p.add_argument("--publish", default=DEFAULT_PUBLISH_ENDPOINT, help="PUB endpoint to bind (default: %(default)s)")
-    p.add_argument("--model", default=None, help="model file from `lhtstream train` (default: self-calibrate per stream)")
-    p.add_argument("--journal", default=None, help="SQLite alarm journal (default: lhtstream-journal.sqlite in the current folder)")
-    p.add_argument("--status-interval", type=float, default=1.0, help="seconds between status messages (default: %(default)s)")
-    p.add_argument("--calibration-seconds", type=float, default=None, help="seconds of footage to self-calibrate on when there is no model")
-    p.add_argument("--dump-features", default=None, help=argparse.SUPPRESS)  # test hook: DIR/<stream>.npy of streamed feature rows at exit
+    p = sub.add_parser(
+        "monitor", help="score frame streams live and publish status, alarms and verdicts"
+    )
+    p.add_argument(
+        "--frames",
+        action="append",
+        default=None,
+        help=f"frame endpoint to connect (repeatable; default {DEFAULT_FRAME_ENDPOINT})",
+    )
+    p.add_argument(
+        "--publish",
+        default=DEFAULT_PUBLISH_ENDPOINT,
+        help="PUB endpoint to bind (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model file from `lhtstream train` (default: self-calibrate per stream)",
+    )
+    p.add_argument(
+        "--journal",
+        default=None,
+        help="SQLite alarm journal (default: lhtstream-journal.sqlite in the current folder)",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=1.0,
+        help="seconds between status messages (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration-seconds",
+        type=float,
+        default=None,
+        help="seconds of footage to self-calibrate on when there is no model",
+    )
+    p.add_argument(
+        "--dump-features", default=None, help=argparse.SUPPRESS
+    )  # test hook: DIR/<stream>.npy of streamed feature rows at exit
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("tap", help="print messages from a PUB endpoint")
-    p.add_argument("--endpoint", default=DEFAULT_PUBLISH_ENDPOINT, help="endpoint to connect (default: %(default)s)")
-    p.add_argument("--topic", action="append", default=None, help="topic prefix to subscribe to (repeatable; default: all)")
+    p.add_argument(
+        "--endpoint",
+        default=DEFAULT_PUBLISH_ENDPOINT,
+        help="endpoint to connect (default: %(default)s)",
+    )
+    p.add_argument(
+        "--topic",
+        action="append",
+        default=None,
+        help="topic prefix to subscribe to (repeatable; default: all)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, default=None, help="exit after N messages")
     p.add_argument("--timeout", type=float, default=None, help="exit after S seconds")
@@ -210,9 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("alarms", help="show alarms live, or from the journal with --history")
-    p.add_argument("--endpoint", default=DEFAULT_PUBLISH_ENDPOINT, help="monitor endpoint (default: %(default)s)")
+    p.add_argument(
+        "--endpoint",
+        default=DEFAULT_PUBLISH_ENDPOINT,
+        help="monitor endpoint (default: %(default)s)",
+    )
     p.add_argument("--history", action="store_true", help="read the journal instead of subscribing")
-    p.add_argument("--journal", default=None, help="journal file (default: lhtstream-journal.sqlite)")
+    p.add_argument(
+        "--journal", default=None, help="journal file (default: lhtstream-journal.sqlite)"
+    )
     p.add_argument("--since", default=None, help="only alarms after this alarm seq, or ISO time")
     p.add_argument("--stream", default=None, help="only this stream")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -225,14 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file from `lhtstream train`")
     p.add_argument("--types", default=None, help="types to evaluate")
     p.add_argument("--json", default=None, help="write the report as JSON to this file")
-    p.add_argument("--plots", default=None, help="write ROC and timeline PNGs to this folder (needs the plots extra)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the KDE-AMD baseline (it is slow)")
+    p.add_argument(
+        "--plots",
+        default=None,
+        help="write ROC and timeline PNGs to this folder (needs the plots extra)",
+    )
+    p.add_argument(
+        "--no-baseline", action="store_true", help="skip the KDE-AMD baseline (it is slow)"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="run the benchmark suites and print a summary")
     p.add_argument("--quick", action="store_true", help="short runs (what CI runs)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
-    p.add_argument("--seconds", type=float, default=None, help="seconds per end-to-end run (default: 60, or 5 with --quick)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds per end-to-end run (default: 60, or 5 with --quick)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -249,7 +355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, LhtstreamError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (
+        UsageError,
+        LhtstreamError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
         print(f"lhtstream: error: {exc}", file=sys.stderr)
         return 2
     except zmq.ZMQError as exc:  # a bad endpoint, an address in use, ...
