@@ -316,8 +316,8 @@ def summarise(results: Sequence[VideoResult]) -> dict[str, Any]:
 
 def _fit_fold(training: Sequence[Any]) -> Any:
     """Our model for one protocol fold: fit on the fold's clean training videos, thresholds
-    calibrated on the same videos (they only gate online adaptation; the protocol score is
-    the verdict score, which does not depend on them)."""
+    calibrated on the same videos (they gate online adaptation and scale the verdict score,
+    which is expressed relative to the thresholds; see docs/model.md)."""
     from lhtstream.detector import calibrate
     from lhtstream.features import track
     from lhtstream.model import NormalityModel
