@@ -106,14 +106,9 @@ def kdeamd(training_videos):
 
 def _obstacles(video) -> np.ndarray:
     """Obstacle state 0/1/2 per frame from the video's metadata key frames."""
-    n = video.image.shape[0]
-    out = np.zeros(n, dtype=np.int64)
-    md = video.metadata
-    for k in (1, 2):
-        a, b = md[f"KeyfIniObstacle{k}"], md[f"KeyfEndObstacle{k}"]
-        if a >= 0 and b >= 0:
-            out[a : b + 1] = k
-    return out
+    from lhtstream.dataset import obstacle_states
+
+    return obstacle_states(video.metadata).astype(np.int64)
 
 
 @pytest.fixture(scope="session")

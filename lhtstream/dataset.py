@@ -215,13 +215,28 @@ def expected_shape(meta: dict[str, Any], where: str = "video") -> tuple[int, int
 
 def obstacle_windows(meta: dict[str, Any], where: str = "video") -> list[tuple[int, int]]:
     """Inclusive (first, last) frame of each obstacle window present (-1 means absent)."""
-    windows = []
-    for n in (1, 2):
-        ini = _int_field(meta, f"KeyfIniObstacle{n}", where)
-        end = _int_field(meta, f"KeyfEndObstacle{n}", where)
+    return [(ini, end) for ini, end in _windows_by_number(meta, where) if ini >= 0 and end >= 0]
+
+
+def obstacle_states(meta: dict[str, Any], where: str = "video") -> np.ndarray:
+    """(SizeInFrames,) int8 per frame: 0 outside windows, n inside window n (inclusive)."""
+    frames = _int_field(meta, "SizeInFrames", where)
+    states = np.zeros(max(frames, 0), dtype=np.int8)
+    for n, (ini, end) in enumerate(_windows_by_number(meta, where), start=1):
         if ini >= 0 and end >= 0:
-            windows.append((ini, end))
-    return windows
+            states[ini : end + 1] = n
+    return states
+
+
+def _windows_by_number(meta: dict[str, Any], where: str) -> list[tuple[int, int]]:
+    """(KeyfIniObstacleN, KeyfEndObstacleN) for N = 1, 2, absent ones included (-1)."""
+    return [
+        (
+            _int_field(meta, f"KeyfIniObstacle{n}", where),
+            _int_field(meta, f"KeyfEndObstacle{n}", where),
+        )
+        for n in (1, 2)
+    ]
 
 
 def _check_image(arr: np.ndarray, where: str) -> np.ndarray:
@@ -298,14 +313,7 @@ class Video:
 
     def obstacle_states(self) -> np.ndarray:
         """(frames,) int8: 0 outside windows, n inside window n (KeyfIni <= f <= KeyfEnd)."""
-        frames = _int_field(self.metadata, "SizeInFrames", self.where)
-        states = np.zeros(max(frames, 0), dtype=np.int8)
-        for n in (1, 2):
-            ini = _int_field(self.metadata, f"KeyfIniObstacle{n}", self.where)
-            end = _int_field(self.metadata, f"KeyfEndObstacle{n}", self.where)
-            if ini >= 0 and end >= 0:
-                states[max(ini, 0) : end + 1] = n
-        return states
+        return obstacle_states(self.metadata, self.where)
 
 
 def _type_dirs(path: Path) -> list[tuple[int, Path]]:

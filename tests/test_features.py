@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lhtstream import features as F
+from lhtstream.dataset import obstacle_states
 from lhtstream.errors import LhtstreamError
 
 T = 10.0  # threshold used by the hand-built frames
@@ -297,22 +298,12 @@ def test_warm_up_reports_seconds():
 # ------------------------------------------------------------ against the project's simulator
 
 
-def obstacle_states(metadata: dict, n: int) -> np.ndarray:
-    """Obstacle state per frame from the metadata's key frames (inclusive, -1 = none)."""
-    out = np.zeros(n, dtype=np.int8)
-    for k in (1, 2):
-        a, b = metadata[f"KeyfIniObstacle{k}"], metadata[f"KeyfEndObstacle{k}"]
-        if a >= 0:
-            out[a:b + 1] = k
-    return out
-
-
 @pytest.mark.parametrize("type_id", [1, 5, 12, 20, 27, 33])
 def test_phase_within_half_a_frame_of_simulator_truth(type_id):
     from lhtstream.simulate import simulate_video
 
     sim = simulate_video(type_id, 7, 3000)
-    obstacles = obstacle_states(sim.metadata, 3000)
+    obstacles = obstacle_states(sim.metadata)
     feats = F.video_features(sim.image, obstacles)
     err = circular_error(feats[100:, F.PHASE], sim.truth["phase"][100:])
     assert err.max() < 0.5
