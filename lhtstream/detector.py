@@ -5,8 +5,12 @@ weight `alpha` (default 0.2: a time constant of ~5 frames, half a scan
 cycle, so a fault shows within two cycles). Process groups only advance on
 frames the model could judge (not empty/repeated, past warm-up); the sensor
 group advances on every frame. An alarm kind is *raised* when one of its
-groups' smoothed score exceeds its raise threshold, and *cleared* when all
-its groups stayed below their clear thresholds for `clear_frames` frames.
+groups' smoothed score exceeds its raise threshold. A process kind is *cleared*
+when ALL process groups stayed below their clear thresholds for `clear_frames`
+frames (default 100 = 10 scan cycles): one raise per kind per fault episode, a
+clear when the process is back to normal (per-kind clearing after 10 frames
+re-raised e.g. `intensity_low` up to 10 times in one stall). The sensor kind
+clears on its own group alone.
 Process alarms are not raised while a sensor alarm is active (a blank camera
 says nothing about the process).
 
@@ -98,7 +102,7 @@ DEFAULT_ALPHA = 0.2
 # scores are chi2-distributed and heavy-tailed), the rest over half a cycle.
 DEFAULT_ALPHAS = np.full(N_GROUPS, DEFAULT_ALPHA)
 DEFAULT_ALPHAS[TRAJ] = DEFAULT_ALPHAS[MOVE] = DEFAULT_ALPHAS[COMB] = 0.1
-DEFAULT_CLEAR_FRAMES = 10
+DEFAULT_CLEAR_FRAMES = 100
 FRAMES_PER_HOUR = 3_600_000.0
 TAIL_QUANTILE = 0.99
 # Lowest raise thresholds (smoothed units), for tiny held-out sets.
@@ -180,6 +184,14 @@ def _detect_step(scores, scored, smooth, alpha, raise_thr, clear_thr, kind_of,
             if r > peak[g]:
                 peak[g] = r
     sensor_on = active[K - 1] == 1
+    # One fault episode moves several process groups at different times (a stall
+    # drops the intensity in bursts and shifts the rate at its start and end), so a
+    # process kind's clear hold counts only frames where the whole process is back
+    # below its clear levels: one raise per kind per episode, all clear together.
+    proc_under = True
+    for g in range(G):
+        if kind_of[g] != K - 1 and smooth[g] > clear_thr[g]:
+            proc_under = False
     n = 0
     for k in range(K):
         changed[k] = 0
@@ -206,7 +218,7 @@ def _detect_step(scores, scored, smooth, alpha, raise_thr, clear_thr, kind_of,
                 if k != K - 1:
                     dstate[D_NRAISED] += 1.0
         else:
-            if under:
+            if under and (k == K - 1 or proc_under):
                 quiet[k] += 1
                 if quiet[k] >= clear_frames:
                     active[k] = 0

@@ -7,10 +7,11 @@ import numpy as np
 from lhtstream.detector import (
     ALARM_KIND_FOR_ANOMALY,
     ALARM_KINDS,
+    DEFAULT_CLEAR_FRAMES,
     Detector,
     tail_threshold,
 )
-from lhtstream.model import COMB, INT_LOW, MOVE, N_GROUPS, SENSOR, SLIP, TRAJ
+from lhtstream.model import COMB, INT_LOW, MOVE, N_GROUPS, SENSOR, SLIP, STALL, TRAJ
 from lhtstream.simulate import ANOMALY_KINDS, SENSOR_KINDS
 
 
@@ -52,9 +53,51 @@ def test_raise_then_clear_with_hysteresis():
     for _ in range(100):
         assert d.step(s, 1) == 0
     s[INT_LOW] = 0.0
-    cleared = [i for i in range(100) if d.step(s, 1)]
-    assert len(cleared) == 1 and cleared[0] >= 9  # clear_frames quiet frames first
+    cleared = [i for i in range(300) if d.step(s, 1)]
+    assert len(cleared) == 1 and cleared[0] >= DEFAULT_CLEAR_FRAMES - 1  # quiet frames first
     assert not d.any_active and d.process_alarms == 1 and d.anomalous()
+
+
+def test_one_raise_per_kind_per_episode_and_clear_when_the_process_is_normal():
+    # A stall-like episode: the stall group stays high while intensity_low comes
+    # and goes in bursts with gaps shorter than the clear hold -> one raise per kind.
+    d = _det()
+    s = _normal()
+    for _ in range(150):
+        d.step(s, 1)
+    raises: list[str] = []
+    clears: list[tuple[int, str]] = []
+
+    def run(frames: int, t0: int) -> None:
+        for i in range(frames):
+            if d.step(s, 1):
+                for k in np.flatnonzero(d.changed):
+                    if d.changed[k] > 0:
+                        raises.append(ALARM_KINDS[k])
+                    else:
+                        clears.append((t0 + i, ALARM_KINDS[k]))
+
+    s[STALL] = 10.0
+    t = 0
+    for _ in range(6):
+        s[INT_LOW] = 8.0
+        run(30, t)
+        t += 30
+        # intensity_low below its clear level for longer than the hold, but the
+        # stall still holds the episode open
+        s[INT_LOW] = 0.0
+        run(DEFAULT_CLEAR_FRAMES + 50, t)
+        t += DEFAULT_CLEAR_FRAMES + 50
+    assert sorted(raises) == ["intensity_low", "stall"]
+    assert clears == []
+    # back to normal: both clear, after the hold and not much later
+    end = t
+    s[STALL] = 0.0
+    run(400, t)
+    assert sorted(k for _, k in clears) == ["intensity_low", "stall"]
+    for f, _ in clears:
+        assert DEFAULT_CLEAR_FRAMES <= f - end <= DEFAULT_CLEAR_FRAMES + 30
+    assert not d.any_active
 
 
 def test_unjudged_frames_do_not_move_process_scores_and_sensor_blocks_process_alarms():
