@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lhtstream.dataset import Dataset
+from lhtstream.dataset import Dataset, obstacle_states
 from lhtstream.features import INTENSITY, PEAK, video_features
 from lhtstream.model import (
     COMB,
@@ -24,18 +24,9 @@ from lhtstream.simulate import simulate_video
 FRAMES = 2500
 
 
-def _obstacles(meta: dict, n: int) -> np.ndarray:
-    s = np.zeros(n, dtype=np.int8)
-    for k in (1, 2):
-        a, b = meta[f"KeyfIniObstacle{k}"], meta[f"KeyfEndObstacle{k}"]
-        if a >= 0 and b >= 0:
-            s[a : b + 1] = k
-    return s
-
-
 def _rows(type_id: int, seed: int, anomaly=None) -> np.ndarray:
     v = simulate_video(type_id, seed, FRAMES, anomaly)
-    return video_features(v.image, _obstacles(v.metadata, FRAMES))
+    return video_features(v.image, obstacle_states(v.metadata))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def test_noise_on_positions_raises_video_trajectory_score(model):
     meas = measure_video(v.image)
     meas[:, X] += rng.normal(0, np.sqrt(0.02), FRAMES)
     meas[:, Y] += rng.normal(0, np.sqrt(0.02), FRAMES)
-    noisy = track(meas, _obstacles(v.metadata, FRAMES))
+    noisy = track(meas, obstacle_states(v.metadata))
     sc, ok = model.score_rows(1, clean)
     sn, okn = model.score_rows(1, noisy)
     clean_traj = sc[ok == 1, TRAJ].mean()
@@ -76,7 +67,7 @@ def test_frequency_step_shows_as_cycle_slip_not_as_comb_residual(model):
     from lhtstream.simulate import Anomaly
 
     v = simulate_video(1, 51, FRAMES, Anomaly("frequency_drift", 1200, 1800, 0.03))
-    rows = video_features(v.image, _obstacles(v.metadata, FRAMES))
+    rows = video_features(v.image, obstacle_states(v.metadata))
     sc, ok = model.score_rows(1, rows)
     before = sc[200:1200][ok[200:1200] == 1]
     after = sc[1220:1260][ok[1220:1260] == 1]  # within 2-6 cycles of the onset

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lhtstream.dataset import obstacle_states
 from lhtstream.detector import ALARM_KIND_FOR_ANOMALY, Alarm, Verdict, calibrate
 from lhtstream.features import video_features
 from lhtstream.model import NormalityModel
@@ -15,18 +16,9 @@ FRAMES = 3000
 TYPE = 3  # has obstacle windows
 
 
-def _obstacles(meta: dict, n: int) -> np.ndarray:
-    s = np.zeros(n, dtype=np.int8)
-    for k in (1, 2):
-        a, b = meta[f"KeyfIniObstacle{k}"], meta[f"KeyfEndObstacle{k}"]
-        if a >= 0 and b >= 0:
-            s[a : b + 1] = k
-    return s
-
-
 def _rows(seed: int) -> np.ndarray:
     v = simulate_video(TYPE, seed, FRAMES)
-    return video_features(v.image, _obstacles(v.metadata, FRAMES))
+    return video_features(v.image, obstacle_states(v.metadata))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def normal_verdicts(model) -> list:
 
 
 def _run(pipe: StreamPipeline, v, name: str) -> list:
-    obs = _obstacles(v.metadata, len(v.image))
+    obs = obstacle_states(v.metadata)
     events = list(pipe.start_video(name, TYPE, v.metadata))
     for i, frame in enumerate(v.image):
         header = {"video": name, "type": TYPE, "frame": i, "seq": i, "t_ns": i * 1_000_000,
@@ -93,7 +85,7 @@ def test_normal_videos_raise_nothing_and_verdict_is_normal(normal_verdicts):
 
 def test_streaming_equals_batch_and_no_event_is_a_shared_tuple(model):
     v = simulate_video(TYPE, 300, 600)
-    obs = _obstacles(v.metadata, 600)
+    obs = obstacle_states(v.metadata)
     pipe = StreamPipeline("a", model, adapt=False)
     pipe.start_video("x", TYPE)
     outs = [pipe.process(f, {"video": "x", "type": TYPE, "frame": i, "obstacle": int(obs[i])})
@@ -108,7 +100,7 @@ def test_streaming_equals_batch_and_no_event_is_a_shared_tuple(model):
 
 def test_learning_is_frozen_while_an_alarm_is_active(model):
     v = simulate_video(TYPE, 400, 800)
-    obs = _obstacles(v.metadata, 800)
+    obs = obstacle_states(v.metadata)
     pipe = StreamPipeline("a", model, adapt=True, learn_rate=0.05)
     pipe.start_video("x", TYPE)
     h = {"video": "x", "type": TYPE}
@@ -138,7 +130,7 @@ def test_self_calibration_without_model_then_scores(caplog):
     with caplog.at_level("WARNING"):
         pipe.start_video("x", TYPE)
         assert pipe.status()["mode"] == "calibrating"
-        obs = _obstacles(v.metadata, 5000)
+        obs = obstacle_states(v.metadata)
         events = []
         for i, f in enumerate(v.image):
             events.extend(pipe.process(f, {"video": "x", "type": TYPE, "frame": i,
