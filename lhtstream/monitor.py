@@ -39,6 +39,8 @@ DRAIN_BUDGET = 2_000
 """Messages handled per wake-up before the loop looks at the clock again (status, signals)."""
 _POLL_CAP_MS = 100
 """Longest poll: bounds the reaction time to SIGTERM (pyzmq retries polls on EINTR)."""
+SPARE_PIPELINES = 4
+"""Stream pipelines kept ready; refilled only while no frame arrives."""
 _ACTIVE_NS = 20_000_000
 """A stream that delivered a message within this many ns counts as flowing."""
 _STATUS_SLACK_NS = 3_000_000
@@ -215,6 +217,9 @@ class Monitor:
         self._internal = RateLimitedLog()
         self._feature_rows: dict[str, list[np.ndarray]] = {}
         self.frame_endpoints: set[str] = set()
+        # Pipelines made ahead of need: one costs 1-2 ms (a private model copy), and four
+        # workstations joining at once made their first ~60 frames up to 13 ms late.
+        self._spares = [make_pipeline("spare") for _ in range(SPARE_PIPELINES)]
         self.reconnects = 0
         self.events: Any = None  # PAIR socket of zmq_socket_monitor on `sub`, if watched
         # endpoint -> monotonic ns by which libzmq must have shown it reconnects by itself
@@ -278,6 +283,8 @@ class Monitor:
                         break
             else:
                 self._drained = True
+                if len(self._spares) < SPARE_PIPELINES:  # idle: nothing to delay
+                    self._spares.append(self.make_pipeline("spare"))
             now = monotonic_ns()
             if self.events is not None and now >= next_events:
                 next_events = now + _POLL_CAP_MS * 1_000_000
@@ -368,7 +375,12 @@ class Monitor:
     def _stream(self, name: str) -> StreamState:
         state = self.streams.get(name)
         if state is None:
-            state = StreamState(name, self.make_pipeline(name))
+            if self._spares:
+                pipeline = self._spares.pop()
+                pipeline.stream = name
+            else:
+                pipeline = self.make_pipeline(name)
+            state = StreamState(name, pipeline)
             self.streams[name] = state
             log(f"stream {name!r}: new, pipeline state: {_model_state(state.pipeline)}")
         return state
@@ -711,13 +723,6 @@ def run_monitor(args: argparse.Namespace) -> int:
             pub.bind(args.publish)
         except zmq.ZMQError as exc:
             raise MonitorError(f"cannot bind --publish {args.publish}: {exc}") from None
-        # Subscribe only after the kernels are warm: nothing queues while we compile.
-        protocol.configure_subscriber(sub, ["frame", "video"])
-        for endpoint in args.frames or ["tcp://127.0.0.1:5555"]:
-            try:
-                sub.connect(endpoint)
-            except zmq.ZMQError as exc:
-                raise MonitorError(f"cannot connect --frames {endpoint}: {exc}") from None
         monitor = Monitor(
             make_pipeline=make_pipeline,
             journal=journal,
@@ -727,6 +732,13 @@ def run_monitor(args: argparse.Namespace) -> int:
             model_note=note,
             dump_features=getattr(args, "dump_features", None),
         )
+        # Subscribe only after the kernels are warm: nothing queues while we compile.
+        protocol.configure_subscriber(sub, ["frame", "video"])
+        for endpoint in args.frames or ["tcp://127.0.0.1:5555"]:
+            try:
+                sub.connect(endpoint)
+            except zmq.ZMQError as exc:
+                raise MonitorError(f"cannot connect --frames {endpoint}: {exc}") from None
         monitor.stop_requested = stop["flag"]
         monitor.watch_connections(args.frames or ["tcp://127.0.0.1:5555"])
         log(
