@@ -291,8 +291,13 @@ def test_ring_buffer_wraps_and_latest_is_a_view_of_the_last_pushes():
         ring.latest(6)
 
 
-def test_warm_up_reports_seconds():
-    assert F.warm_up() >= 0.0
+def test_warm_up_compiles_the_writable_and_read_only_frame_kernels():
+    # the monitor calls warm_up so the first frame off the wire (a read-only buffer)
+    # does not pay a compilation: both specialisations must exist afterwards
+    assert F.warm_up() > 0.0
+    readonly = {sig[0].mutable for sig in F.measure_frame.signatures}
+    assert readonly == {True, False}
+    assert F.track_step.signatures
 
 
 # ------------------------------------------------------------ against the project's simulator
