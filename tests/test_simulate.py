@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from lhtstream.dataset import Dataset, read_labels, validate
+from lhtstream.dataset import Dataset, obstacle_states, read_labels, validate
 from lhtstream.simulate import ANOMALY_KINDS, DEFAULT_MAGNITUDE, Anomaly, simulate_video, synthesize
 
 
@@ -91,9 +91,7 @@ def test_obstacle_windows_change_the_path_only_inside_their_key_frames():
     ]
     assert all(0 < a <= b < 3000 for a, b in windows) and windows[0][1] < windows[1][0]
     assert without.metadata["KeyfIniObstacle1"] == -1 == without.metadata["KeyfEndObstacle2"]
-    inside = np.zeros(3000, bool)
-    for a, b in windows:
-        inside[a : b + 1] = True
+    inside = obstacle_states(m) > 0
     moved = np.hypot(
         with_obs.truth["x"] - without.truth["x"], with_obs.truth["y"] - without.truth["y"]
     )
@@ -242,11 +240,7 @@ def test_obstacle_pattern_misplaced_runs_outside_the_metadata_window():
     # drawn by kind: the span never touches the video's own windows
     v = simulate_video(6, 11, 3000, "obstacle_pattern_misplaced")
     _, onset, end, _ = v.label
-    states = np.zeros(3000, np.int8)
-    for n in (1, 2):
-        a, b = v.metadata[f"KeyfIniObstacle{n}"], v.metadata[f"KeyfEndObstacle{n}"]
-        if a >= 0:
-            states[a : b + 1] = n
+    states = obstacle_states(v.metadata)
     assert not np.any(states[onset : end + 1]) and np.all(v.truth["pattern"][onset : end + 1] > 0)
 
 
