@@ -76,6 +76,8 @@ def test_report_has_every_field_with_sane_values(report, evalset):
     assert kp["cost_us"] > 0 and kp["cost_us_baseline"] > 0
     assert len(kp["clean_scores"]) == len(kp["noisy_scores"]) == kp["videos"]
     assert set(kp["clean_scores"]) == set(kp["clean_scores_baseline"])  # same videos
+    assert kp["baseline"] == {"rows": 35, "cols": 35, "lambda": 15}  # the paper's setting
+    assert "KDE-AMD 35x35 lambda=15" in E.format_report(report)
 
 
 def test_obvious_faults_are_detected_with_the_right_kind(report):
