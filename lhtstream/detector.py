@@ -173,16 +173,14 @@ def _detect_step(scores, scored, smooth, alpha, raise_thr, clear_thr, kind_of,
     for g in range(G):
         if scored == 1 or kind_of[g] == K - 1:
             smooth[g] += alpha[g] * (scores[g] - smooth[g])
-    if scored == 1:
-        dstate[D_VSUM] += scores[0] + scores[1] - VIDEO_SCORE_EXPECTED
-        dstate[D_VN] += 1.0
-    for g in range(G):
-        # the verdict's peak evidence: highest smoothed score relative to its raise
-        # threshold (process groups only where they advanced, the sensor always)
-        if scored == 1 or kind_of[g] == K - 1:
+            # the verdict's peak evidence: highest smoothed score relative to its raise
+            # threshold (process groups only where they advanced, the sensor always)
             r = smooth[g] / raise_thr[g]
             if r > peak[g]:
                 peak[g] = r
+    if scored == 1:
+        dstate[D_VSUM] += scores[0] + scores[1] - VIDEO_SCORE_EXPECTED
+        dstate[D_VN] += 1.0
     sensor_on = active[K - 1] == 1
     # One fault episode moves several process groups at different times (a stall
     # drops the intensity in bursts and shifts the rate at its start and end), so a
