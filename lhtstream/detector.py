@@ -66,7 +66,6 @@ from lhtstream.model import (
 ALARM_KINDS: tuple[str, ...] = (
     "trajectory", "intensity_low", "intensity_high", "stall", "frequency", "spot_size", "sensor",
 )
-PROCESS_KINDS = ALARM_KINDS[:-1]
 K_SENSOR = ALARM_KINDS.index("sensor")
 N_KINDS = len(ALARM_KINDS)
 
