@@ -40,14 +40,14 @@ from lhtstream.kdeamd import (
 
 
 def parse_types(text: str) -> list[int]:
-    out: set[int] = set()
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = (int(p) for p in part.split("-", 1))
-            out.update(range(lo, hi + 1))
-        elif part.strip():
-            out.add(int(part))
-    return sorted(out)
+    """The CLI's type selection (``1,5,20-36``), as an argparse type."""
+    from lhtstream.cli import UsageError
+    from lhtstream.cli import parse_types as cli_parse_types
+
+    try:
+        return cli_parse_types(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_value(text: str):
