@@ -97,11 +97,7 @@ def feature_columns() -> dict[str, int]:
     """Column indices of the feature row (from `lhtstream.features`)."""
     from lhtstream import features as F
 
-    return {
-        name: int(getattr(F, name))
-        for name in ("X", "Y", "INTENSITY", "PEAK", "AREA", "EMPTY", "REPEAT",
-                     "VX", "VY", "PHASE", "RATE", "OBSTACLE")
-    }
+    return {name: int(getattr(F, name)) for name in _COL_ORDER}
 
 
 def feature_settings() -> dict[str, Any]:
@@ -116,7 +112,7 @@ def feature_settings() -> dict[str, Any]:
     return settings
 
 
-# Order of the `cols` array passed to the kernels.
+# Order of the `cols` array passed to the kernels (also the columns a model records).
 _COL_ORDER = ("X", "Y", "INTENSITY", "PEAK", "AREA", "EMPTY", "REPEAT",
               "VX", "VY", "PHASE", "RATE", "OBSTACLE")
 (C_X, C_Y, C_INT, C_PEAK, C_AREA, C_EMPTY, C_REPEAT,
