@@ -703,8 +703,9 @@ class NormalityModel:
         ph = np.concatenate([p[2] for p in prepared])
         ob = np.concatenate([p[3] for p in prepared])
         sl = np.concatenate([np.full(len(p[1]), p[0], dtype=np.int64) for p in prepared])
+        oks = [self._ok_mask(rows) for _, rows in videos]
         rate_all = np.concatenate([
-            rows[self._ok_mask(rows), self.columns["RATE"]] for _, rows in videos])
+            rows[ok, self.columns["RATE"]] for (_, rows), ok in zip(videos, oks, strict=True)])
         u = ph * B / CYCLE_FRAMES - 0.5
         fl = np.floor(u)
         w = u - fl
@@ -778,8 +779,8 @@ class NormalityModel:
         # phase rate per obstacle state (the same for every type)
         rate = np.tile(np.array([1.0, 1e-4]), (T, N_OBSTACLE, 1))
         robs = np.concatenate([
-            rows[self._ok_mask(rows), self.columns["OBSTACLE"]].astype(np.int64)
-            for _, rows in videos])
+            rows[ok, self.columns["OBSTACLE"]].astype(np.int64)
+            for (_, rows), ok in zip(videos, oks, strict=True)])
         # A video's rate is its scanner's frequency offset, not a type property, and a few
         # videos per type do not sample it: pool over all types (per obstacle state).
         # Per-type statistics raised 5 false frequency alarms in 400 s of long videos.
