@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lhtstream import features as F
 from lhtstream.detector import (
     ALARM_KINDS,
     K_SENSOR,
@@ -52,7 +53,9 @@ DEFAULT_CALIBRATION_FRAMES = 10_000  # 10 s at 1 kHz
 HOLDOUT_FRACTION = 0.25
 NO_EVENTS: tuple = ()
 
-_FEATURE_REPORT = ("X", "Y", "INTENSITY", "PEAK", "AREA", "PHASE", "RATE", "OBSTACLE")
+# (name in Alarm.features, feature column) reported with each alarm
+_FEATURE_REPORT = tuple((name.lower(), int(getattr(F, name))) for name in
+                        ("X", "Y", "INTENSITY", "PEAK", "AREA", "PHASE", "RATE", "OBSTACLE"))
 
 
 class StreamPipeline:
@@ -229,10 +232,8 @@ class StreamPipeline:
         g = int(det.which[k])
         features: dict[str, float] = {}
         if isinstance(row, np.ndarray):
-            from lhtstream import features as F
-
-            for name in _FEATURE_REPORT:
-                features[name.lower()] = float(row[getattr(F, name)])
+            for name, col in _FEATURE_REPORT:
+                features[name] = float(row[col])
         for gg in range(N_GROUPS):
             if KIND_OF_GROUP[gg] == k:
                 features[f"score_{GROUPS[gg]}"] = float(det.smooth[gg])
