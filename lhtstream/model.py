@@ -250,6 +250,25 @@ def _comb_step(row, cols, state, unusable, velocity_ok, obs, in_transition, out3
 
 
 @njit(cache=True)
+def _centre_step(state, ex, ey):
+    """Feed one obstacle-free frame's offset (ex, ey) (px) to the running centre.
+
+    Returns the centre before this frame moved it (the first frame starts it).
+    """
+    if state[S_N] == 0.0:
+        state[S_CX] = ex
+        state[S_CY] = ey
+    n = state[S_N] + 1.0
+    state[S_N] = n
+    a = max(1.0 / n, 1.0 / CENTRE_TAU)
+    cx = state[S_CX]
+    cy = state[S_CY]
+    state[S_CX] = cx + a * (ex - cx)
+    state[S_CY] = cy + a * (ey - cy)
+    return cx, cy
+
+
+@njit(cache=True)
 def _frame_flags(row, cols, state):
     """Per-frame bookkeeping shared by scoring and fitting; advances the state.
 
@@ -328,19 +347,8 @@ def _score_kernel(row, cols, slot, mean, prec4, prec2, svar, rate, cprec, slip, 
         x[7 + k] = (1.0 - w) * mean[slot, obs, i0, k] + w * mean[slot, obs, i1, k]
     # running centre: only obstacle-free frames feed it
     if obs == 0:
-        ex = x[0] - x[7]
-        ey = x[1] - x[8]
-        if state[S_N] == 0.0:
-            state[S_CX] = ex
-            state[S_CY] = ey
-        n = state[S_N] + 1.0
-        state[S_N] = n
-        a = max(1.0 / n, 1.0 / CENTRE_TAU)
         # score against the centre before this frame moved it (no self-influence)
-        cx = state[S_CX]
-        cy = state[S_CY]
-        state[S_CX] = cx + a * (ex - cx)
-        state[S_CY] = cy + a * (ey - cy)
+        cx, cy = _centre_step(state, x[0] - x[7], x[1] - x[8])
     else:
         cx = state[S_CX]
         cy = state[S_CY]
@@ -487,16 +495,7 @@ def _centres_kernel(rows, cols, slot, mean, state, out):
             i0, i1, w, near = _bin_weights(phase, nb)
             ex = row[cols[C_X]] - ((1.0 - w) * mean[slot, 0, i0, 0] + w * mean[slot, 0, i1, 0])
             ey = row[cols[C_Y]] - ((1.0 - w) * mean[slot, 0, i0, 1] + w * mean[slot, 0, i1, 1])
-            if state[S_N] == 0.0:
-                state[S_CX] = ex
-                state[S_CY] = ey
-                cx = ex
-                cy = ey
-            n = state[S_N] + 1.0
-            state[S_N] = n
-            a = max(1.0 / n, 1.0 / CENTRE_TAU)
-            state[S_CX] = cx + a * (ex - cx)
-            state[S_CY] = cy + a * (ey - cy)
+            cx, cy = _centre_step(state, ex, ey)
         out[t, 0] = cx
         out[t, 1] = cy
 
