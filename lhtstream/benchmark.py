@@ -111,20 +111,18 @@ class Child:
         while True:
             with self._lock:
                 new = self.lines[seen:]
-            for line in new:
-                m = regex.search(line)
-                if m:
-                    return m
+            m = _first_match(regex, new)
+            if m:
+                return m
             seen += len(new)
             if self.popen.poll() is not None and seen >= len(self.lines):
                 for t in self._threads:
                     t.join(timeout=2)
                 with self._lock:
                     rest = self.lines[seen:]
-                for line in rest:
-                    m = regex.search(line)
-                    if m:
-                        return m
+                m = _first_match(regex, rest)
+                if m:
+                    return m
                 raise BenchError(f"{self.name} exited ({self.popen.returncode}) before "
                                  f"/{pattern}/:\n{self.text()[-2000:]}")
             if time.monotonic() > deadline:
@@ -144,6 +142,14 @@ class Child:
         for t in self._threads:
             t.join(timeout=5)
         return self.popen.returncode
+
+
+def _first_match(regex: re.Pattern[str], lines: Sequence[str]) -> re.Match[str] | None:
+    for line in lines:
+        m = regex.search(line)
+        if m:
+            return m
+    return None
 
 
 def free_tcp_port() -> int:
