@@ -120,19 +120,17 @@ class CliProcess:
         while True:
             with self._lock:
                 new = lines[seen:]
-            for line in new:
-                match = regex.search(line)
-                if match:
-                    return match
+            match = _first_match(regex, new)
+            if match:
+                return match
             seen += len(new)
             if self.popen.poll() is not None:
                 self._drain()
                 with self._lock:
                     rest = lines[seen:]
-                for line in rest:
-                    match = regex.search(line)
-                    if match:
-                        return match
+                match = _first_match(regex, rest)
+                if match:
+                    return match
                 raise AssertionError(
                     f"process exited ({self.popen.returncode}) before printing /{pattern}/\n"
                     f"stderr:\n{self.stderr}"
@@ -184,6 +182,14 @@ class CliProcess:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(timeout=10)
+
+
+def _first_match(regex: re.Pattern[str], lines: list[str]) -> re.Match[str] | None:
+    for line in lines:
+        match = regex.search(line)
+        if match:
+            return match
+    return None
 
 
 class ProcessGroup:
