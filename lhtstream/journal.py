@@ -38,14 +38,6 @@ from lhtstream.errors import LhtstreamError
 DEFAULT_JOURNAL = "lhtstream-journal.sqlite"
 JOURNAL_VERSION = 1
 
-ALARM_FIELDS = (
-    "v", "stream", "video", "type", "frame", "seq", "t_frame_ns", "t_alarm_ns",
-    "kind", "state", "score", "threshold", "features",
-)  # fmt: skip
-VERDICT_FIELDS = (
-    "v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "t_ns",
-)  # fmt: skip
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alarms (

@@ -42,7 +42,6 @@ _DTYPE = np.dtype(FRAME_DTYPE)
 MAX_FRAME_SIDE = 32
 """The camera is 32x32 pixels; ROI rows and cols must lie in 1..32."""
 
-MAX_PAYLOAD_BYTES = MAX_FRAME_SIDE * MAX_FRAME_SIDE * 2
 MAX_HEADER_BYTES = 32 * 1024
 """Upper bound on a packed header (status with per-stream detail fits easily)."""
 
