@@ -287,6 +287,7 @@ def _run(socket: Any, lanes: list[_Stream], rate: float | None, skip: frozenset[
     tick = 0
     active = [lane for lane in lanes if not lane.finished]
     while active and not stop.is_set():
+        advanced = False  # only _advance() can finish a lane
         if period_ns is not None:
             due = t0 + int(tick * period_ns)
             now = monotonic_ns()
@@ -321,8 +322,9 @@ def _run(socket: Any, lanes: list[_Stream], rate: float | None, skip: frozenset[
             if lane.index >= lane.count:
                 send(lane.video_message("end"))
                 lane._advance()
+                advanced = True
         tick += 1
-        if any(lane.finished for lane in active):
+        if advanced:
             active = [lane for lane in active if not lane.finished]
         now = monotonic_ns()
         if now >= next_housekeeping:
