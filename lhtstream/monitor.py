@@ -159,9 +159,11 @@ def _event_fields(event: Any) -> dict[str, Any]:
     return dict(vars(event))
 
 
-def _model_state(pipeline: Any) -> str:
-    """A human-readable model state for status ("self-calibrating (3.2 s left)", ...)."""
-    st = pipeline.status()
+def _model_state(pipeline: Any, st: dict[str, Any]) -> str:
+    """A human-readable model state for status ("self-calibrating (3.2 s left)", ...).
+
+    ``st`` is ``pipeline.status()``, passed in because the caller publishes it too.
+    """
     if st.get("mode") == "calibrating":
         left = (1.0 - float(st.get("calibration_progress", 0.0))) * pipeline.calibration_frames
         return f"self-calibrating Type{st.get('type')} ({left / 1000:.1f} s of footage left)"
@@ -382,7 +384,8 @@ class Monitor:
                 pipeline = self.make_pipeline(name)
             state = StreamState(name, pipeline)
             self.streams[name] = state
-            log(f"stream {name!r}: new, pipeline state: {_model_state(state.pipeline)}")
+            log(f"stream {name!r}: new, pipeline state: "
+                f"{_model_state(state.pipeline, state.pipeline.status())}")
         return state
 
     def _start(self, st: StreamState, video: str, type_id: int, metadata: dict) -> None:
@@ -533,6 +536,7 @@ class Monitor:
         """The ``status`` header (stream "*": totals plus per-stream detail); resets intervals."""
         streams = {}
         for name, st in self.streams.items():
+            pipeline_status = st.pipeline.status()
             streams[name] = {
                 "frames": st.frames,
                 "dropped": st.dropped,
@@ -542,8 +546,8 @@ class Monitor:
                 "frame": st.frame,
                 "videos": st.videos,
                 "latency_us": st.latency.summary(),
-                "model": _model_state(st.pipeline),
-                "pipeline": st.pipeline.status(),
+                "model": _model_state(st.pipeline, pipeline_status),
+                "pipeline": pipeline_status,
             }
         return {
             "v": self._protocol.SCHEMA_VERSION,
