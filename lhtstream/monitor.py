@@ -417,10 +417,7 @@ class Monitor:
         last = st.last_seq
         if last is not None and seq != last + 1:
             if seq <= last:
-                if seq == 0 and st.video_start_seen:
-                    log(f"stream {st.name!r}: publisher restarted (video start, then seq 0 "
-                        f"after {last}); following it")
-                elif not self._maybe_restart(st, seq):
+                if not self._maybe_restart(st, seq):
                     st.malformed += 1
                     self.malformed += 1
                     self._bad_input(
@@ -459,7 +456,12 @@ class Monitor:
         self.frames += 1
 
     def _maybe_restart(self, st: StreamState, seq: int) -> bool:
-        """True when seq has gone backwards consistently: the publisher restarted."""
+        """True when a backwards seq means the publisher restarted: seq 0 right after a
+        ``video start``, or RESTART_RUN consecutive seqs."""
+        if seq == 0 and st.video_start_seen:
+            log(f"stream {st.name!r}: publisher restarted (video start, then seq 0 "
+                f"after {st.last_seq}); following it")
+            return True
         if st._restart_next is not None and seq == st._restart_next:
             st._restart_run += 1
         else:
