@@ -20,7 +20,7 @@ STRICT = os.environ.get("LHTSTREAM_BENCH_STRICT") == "1"
 
 @pytest.fixture(scope="module")
 def bench_set(tmp_path_factory):
-    from lhtstream.benchmark import bench_data
+    from lhtstream.cli.bench import bench_data
 
     return bench_data(tmp_path_factory.mktemp("bench-cache"))
 
@@ -28,7 +28,7 @@ def bench_set(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("transport,streams", [("ipc", 1), ("tcp", 1), ("ipc", 4)])
 def test_endtoend(benchmark, bench_set, transport, streams):
-    from lhtstream.benchmark import check_endtoend, run_endtoend
+    from lhtstream.cli.bench import check_endtoend, run_endtoend
 
     data, model = bench_set
     result = benchmark.pedantic(run_endtoend, args=(transport, SECONDS, streams, data, model),

@@ -25,7 +25,7 @@ def _stepper(n: int):
 
 def test_feature_push(benchmark, live_video, obstacles):
     """Features for one frame: `FeatureExtractor.push` (centroid .. phase, into the ring)."""
-    from lhtstream.features import FeatureExtractor
+    from lhtstream.kernels.features import FeatureExtractor
 
     frames = np.ascontiguousarray(live_video.image, dtype=np.uint16)
     obst = obstacles(live_video).tolist()
@@ -47,9 +47,9 @@ def test_feature_push(benchmark, live_video, obstacles):
 
 def test_model_detector(benchmark, live_video, model, obstacles):
     """Model score + online update + detector for one feature row (what follows features)."""
-    from lhtstream.detector import Detector
-    from lhtstream.features import video_features
-    from lhtstream.model import N_GROUPS
+    from lhtstream.kernels.features import video_features
+    from lhtstream.model.detector import Detector
+    from lhtstream.model.normality import N_GROUPS
 
     rows = video_features(np.ascontiguousarray(live_video.image, dtype=np.uint16),
                           obstacles(live_video))
@@ -80,8 +80,8 @@ def test_model_detector(benchmark, live_video, model, obstacles):
 def test_monitor_step(benchmark, live_video, model, obstacles):
     """The monitor's whole per-frame step: protocol.decode of the wire parts, then
     `StreamPipeline.process` (features, ring, model, detector). Sockets excluded."""
-    from lhtstream.pipeline import StreamPipeline
-    from lhtstream.protocol import FrameEncoder, decode, frame_array
+    from lhtstream.io.protocol import FrameEncoder, decode, frame_array
+    from lhtstream.service.pipeline import StreamPipeline
 
     frames = np.ascontiguousarray(live_video.image, dtype="<u2")
     obst = obstacles(live_video).tolist()
@@ -112,7 +112,7 @@ def test_monitor_step(benchmark, live_video, model, obstacles):
 def test_kdeamd_frame(benchmark, live_video, kdeamd, obstacles, training_videos):
     """KDE-AMD's per-frame work on the same video: `KdeAmd.score_move`, the kernel sum
     over the training points of the move's start cell (R = C = 35, lambda = 15)."""
-    from lhtstream.kdeamd import centre_positions, spot_positions
+    from lhtstream.model.kdeamd import centre_positions, spot_positions
 
     pos = centre_positions(spot_positions(live_video.image), kdeamd.centre)
     win = obstacles(live_video)
@@ -136,7 +136,7 @@ def test_kdeamd_frame(benchmark, live_video, kdeamd, obstacles, training_videos)
 def test_kdeamd_frame_realsize(benchmark, live_video, kdeamd_realsize, obstacles):
     """As `test_kdeamd_frame`, with cells as full as on the real data (~1.65 M training
     moves per type; see the `kdeamd_realsize` fixture). This is the fair baseline cost."""
-    from lhtstream.kdeamd import centre_positions, spot_positions
+    from lhtstream.model.kdeamd import centre_positions, spot_positions
 
     model = kdeamd_realsize
     pos = centre_positions(spot_positions(live_video.image), model.centre)

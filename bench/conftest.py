@@ -66,7 +66,7 @@ def record(benchmark, cpu: CpuTimes, budget_us: float | None = BUDGET_US) -> dic
 @pytest.fixture(scope="session")
 def live_video():
     """A normal simulated video the benchmarks stream (not in any training set)."""
-    from lhtstream.simulate import simulate_video
+    from lhtstream.io.simulate import simulate_video
 
     return simulate_video(TYPE, 9001, FRAMES)
 
@@ -74,7 +74,7 @@ def live_video():
 @pytest.fixture(scope="session")
 def training_videos():
     """Normal videos of the same type for fitting (fixed seeds)."""
-    from lhtstream.simulate import simulate_video
+    from lhtstream.io.simulate import simulate_video
 
     return [simulate_video(TYPE, 100 + i, FRAMES) for i in range(6 if QUICK else 12)]
 
@@ -82,9 +82,9 @@ def training_videos():
 @pytest.fixture(scope="session")
 def model(training_videos):
     """Our normality model, fitted and calibrated on the training videos."""
-    from lhtstream.detector import calibrate
-    from lhtstream.features import video_features
-    from lhtstream.model import NormalityModel
+    from lhtstream.kernels.features import video_features
+    from lhtstream.model.detector import calibrate
+    from lhtstream.model.normality import NormalityModel
 
     rows = [(TYPE, video_features(np.ascontiguousarray(v.image, dtype=np.uint16),
                                   _obstacles(v))) for v in training_videos]
@@ -96,7 +96,7 @@ def model(training_videos):
 @pytest.fixture(scope="session")
 def kdeamd(training_videos):
     """KDE-AMD with the published best settings (R = C = 35, lambda = 15)."""
-    from lhtstream.kdeamd import KdeAmd, spot_positions
+    from lhtstream.model.kdeamd import KdeAmd, spot_positions
 
     return KdeAmd(rows=35, cols=35, lam=15).fit(
         [spot_positions(v.image) for v in training_videos],
@@ -106,7 +106,7 @@ def kdeamd(training_videos):
 
 def _obstacles(video) -> np.ndarray:
     """Obstacle state 0/1/2 per frame from the video's metadata key frames."""
-    from lhtstream.dataset import obstacle_states
+    from lhtstream.io.dataset import obstacle_states
 
     return obstacle_states(video.metadata).astype(np.int64)
 
@@ -130,7 +130,7 @@ def kdeamd_realsize(training_videos):
     0.05 px jitter) up to the real size: the same geometry, the real point counts.
     Only timing uses this model (its reference histogram is built on few moves).
     """
-    from lhtstream.kdeamd import KdeAmd, spot_positions
+    from lhtstream.model.kdeamd import KdeAmd, spot_positions
 
     pos = [spot_positions(v.image) for v in training_videos]
     obs = [_obstacles(v) for v in training_videos]

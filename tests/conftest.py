@@ -18,7 +18,7 @@ SMALL_TYPES = (1, 3, 20)
 
 @pytest.fixture(scope="session")
 def dataset_factory(tmp_path_factory):
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.simulate import synthesize
 
     cache: dict[tuple, Path] = {}
 

@@ -14,7 +14,8 @@ from tests.processes import _child_env
 
 
 def test_percentiles_of_known_values():
-    from lhtstream.benchmark import LAT_QS, percentiles
+    from lhtstream.base.stats import percentiles
+    from lhtstream.cli.children import LAT_QS
 
     # 1..1000: linear interpolation puts p50 at 500.5, p99 at 990.01, p99.9 at 999.001
     out = percentiles(np.arange(1, 1001, dtype=float), LAT_QS)
@@ -33,7 +34,7 @@ def _result(**over):
 
 
 def test_check_endtoend_flags_loss_and_the_p999_budget():
-    from lhtstream.benchmark import check_endtoend
+    from lhtstream.cli.bench import check_endtoend
 
     assert check_endtoend(_result()) == []
     assert len(check_endtoend(_result(frames_lost=3))) == 1
@@ -51,7 +52,7 @@ def test_check_endtoend_flags_loss_and_the_p999_budget():
 
 
 def test_parse_replay_reads_the_real_replay_exit_lines(tiny_dataset):
-    from lhtstream.benchmark import parse_replay
+    from lhtstream.cli.children import parse_replay
 
     proc = subprocess.run(
         [sys.executable, "-m", "lhtstream.cli", "replay", str(tiny_dataset), "--endpoint",
@@ -67,7 +68,7 @@ def test_parse_replay_reads_the_real_replay_exit_lines(tiny_dataset):
 
 
 def test_parse_replay_without_a_summary_is_an_error():
-    from lhtstream.benchmark import BenchError, parse_replay
+    from lhtstream.cli.children import ChildError, parse_replay
 
-    with pytest.raises(BenchError, match="no summary line"):
+    with pytest.raises(ChildError, match="no summary line"):
         parse_replay("replay: bound tcp://127.0.0.1:5555\n")

@@ -1,4 +1,4 @@
-"""lhtstream.dataset: the seed's own loading code, round trips, validation, safe metadata."""
+"""lhtstream.io.dataset: the seed's own loading code, round trips, validation, safe metadata."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lhtstream.dataset import (
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.dataset import (
     METADATA_FIELDS,
     Dataset,
     DatasetError,
@@ -23,7 +24,6 @@ from lhtstream.dataset import (
     validate,
     write_labels,
 )
-from lhtstream.errors import LhtstreamError
 
 
 def test_seed_loading_snippet_works_on_generated_folder(tiny_dataset, monkeypatch):
@@ -70,8 +70,8 @@ def test_dataset_lists_lazily_sorted_and_loads(small_dataset):
 
 
 def test_round_trip_matches_simulator_output(tmp_path):
-    from lhtstream.simulate import simulate_video, synthesize
-    from lhtstream.simulate.writer import video_seed
+    from lhtstream.io.simulate import simulate_video, synthesize
+    from lhtstream.io.simulate.writer import video_seed
 
     synthesize(tmp_path, types=[5], videos_per_type=2, frames=200, seed=11)
     sim = simulate_video(5, video_seed(11, 5, 2), 200)
@@ -85,7 +85,7 @@ def test_round_trip_matches_simulator_output(tmp_path):
 
 
 def test_obstacle_states_inclusive_windows():
-    from lhtstream.dataset import Video
+    from lhtstream.io.dataset import Video
 
     meta = dict.fromkeys(METADATA_FIELDS, 0)
     meta.update(
@@ -174,7 +174,7 @@ def test_non_numeric_numpy_dtype_in_pickle_refused(tmp_path):
 
 
 def test_metadata_size_bound_and_garbage(tmp_path, monkeypatch):
-    import lhtstream.dataset as dsmod
+    import lhtstream.io.dataset as dsmod
 
     path = tmp_path / "metadata.pkl"
     save_metadata(path, {"0001": {"Index": 1}})

@@ -61,7 +61,7 @@ def test_demo_reports_injected_faults_and_leaves_no_process(tmp_path):
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     """The demo's data and model, prepared once in-process (what the first run does)."""
-    from lhtstream.demo import prepare
+    from lhtstream.cli.demo import prepare
 
     cache = tmp_path_factory.mktemp("demo-cache")
     prepare(cache, quiet=True)
@@ -110,9 +110,9 @@ def test_demo_ctrl_c_stops_children_and_exits_130(demo_cache):
 
 
 def test_demo_cache_is_rebuilt_when_stale(tmp_path, monkeypatch):
-    from lhtstream import demo
-    from lhtstream.model import NormalityModel
-    from lhtstream.simulate import params
+    from lhtstream.cli import demo
+    from lhtstream.io.simulate import params
+    from lhtstream.model.normality import NormalityModel
 
     # a smaller set keeps this fast; changing SETTINGS is itself a cache change
     monkeypatch.setitem(demo.SETTINGS, "train_videos_per_type", 3)
@@ -158,7 +158,7 @@ def test_quick_start_is_the_two_commands():
 
 
 def test_readme_subscriber_example_receives_an_alarm(tmp_path):
-    from lhtstream.protocol import encode
+    from lhtstream.io.protocol import encode
 
     code = re.search(r"```python\n(.*?)```", _section("Subscribing to alarms"), re.S).group(1)
     assert "lhtstream" not in code  # only pyzmq and msgpack

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from lhtstream.detector import (
+from lhtstream.io.simulate import ANOMALY_KINDS, SENSOR_KINDS
+from lhtstream.model.detector import (
     ALARM_KIND_FOR_ANOMALY,
     ALARM_KINDS,
     DEFAULT_CLEAR_FRAMES,
     Detector,
     tail_threshold,
 )
-from lhtstream.model import COMB, INT_LOW, MOVE, N_GROUPS, SENSOR, SLIP, STALL, TRAJ
-from lhtstream.simulate import ANOMALY_KINDS, SENSOR_KINDS
+from lhtstream.model.normality import COMB, INT_LOW, MOVE, N_GROUPS, SENSOR, SLIP, STALL, TRAJ
 
 
 def _det() -> Detector:

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lhtstream import evaluate as E
-from lhtstream import features as F
-from lhtstream.cli import main
-from lhtstream.kdeamd import NOISE_VARIANCE, roc_auc
+from lhtstream.base.stats import poisson_upper, roc_auc, roc_curve
+from lhtstream.cli import commands, main
+from lhtstream.kernels import features as F
+from lhtstream.model.kdeamd import NOISE_VARIANCE
+from lhtstream.service import evaluate as E
+from lhtstream.service import kdeamd_protocol as KP
 from tests.processes import ProcessGroup, ipc_endpoint, wait_until
 
 TYPES = [1, 3]  # no obstacle / two obstacle windows
@@ -24,8 +26,8 @@ FRAMES = 1200
 @pytest.fixture(scope="module")
 def evalset(tmp_path_factory) -> tuple[Path, Path]:
     """(labelled data set, model trained on a separate normal-only set)."""
-    from lhtstream.model import fit_dataset
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.simulate import synthesize
+    from lhtstream.service.training import fit_dataset
 
     root = tmp_path_factory.mktemp("evaluate")
     data = root / "data"
@@ -50,7 +52,7 @@ def _unit(v) -> bool:
 
 
 def test_report_has_every_field_with_sane_values(report, evalset):
-    from lhtstream.dataset import read_labels
+    from lhtstream.io.dataset import read_labels
 
     labels = read_labels(evalset[0])
     n_anom = sum(1 for lab in labels.values() if lab.kind != "normal")
@@ -77,7 +79,7 @@ def test_report_has_every_field_with_sane_values(report, evalset):
     assert len(kp["clean_scores"]) == len(kp["noisy_scores"]) == kp["videos"]
     assert set(kp["clean_scores"]) == set(kp["clean_scores_baseline"])  # same videos
     assert kp["baseline"] == {"rows": 35, "cols": 35, "lambda": 15}  # the paper's setting
-    assert "KDE-AMD 35x35 lambda=15" in E.format_report(report)
+    assert "KDE-AMD 35x35 lambda=15" in commands.format_report(report)
 
 
 def test_obvious_faults_are_detected_with_the_right_kind(report):
@@ -97,7 +99,7 @@ def test_stdout_table_and_no_baseline(evalset, capsys):
 
 
 def test_unlabelled_data_and_unknown_type_are_one_line_errors(evalset, tmp_path, capsys):
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.simulate import synthesize
 
     data, model = evalset
     other = tmp_path / "other"
@@ -116,15 +118,15 @@ def test_roc_auc_equals_pairwise_count():
         pos = np.round(rng.normal(0.7, 1, rng.integers(1, 30)), 1)
         wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
         assert roc_auc(neg, pos) == pytest.approx(wins / (len(neg) * len(pos)))
-    fpr, tpr = E.roc_curve([0.1, 0.2], [0.3, 0.4])
+    fpr, tpr = roc_curve([0.1, 0.2], [0.3, 0.4])
     assert np.trapezoid(tpr, fpr) == pytest.approx(1.0)
 
 
 def test_poisson_upper_bound():
     # zero events: P(0; lam) = exp(-lam) = 0.05 -> lam = ln 20
-    assert E.poisson_upper(0) == pytest.approx(math.log(20.0), rel=1e-6)
+    assert poisson_upper(0) == pytest.approx(math.log(20.0), rel=1e-6)
     # k = 1: (1 + lam) exp(-lam) = 0.05 -> lam ~ 4.744 (standard table value)
-    assert E.poisson_upper(1) == pytest.approx(4.744, abs=1e-3)
+    assert poisson_upper(1) == pytest.approx(4.744, abs=1e-3)
 
 
 def test_detection_window_kinds_and_delays():
@@ -145,21 +147,21 @@ def test_detection_window_kinds_and_delays():
 def test_protocol_perturbs_positions_by_the_published_variance(evalset, monkeypatch):
     """What our model is scored on: clean measurements, and the same with N(0, 0.02) on X/Y
     only, for every normal video, one fold each."""
-    from lhtstream.dataset import Dataset, read_labels
+    from lhtstream.io.dataset import Dataset, read_labels
 
     data, _ = evalset
     labels = read_labels(data)
     videos = [v for v in Dataset(data).videos(types=[1])
               if labels[(v.type, v.name)].kind == "normal"]
     seen: dict[str, list[np.ndarray]] = {}
-    real = E.score_measured
+    real = KP.score_measured
 
     def spy(model, video, timings=None, offset=0):
         seen.setdefault(video.name, []).append(np.array(video.measurements))
         return real(model, video, timings, offset)
 
-    monkeypatch.setattr(E, "score_measured", spy)
-    out = E.kdeamd_protocol(videos, baseline=False)
+    monkeypatch.setattr(KP, "score_measured", spy)
+    out = KP.kdeamd_protocol(videos, baseline=False)
     assert out["videos"] == len(videos) == 3
     diffs = []
     for v in videos:
@@ -196,7 +198,7 @@ def test_plots_need_matplotlib(evalset, tmp_path, capsys):
 def test_monitor_processes_give_the_same_verdict_and_alarms(evalset, report, tmp_path):
     """replay -> monitor (real processes, ZeroMQ, journal) on one anomalous video: the
     journaled verdict score equals evaluate's to the bit, and so do the alarm raises."""
-    from lhtstream.journal import Journal
+    from lhtstream.io.journal import Journal
 
     data, model = evalset
     name = next(k.split("/")[1] for k, v in report["video_scores"].items()

@@ -1,13 +1,13 @@
-"""Tests of lhtstream.features: measurements, tracking, phase, ring buffer, batch == stream."""
+"""lhtstream.kernels.features: measurements, tracking, phase, ring buffer, batch == stream."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lhtstream import features as F
-from lhtstream.dataset import obstacle_states
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.dataset import obstacle_states
+from lhtstream.kernels import features as F
 
 T = 10.0  # threshold used by the hand-built frames
 
@@ -305,7 +305,7 @@ def test_warm_up_compiles_the_writable_and_read_only_frame_kernels():
 
 @pytest.mark.parametrize("type_id", [1, 5, 12, 20, 27, 33])
 def test_phase_within_half_a_frame_of_simulator_truth(type_id):
-    from lhtstream.simulate import simulate_video
+    from lhtstream.io.simulate import simulate_video
 
     sim = simulate_video(type_id, 7, 3000)
     obstacles = obstacle_states(sim.metadata)
@@ -320,7 +320,7 @@ def test_phase_within_half_a_frame_of_simulator_truth(type_id):
 
 
 def test_phase_relocks_after_simulated_frequency_drift():
-    from lhtstream.simulate import simulate_video
+    from lhtstream.io.simulate import simulate_video
 
     sim = simulate_video(20, 5, 4000, anomaly="frequency_drift", windows=[])
     _, onset, end, magnitude = sim.label
@@ -337,7 +337,7 @@ def test_phase_relocks_after_simulated_frequency_drift():
 
 @pytest.mark.parametrize("kind, flag", [("frame_freeze", F.REPEAT), ("camera_dropout", F.EMPTY)])
 def test_sensor_faults_are_flagged_and_the_phase_coasts_through(kind, flag):
-    from lhtstream.simulate import simulate_video
+    from lhtstream.io.simulate import simulate_video
 
     sim = simulate_video(20, 5, 4000, anomaly=kind, windows=[])
     _, onset, end, _ = sim.label

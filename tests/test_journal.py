@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lhtstream.cli import main
-from lhtstream.journal import Journal, JournalError
+from lhtstream.io.journal import Journal, JournalError
 
 
 def alarm(stream: str = "ws1", frame: int = 10, kind: str = "trajectory", **extra) -> dict:
@@ -107,7 +107,7 @@ def test_sigkilled_writer_loses_no_committed_alarm(tmp_path):
     path = tmp_path / "j.sqlite"
     script = textwrap.dedent(f"""
         import sys
-        from lhtstream.journal import Journal
+        from lhtstream.io.journal import Journal
         j = Journal({str(path)!r})
         for i in range(50):
             j.append_alarm(dict(v=1, stream="s", video="v", type=1, frame=i, t_frame_ns=i,

@@ -7,20 +7,22 @@ import math
 import numpy as np
 import pytest
 
-from lhtstream.errors import LhtstreamError
-from lhtstream.kdeamd import (
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.base.stats import roc_auc
+from lhtstream.model.kdeamd import (
     NOISE_SIGMA,
     KdeAmd,
     KdeAmdError,
-    ProtocolVideo,
-    add_position_noise,
     centre_positions,
-    kdeamd_factory,
     kl_divergence,
     measure_frame_cost,
-    roc_auc,
-    run_protocol,
     spot_positions,
+)
+from lhtstream.service.kdeamd_protocol import (
+    ProtocolVideo,
+    add_position_noise,
+    kdeamd_factory,
+    run_protocol,
 )
 
 # ------------------------------------------------------------ positions

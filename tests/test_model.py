@@ -8,9 +8,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from lhtstream.dataset import Dataset, obstacle_states
-from lhtstream.features import INTENSITY, PEAK, video_features
-from lhtstream.model import (
+from lhtstream.io.dataset import Dataset, obstacle_states
+from lhtstream.io.simulate import simulate_video
+from lhtstream.kernels.features import INTENSITY, PEAK, video_features
+from lhtstream.model.normality import (
     COMB,
     GROUPS,
     INT_HIGH,
@@ -19,7 +20,6 @@ from lhtstream.model import (
     ModelError,
     NormalityModel,
 )
-from lhtstream.simulate import simulate_video
 
 FRAMES = 2500
 
@@ -43,7 +43,7 @@ def test_noise_on_positions_raises_video_trajectory_score(model):
     rng = np.random.default_rng(1)
     clean = _rows(1, 50)
     v = simulate_video(1, 50, FRAMES)
-    from lhtstream.features import X, Y, measure_video, track
+    from lhtstream.kernels.features import X, Y, measure_video, track
 
     meas = measure_video(v.image)
     meas[:, X] += rng.normal(0, np.sqrt(0.02), FRAMES)
@@ -64,7 +64,7 @@ def test_noise_on_positions_raises_video_trajectory_score(model):
 
 
 def test_frequency_step_shows_as_cycle_slip_not_as_comb_residual(model):
-    from lhtstream.simulate import Anomaly
+    from lhtstream.io.simulate import Anomaly
 
     v = simulate_video(1, 51, FRAMES, Anomaly("frequency_drift", 1200, 1800, 0.03))
     rows = video_features(v.image, obstacle_states(v.metadata))
@@ -159,7 +159,7 @@ def test_unknown_type_is_not_judged(model):
 
 def test_train_cli_writes_loadable_model(tmp_path, capsys):
     from lhtstream.cli import main
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.simulate import synthesize
 
     synthesize(tmp_path / "data", types=[1], videos_per_type=4, frames=1500, seed=3)
     assert len(list(Dataset(tmp_path / "data").videos())) == 4

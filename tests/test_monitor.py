@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import zmq
 
-from lhtstream import protocol
-from lhtstream.journal import Journal
+from lhtstream.io import protocol
+from lhtstream.io.journal import Journal
 from tests.processes import ProcessGroup, Subscriber, ipc_endpoint, tcp_endpoint
 
-pytest.importorskip("lhtstream.pipeline")
-pytest.importorskip("lhtstream.replay")
+pytest.importorskip("lhtstream.service.pipeline")
+pytest.importorskip("lhtstream.service.replay")
 
 FRAMES = 500
 
@@ -35,7 +35,7 @@ def procs():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.simulate import synthesize
 
     root = tmp_path_factory.mktemp("monitor-data")
     synthesize(root, types=[1], videos_per_type=2, frames=FRAMES, seed=11)
@@ -87,8 +87,8 @@ def final_status(mon, sub: Subscriber) -> dict:
 
 
 def batch_features(data: Path, video_name: str) -> np.ndarray:
-    from lhtstream.dataset import Dataset
-    from lhtstream.features import video_features
+    from lhtstream.io.dataset import Dataset
+    from lhtstream.kernels.features import video_features
 
     video = Dataset(data).video(1, video_name)
     return video_features(video.load(), video.obstacle_states())
@@ -145,7 +145,7 @@ BURST = 2000  # frames per video of the burst data set (2 videos)
 
 @pytest.fixture(scope="module")
 def burst_data(tmp_path_factory) -> Path:
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.simulate import synthesize
 
     root = tmp_path_factory.mktemp("burst-data")
     synthesize(root, types=[1], videos_per_type=2, frames=BURST, seed=12)
@@ -376,7 +376,7 @@ class _EndClearPipeline:
         return ()
 
     def end_video_events(self):
-        from lhtstream.detector import Alarm, Verdict
+        from lhtstream.model.detector import Alarm, Verdict
 
         clear = Alarm("ws1", self.video, self.type, self.frames - 1, 0, "trajectory", "clear",
                       0.5, 1.0, {})
@@ -396,7 +396,7 @@ class _CapturePub:
 
 
 def test_end_of_video_clear_carries_the_last_frames_time(tmp_path):
-    from lhtstream.monitor import Monitor
+    from lhtstream.service.monitor import Monitor
 
     pub = _CapturePub()
     with Journal(tmp_path / "journal.sqlite") as journal:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lhtstream.dataset import obstacle_states
-from lhtstream.detector import ALARM_KIND_FOR_ANOMALY, Alarm, Verdict, calibrate
-from lhtstream.features import video_features
-from lhtstream.model import NormalityModel
-from lhtstream.pipeline import NO_EVENTS, StreamPipeline
-from lhtstream.simulate import ANOMALY_KINDS, simulate_video
+from lhtstream.io.dataset import obstacle_states
+from lhtstream.io.simulate import ANOMALY_KINDS, simulate_video
+from lhtstream.kernels.features import video_features
+from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY, Alarm, Verdict, calibrate
+from lhtstream.model.normality import NormalityModel
+from lhtstream.service.pipeline import NO_EVENTS, StreamPipeline
 
 FRAMES = 3000
 TYPE = 3  # has obstacle windows

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zmq
 
-from lhtstream.errors import LhtstreamError
-from lhtstream.protocol import (
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.protocol import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     FrameEncoder,

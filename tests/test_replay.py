@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from lhtstream.dataset import save_metadata
-from lhtstream.protocol import decode, frame_array
+from lhtstream.io.dataset import save_metadata
+from lhtstream.io.protocol import decode, frame_array
 from tests.processes import ProcessGroup, Subscriber, ipc_endpoint, run_cli, tcp_endpoint
 
 # Two short videos of different ROI sizes; video 0001 has two obstacle windows.
@@ -227,8 +227,8 @@ def test_endpoint_in_use_is_a_one_line_error(procs, dataset, tmp_path):
 
 def test_replays_simulator_output_with_obstacle_windows(procs, tmp_path):
     """The simulator's files (real format, metadata from its pickle) go out unchanged."""
-    from lhtstream.dataset import Dataset
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.dataset import Dataset
+    from lhtstream.io.simulate import synthesize
 
     # Type 3 is a workpiece with two obstacles, so both windows occur in 400 frames.
     synthesize(tmp_path / "sim", types=[3], videos_per_type=2, frames=400, seed=3)

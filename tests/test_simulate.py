@@ -1,4 +1,4 @@
-"""lhtstream.simulate: scan geometry, obstacles, anomalies from their onset, determinism, CLI."""
+"""lhtstream.io.simulate: scan geometry, obstacles, anomalies from their onset, determinism, CLI."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from lhtstream.dataset import Dataset, obstacle_states, read_labels, validate
-from lhtstream.simulate import ANOMALY_KINDS, DEFAULT_MAGNITUDE, Anomaly, simulate_video, synthesize
+from lhtstream.io.dataset import Dataset, obstacle_states, read_labels, validate
+from lhtstream.io.simulate import (
+    ANOMALY_KINDS,
+    DEFAULT_MAGNITUDE,
+    Anomaly,
+    simulate_video,
+    synthesize,
+)
 
 
 def centroid(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,7 +119,7 @@ def test_obstacle_windows_change_the_path_only_inside_their_key_frames():
 
 
 def test_top_obstacle_pattern_avoids_the_obstacle():
-    from lhtstream.simulate import params
+    from lhtstream.io.simulate import params
 
     cfg = params.type_config(2)  # workpiece 1: one "top" window
     assert cfg.obstacles == ("top",)

@@ -12,8 +12,8 @@ too noisy.
     python tools/calibrate_simulator.py --set SCANNER_JITTER_PX=0.08
     python tools/calibrate_simulator.py --sweep SCANNER_JITTER_PX=0.04,0.08,0.12
 
-``--set`` / ``--sweep`` override constants of ``lhtstream.simulate.params`` in
-this process only (every ``lhtstream.simulate`` module holding that name is
+``--set`` / ``--sweep`` override constants of ``lhtstream.io.simulate.params`` in
+this process only (every ``lhtstream.io.simulate`` module holding that name is
 patched), so the simulator's files are never edited. ``--cost`` also times one
 frame's KDE evaluation (``KdeAmd.score_move``) on a type's training set.
 """
@@ -29,24 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from lhtstream.kdeamd import (
-    KdeAmd,
-    ProtocolVideo,
-    kdeamd_factory,
-    measure_frame_cost,
-    run_protocol,
-    spot_positions,
-)
+from lhtstream.base.selection import SelectionError
+from lhtstream.base.selection import parse_types as select_types
+from lhtstream.model.kdeamd import KdeAmd, measure_frame_cost, spot_positions
+from lhtstream.service.kdeamd_protocol import ProtocolVideo, kdeamd_factory, run_protocol
 
 
 def parse_types(text: str) -> list[int]:
     """The CLI's type selection (``1,5,20-36``), as an argparse type."""
-    from lhtstream.cli import UsageError
-    from lhtstream.cli import parse_types as cli_parse_types
-
     try:
-        return cli_parse_types(text)
-    except UsageError as e:
+        return select_types(text)
+    except SelectionError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -58,20 +51,20 @@ def parse_value(text: str):
 
 
 def patch_simulator(overrides: dict[str, object]) -> dict[str, object]:
-    """Set simulator constants in every loaded lhtstream.simulate module; return the old values."""
+    """Set simulator constants in every loaded lhtstream.io.simulate module; return old values."""
     import importlib
     import pkgutil
 
-    import lhtstream.simulate as sim
-    from lhtstream.simulate import params
+    import lhtstream.io.simulate as sim
+    from lhtstream.io.simulate import params
 
     mods = [params, sim]
     for info in pkgutil.iter_modules(sim.__path__):
-        mods.append(importlib.import_module(f"lhtstream.simulate.{info.name}"))
+        mods.append(importlib.import_module(f"lhtstream.io.simulate.{info.name}"))
     old: dict[str, object] = {}
     for name, value in overrides.items():
         if not hasattr(params, name):
-            raise SystemExit(f"calibrate_simulator: lhtstream.simulate.params has no {name}")
+            raise SystemExit(f"calibrate_simulator: lhtstream.io.simulate.params has no {name}")
         old[name] = getattr(params, name)
         for m in mods:
             if hasattr(m, name):
@@ -81,7 +74,7 @@ def patch_simulator(overrides: dict[str, object]) -> dict[str, object]:
 
 def load_videos(root: Path, types: list[int], videos: int | None) -> dict[int, list[ProtocolVideo]]:
     """Normal videos of a data set as protocol series (spot positions + obstacle states)."""
-    from lhtstream.dataset import Dataset, read_labels
+    from lhtstream.io.dataset import Dataset, read_labels
 
     labels = read_labels(root)
     out: dict[int, list[ProtocolVideo]] = {}
@@ -97,7 +90,7 @@ def load_videos(root: Path, types: list[int], videos: int | None) -> dict[int, l
 
 
 def synthesize_set(root: Path, types: list[int], videos: int, frames: int, seed: int) -> None:
-    from lhtstream.simulate import synthesize
+    from lhtstream.io.simulate import synthesize
 
     synthesize(root, types=types, videos_per_type=videos, frames=frames, anomaly_rate=0.0,
                seed=seed)

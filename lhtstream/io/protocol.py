@@ -14,11 +14,6 @@ human-readable view.
 from __future__ import annotations
 
 import functools
-import json
-import math
-import os
-import signal
-import sys
 import time
 from collections.abc import Sequence
 from operator import itemgetter
@@ -26,9 +21,12 @@ from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
+import zmq
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
 
+DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"  #: replay binds, monitors connect
+DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5556"  #: the monitor binds, subscribers connect
 SCHEMA_VERSION = 1
 """Header field ``v``; bumped on any incompatible change."""
 
@@ -360,140 +358,9 @@ def configure_subscriber(socket: Any, topics: Sequence[str] | None = None) -> No
 
     ``topics`` None or empty subscribes to everything. Call before connect.
     """
-    import zmq
 
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     socket.setsockopt(zmq.RCVHWM, 10_000)
     socket.setsockopt(zmq.LINGER, 0)
     for topic in topics or [""]:
         socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
-
-
-# ---------------------------------------------------------------- tap
-
-
-def to_json(message: Message) -> dict[str, Any]:
-    """Header fields plus ``topic`` (frames: no pixels), JSON-safe."""
-    out: dict[str, Any] = {"topic": message.topic}
-    out.update(message.header)
-    return out
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
-
-
-def _num(value: Any, fmt: str = ".0f") -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return format(value, fmt)
-    return str(value)
-
-
-def format_message(message: Message) -> str:
-    """One readable line with the topic's key fields."""
-    h = message.header
-    topic = message.topic
-    where = f"{h.get('stream')} T{h.get('type')}/{h.get('video')}"
-    if topic == "frame":
-        pixels = frame_array(message)
-        return (
-            f"frame   {where} #{h['frame']} seq={h['seq']} obstacle={h['obstacle']} "
-            f"{h['shape'][0]}x{h['shape'][1]} min={int(pixels.min())} max={int(pixels.max())}"
-        )
-    if topic == "video":
-        frames = h["metadata"].get("SizeInFrames", "?")
-        return f"video   {where} {h['event']} frames={frames}"
-    if topic == "status":
-        lat = h["latency_us"]
-        return (
-            f"status  {h['stream']} frames={h['frames']} dropped={h['dropped']} "
-            f"malformed={h['malformed']} latency_us p50={_num(lat['p50'])} "
-            f"p99={_num(lat['p99'])} p999={_num(lat['p999'])} max={_num(lat['max'])} "
-            f"uptime={_num(h['uptime_s'], '.1f')}s"
-        )
-    if topic == "alarm":
-        return (
-            f"alarm   {where} #{h['frame']} {h['state'].upper()} {h['kind']} "
-            f"score={_num(h['score'], '.3g')} threshold={_num(h['threshold'], '.3g')} "
-            f"alarm_seq={h['seq']}"
-        )
-    return (
-        f"verdict {where} frames={h['frames']} score={_num(h['score'], '.3g')} "
-        f"{'ANOMALOUS' if h['anomalous'] else 'normal'} alarms={h['alarms']}"
-    )
-
-
-def tap(
-    endpoint: str,
-    topics: Sequence[str] | None = None,
-    *,
-    as_json: bool = False,
-    count: int | None = None,
-    timeout: float | None = None,
-    out: Any = None,
-    err: Any = None,
-) -> int:
-    """Print messages from ``endpoint`` until ``count`` messages or ``timeout`` seconds.
-
-    Returns the number of valid messages printed. Malformed messages give a
-    warning line on ``err`` (never an exception).
-    """
-    import zmq
-
-    out = out or sys.stdout
-    err = err or sys.stderr
-    context = zmq.Context.instance()
-    socket = context.socket(zmq.SUB)
-    configure_subscriber(socket, topics)
-    printed = 0
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        socket.connect(endpoint)
-        topic_list = ",".join(topics) if topics else "all topics"
-        print(f"tap: listening on {endpoint} ({topic_list})", file=err, flush=True)
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        while count is None or printed < count:
-            wait_ms = 200
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                wait_ms = min(wait_ms, max(1, int(left * 1000)))
-            if not poller.poll(wait_ms):
-                continue
-            parts = socket.recv_multipart()
-            try:
-                message = decode(parts)
-            except ProtocolError as exc:
-                print(f"tap: malformed message ignored: {exc}", file=err, flush=True)
-                continue
-            if as_json:
-                line = json.dumps(to_json(message), default=_json_default, allow_nan=True)
-            else:
-                line = format_message(message)
-            print(line, file=out, flush=True)
-            printed += 1
-    finally:
-        socket.close(linger=0)
-    return printed
-
-
-def run_tap(args: Any) -> int:
-    """CLI handler for ``lhtstream tap``; exits 0 on --count, --timeout, SIGINT or SIGTERM."""
-    def _stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        tap(args.endpoint, args.topic, as_json=args.json, count=args.count, timeout=args.timeout)
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:
-        # `lhtstream tap | head`: the reader left, a normal way to stop; point
-        # stdout at /dev/null so the interpreter's final flush does not fail.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    return 0

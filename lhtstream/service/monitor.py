@@ -16,7 +16,6 @@ array; percentiles are computed once per status interval, not per frame.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import logging
@@ -24,13 +23,22 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io import protocol
+from lhtstream.io.journal import DEFAULT_JOURNAL, Journal
+from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
+from lhtstream.io.simulate import simulate_video
+from lhtstream.kernels import features
+from lhtstream.model.normality import NormalityModel
+from lhtstream.service.pipeline import DEFAULT_CALIBRATION_FRAMES, StreamPipeline
 
 LATENCY_CAPACITY = 1 << 17
 """Latency samples kept per status interval (131 k: > 2 min at 1 kHz); older ones are
@@ -188,9 +196,7 @@ class Monitor:
         model_note: str = "model",
         dump_features: str | None = None,
     ) -> None:
-        import zmq
 
-        from lhtstream import protocol
 
         self._zmq = zmq
         self._protocol = protocol
@@ -309,7 +315,6 @@ class Monitor:
         *protocol* error (e.g. a part above ZMQ_MAXMSGSIZE) does it drop the connection
         for good, and then no retry event follows the DISCONNECTED one.
         """
-        from zmq.utils.monitor import recv_monitor_message
 
         zmq = self._zmq
         while True:
@@ -597,28 +602,27 @@ _VERDICT_WIRE = (
 # ---------------------------------------------------------------- start-up
 
 
-def _pipeline_factory(args: argparse.Namespace) -> tuple[Callable[[str], Any], str, Any]:
+def _pipeline_factory(
+    model_path: str | None, calibration_seconds: float | None
+) -> tuple[Callable[[str], Any], str, Any]:
     """A function making one pipeline per stream, a note on the model, and the model."""
-    from lhtstream.pipeline import StreamPipeline
 
     model = None
-    if args.model:
-        from lhtstream.model import NormalityModel
+    if model_path:
 
         try:
-            model = NormalityModel.load(args.model)
+            model = NormalityModel.load(model_path)
         except LhtstreamError:
             raise
         except Exception as exc:  # a corrupt file must give one line, not a traceback
             raise MonitorError(
-                f"cannot load model {args.model}: {type(exc).__name__}: {exc}"
+                f"cannot load model {model_path}: {type(exc).__name__}: {exc}"
             ) from None
-        note = f"model {args.model}"
+        note = f"model {model_path}"
         calibration_frames = 0
     else:
-        from lhtstream.pipeline import DEFAULT_CALIBRATION_FRAMES
 
-        seconds = args.calibration_seconds
+        seconds = calibration_seconds
         if seconds is None:
             seconds = DEFAULT_CALIBRATION_FRAMES / 1000.0
         calibration_frames = int(round(seconds * 1000))
@@ -645,12 +649,9 @@ def _warm_up(model: Any) -> None:
     else through a tiny self-calibration. A failure here is logged, not fatal: the
     kernels then compile on the first live frames instead.
     """
-    from lhtstream import features
-    from lhtstream.pipeline import StreamPipeline
-    from lhtstream.simulate import simulate_video
 
     features.warm_up()
-    logger = logging.getLogger("lhtstream.pipeline")
+    logger = logging.getLogger("lhtstream.service.pipeline")
     level = logger.level
     logger.setLevel(logging.ERROR)  # the throw-away pipeline's calibration notices are noise
     try:
@@ -679,12 +680,23 @@ def _warm_up(model: Any) -> None:
         logger.setLevel(level)
 
 
-def run_monitor(args: argparse.Namespace) -> int:
-    """CLI handler for ``lhtstream monitor``; returns 0 after SIGINT/SIGTERM."""
-    import zmq
+def serve(
+    *,
+    frames: Sequence[str],
+    publish: str,
+    model: str | None = None,
+    journal: str | None = None,
+    status_interval: float = 1.0,
+    calibration_seconds: float | None = None,
+    dump_features: str | None = None,
+) -> int:
+    """Run the monitor until SIGINT/SIGTERM (then 0): warm up, bind, subscribe, serve.
 
-    from lhtstream import protocol
-    from lhtstream.journal import DEFAULT_JOURNAL, Journal
+    ``frames``: endpoints to connect for frames; ``publish``: the PUB endpoint to bind;
+    ``model``: a model file (None: self-calibrate each stream on ``calibration_seconds``
+    of footage); ``journal``: the SQLite journal path.
+    """
+    frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
 
     t0 = time.monotonic()
     monitor: Monitor | None = None
@@ -702,7 +714,7 @@ def run_monitor(args: argparse.Namespace) -> int:
         logging.basicConfig(
             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
         )
-        make_pipeline, note, model = _pipeline_factory(args)
+        make_pipeline, note, model = _pipeline_factory(model, calibration_seconds)
         _warm_up(model)
         # Everything alive now (modules, compiled kernels, the model) lives as long as
         # the process: move it out of the collector's reach, so the occasional full
@@ -710,12 +722,12 @@ def run_monitor(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         t_warm = time.monotonic() - t0
-        journal = None if stop["flag"] else Journal(args.journal or DEFAULT_JOURNAL)
+        journal_db = None if stop["flag"] else Journal(journal or DEFAULT_JOURNAL)
     except BaseException:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         raise
-    if journal is None:
+    if journal_db is None:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         log("stopped during start-up")
@@ -726,31 +738,31 @@ def run_monitor(args: argparse.Namespace) -> int:
     sub = ctx.socket(zmq.SUB)
     try:
         try:
-            pub.bind(args.publish)
+            pub.bind(publish)
         except zmq.ZMQError as exc:
-            raise MonitorError(f"cannot bind --publish {args.publish}: {exc}") from None
+            raise MonitorError(f"cannot bind --publish {publish}: {exc}") from None
         monitor = Monitor(
             make_pipeline=make_pipeline,
-            journal=journal,
+            journal=journal_db,
             publish=pub,
             subscribe=sub,
-            status_interval=args.status_interval,
+            status_interval=status_interval,
             model_note=note,
-            dump_features=getattr(args, "dump_features", None),
+            dump_features=dump_features,
         )
         # Subscribe only after the kernels are warm: nothing queues while we compile.
         protocol.configure_subscriber(sub, ["frame", "video"])
-        for endpoint in args.frames or ["tcp://127.0.0.1:5555"]:
+        for endpoint in frames:
             try:
                 sub.connect(endpoint)
             except zmq.ZMQError as exc:
                 raise MonitorError(f"cannot connect --frames {endpoint}: {exc}") from None
         monitor.stop_requested = stop["flag"]
-        monitor.watch_connections(args.frames or ["tcp://127.0.0.1:5555"])
+        monitor.watch_connections(frames)
         log(
             f"ready in {time.monotonic() - t0:.2f} s (kernels warm after {t_warm:.2f} s); "
-            f"frames from {', '.join(args.frames or ['tcp://127.0.0.1:5555'])}, publishing on "
-            f"{args.publish}, journal {journal.path} (next alarm seq {journal.next_seq()}); {note}"
+            f"frames from {', '.join(frames)}, publishing on "
+            f"{publish}, journal {journal_db.path} (next alarm seq {journal_db.next_seq()}); {note}"
         )
         monitor.run()
         s = monitor.status(time.monotonic_ns())
@@ -767,5 +779,5 @@ def run_monitor(args: argparse.Namespace) -> int:
             monitor.events.close(0)
         sub.close(0)
         pub.close()
-        journal.close()
+        journal_db.close()
     return 0

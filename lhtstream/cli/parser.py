@@ -12,128 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import zmq
+
 from lhtstream import __version__
-
-DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"
-DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5556"
-
-
-class UsageError(Exception):
-    """A problem with the user's input that deserves a one-line message."""
-
-
-def parse_types(text: str | None) -> list[int] | None:
-    """Parse a type selection like ``1,5,20-36`` into sorted unique ints (1..36)."""
-    if text is None:
-        return None
-    types: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(p) for p in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                types.update(range(lo, hi + 1))
-            else:
-                types.add(int(part))
-        except ValueError:
-            raise UsageError(f"bad type selection {text!r}: use e.g. 1,5,20-36") from None
-    if not types or min(types) < 1 or max(types) > 36:
-        raise UsageError(f"bad type selection {text!r}: types are 1..36")
-    return sorted(types)
-
-
-def parse_names(text: str | None) -> list[str] | None:
-    """Parse a comma-separated list of video names (``0001,0002``)."""
-    if text is None:
-        return None
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-# ---------------------------------------------------------------- commands
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from lhtstream.simulate import synthesize
-
-    summary = synthesize(
-        args.out,
-        types=parse_types(args.types),
-        videos_per_type=args.videos_per_type,
-        frames=args.frames,
-        anomaly_rate=args.anomaly_rate,
-        anomalies=parse_names(args.anomalies),
-        seed=args.seed,
-        full=args.full,
-        progress=sys.stderr.isatty(),
-    )
-    print(summary)
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from lhtstream.dataset import validate
-
-    problems = validate(args.data)
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"{len(problems)} problem(s) in {args.data}", file=sys.stderr)
-        return 1
-    print(f"{args.data}: OK")
-    return 0
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from lhtstream.replay import run_replay
-
-    return run_replay(args)
-
-
-def cmd_monitor(args: argparse.Namespace) -> int:
-    from lhtstream.monitor import run_monitor
-
-    return run_monitor(args)
-
-
-def cmd_tap(args: argparse.Namespace) -> int:
-    from lhtstream.protocol import run_tap
-
-    return run_tap(args)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from lhtstream.model import run_train
-
-    return run_train(args)
-
-
-def cmd_alarms(args: argparse.Namespace) -> int:
-    from lhtstream.journal import run_alarms
-
-    return run_alarms(args)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lhtstream.evaluate import run_evaluate
-
-    return run_evaluate(args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lhtstream.benchmark import run_bench
-
-    return run_bench(args)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from lhtstream.demo import run_demo
-
-    return run_demo(args)
-
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT, DEFAULT_PUBLISH_ENDPOINT
 
 # ---------------------------------------------------------------- parser
 
@@ -166,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds of footage to stream (default: the demo set)",
     )
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(command="demo")
 
     p = sub.add_parser("synth", help="write a synthetic data set in the published format")
     p.add_argument("out", help="output folder (created); TypeN/ folders and labels.csv go inside")
@@ -194,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the real data set's size: 4223 videos, ~63 M frames, tens of GB",
     )
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(command="synth")
 
     p = sub.add_parser(
         "validate", help="check a data set (root or TypeN folder) against the format"
     )
     p.add_argument("data", help="data-set root or one TypeN folder")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(command="validate")
 
     p = sub.add_parser("replay", help="publish videos as a live 1000 fps stream")
     p.add_argument("data", help="data-set root or one TypeN folder")
@@ -232,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip", default=None, help=argparse.SUPPRESS
     )  # test hook: seq numbers not to send
-    p.set_defaults(func=cmd_replay)
+    p.set_defaults(command="replay")
 
     p = sub.add_parser(
         "monitor", help="score frame streams live and publish status, alarms and verdicts"
@@ -273,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dump-features", default=None, help=argparse.SUPPRESS
     )  # test hook: DIR/<stream>.npy of streamed feature rows at exit
-    p.set_defaults(func=cmd_monitor)
+    p.set_defaults(command="monitor")
 
     p = sub.add_parser("tap", help="print messages from a PUB endpoint")
     p.add_argument(
@@ -290,13 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, default=None, help="exit after N messages")
     p.add_argument("--timeout", type=float, default=None, help="exit after S seconds")
-    p.set_defaults(func=cmd_tap)
+    p.set_defaults(command="tap")
 
     p = sub.add_parser("train", help="learn a model of normal operation from normal videos")
     p.add_argument("data", help="data-set root or one TypeN folder")
     p.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
     p.add_argument("--types", default=None, help="types to train on, e.g. 1,5,20-36")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(command="train")
 
     p = sub.add_parser("alarms", help="show alarms live, or from the journal with --history")
     p.add_argument(
@@ -313,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, default=None, help="exit after N alarms (live)")
     p.add_argument("--timeout", type=float, default=None, help="exit after S seconds (live)")
-    p.set_defaults(func=cmd_alarms)
+    p.set_defaults(command="alarms")
 
     p = sub.add_parser("evaluate", help="score a labelled data set through the monitor's code path")
     p.add_argument("data", help="data-set root with labels.csv")
@@ -328,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-baseline", action="store_true", help="skip the KDE-AMD baseline (it is slow)"
     )
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(command="evaluate")
 
     p = sub.add_parser("bench", help="run the benchmark suites and print a summary")
     p.add_argument("--quick", action="store_true", help="short runs (what CI runs)")
@@ -339,24 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds per end-to-end run (default: 60, or 5 with --quick)",
     )
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(command="bench")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    import zmq
+    from lhtstream.cli import commands  # local import: start-up time (numba, ~0.5 s)
 
-    from lhtstream.errors import LhtstreamError
-
+    handler = getattr(commands, f"cmd_{args.command}")
     try:
-        return int(args.func(args) or 0)
+        return int(handler(args) or 0)
     except (
-        UsageError,
         LhtstreamError,
         FileNotFoundError,
         NotADirectoryError,

@@ -34,7 +34,7 @@ import time
 import numpy as np
 from numba import njit
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
 
 # ------------------------------------------------------------------ columns
 

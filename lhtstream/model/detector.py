@@ -1,6 +1,6 @@
 """Detector: per-frame group scores -> alarms (with kinds and hysteresis) and verdicts.
 
-Each score group (`lhtstream.model.GROUPS`) is smoothed by an EWMA with
+Each score group (`lhtstream.model.normality.GROUPS`) is smoothed by an EWMA with
 weight `alpha` (default 0.2: a time constant of ~5 frames, half a scan
 cycle, so a fault shows within two cycles). Process groups only advance on
 frames the model could judge (not empty/repeated, past warm-up); the sensor
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from lhtstream.model import (
+from lhtstream.model.normality import (
     COMB,
     FREQ,
     GROUPS,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lhtstream.simulate.params import CYCLE_FRAMES
+from lhtstream.io.simulate.params import CYCLE_FRAMES
 
 PATTERNS = ("eight", "top", "middle", "bottom")  # index = pattern code used in the arrays
 

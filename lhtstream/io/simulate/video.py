@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from lhtstream.simulate import params as P
-from lhtstream.simulate.anomalies import Anomaly, resolve
-from lhtstream.simulate.camera import render_difference_frames
-from lhtstream.simulate.scanpath import PATTERNS, pattern_vertices, positions
+from lhtstream.io.simulate import params as P
+from lhtstream.io.simulate.anomalies import FREQ_DRIFT_RAMP, Anomaly, resolve
+from lhtstream.io.simulate.camera import render_difference_frames
+from lhtstream.io.simulate.scanpath import PATTERNS, pattern_vertices, positions
 
 
 @dataclass
@@ -124,7 +124,6 @@ def simulate_video(
         elif anom.kind == "pattern_shrink":
             scale_f[sl] *= m
         elif anom.kind == "frequency_drift":
-            from lhtstream.simulate.anomalies import FREQ_DRIFT_RAMP
 
             ramp = np.minimum(1.0, (np.arange(n_span) + 1.0) / FREQ_DRIFT_RAMP)
             rate[sl] *= 1.0 + m * ramp

@@ -19,13 +19,11 @@ monitor takes an exclusive ``flock`` on ``PATH.lock`` to make that so.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import math
 import os
 import sqlite3
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
 
 DEFAULT_JOURNAL = "lhtstream-journal.sqlite"
 JOURNAL_VERSION = 1
@@ -77,16 +75,16 @@ class JournalError(LhtstreamError):
     """The journal file cannot be opened, is not a journal, or is owned by another monitor."""
 
 
-def _json_number(value: Any) -> Any:
+def json_number(value: Any) -> Any:
     """Plain JSON value: numpy scalars to Python, NaN/inf to None (JSON has no NaN)."""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _json_number(v) for k, v in value.items()}
+        return {str(k): json_number(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_number(v) for v in value]
+        return [json_number(v) for v in value]
     return value
 
 
@@ -200,7 +198,7 @@ class Journal:
         ``fields`` holds the protocol's alarm fields except ``seq``; ``features`` is a map
         stored as JSON text.
         """
-        features = json.dumps(_json_number(dict(fields.get("features") or {})), allow_nan=False)
+        features = json.dumps(json_number(dict(fields.get("features") or {})), allow_nan=False)
         cur = self._db.execute(
             "INSERT INTO alarms (wall_time, v, stream, video, type, frame, t_frame_ns, t_alarm_ns,"
             " kind, state, score, threshold, features) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -303,96 +301,3 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def format_alarm(a: Mapping[str, Any]) -> str:
-    """One readable line for an alarm."""
-    score, thr = a.get("score"), a.get("threshold")
-    score_s = "-" if score is None else f"{score:.3g}"
-    thr_s = "-" if thr is None else f"{thr:.3g}"
-    stamp = a.get("time", "")
-    return (
-        f"{stamp + ' ' if stamp else ''}#{a.get('seq')} {str(a.get('state', '')).upper():5} "
-        f"{a.get('kind')} stream={a.get('stream')} type={a.get('type')} video={a.get('video')} "
-        f"frame={a.get('frame')} score={score_s} threshold={thr_s}"
-    )
-
-
-def format_verdict(v: Mapping[str, Any]) -> str:
-    """One readable line for a verdict."""
-    score = v.get("score")
-    return (
-        f"VERDICT {'ANOMALOUS' if v.get('anomalous') else 'normal'} stream={v.get('stream')} "
-        f"type={v.get('type')} video={v.get('video')} frames={v.get('frames')} "
-        f"score={'-' if score is None else f'{score:.3g}'} alarms={v.get('alarms')}"
-    )
-
-
-def _json_line(obj: Mapping[str, Any]) -> str:
-    return json.dumps(_json_number(obj), separators=(",", ":"), allow_nan=False)
-
-
-def _print(line: str) -> None:
-    print(line, flush=True)
-
-
-def run_alarms(args: argparse.Namespace) -> int:
-    """``lhtstream alarms``: live alarms (and verdicts) from a monitor, or ``--history``."""
-    if args.history:
-        with Journal(args.journal or DEFAULT_JOURNAL, writer=False) as journal:
-            for alarm in journal.alarms(since=args.since, stream=args.stream):
-                _print(_json_line(alarm) if args.json else format_alarm(alarm))
-        return 0
-    return _run_live(args)
-
-
-def _run_live(args: argparse.Namespace) -> int:
-    import msgpack
-    import zmq
-
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # alarms are small; never buffer a huge peer message
-    sub.setsockopt(zmq.SUBSCRIBE, b"alarm")
-    sub.setsockopt(zmq.SUBSCRIBE, b"verdict")
-    sub.connect(args.endpoint)
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    seen = 0
-    try:
-        while args.count is None or seen < args.count:
-            wait_ms = 200
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                wait_ms = max(1, min(wait_ms, int(left * 1000)))
-            if not sub.poll(wait_ms):
-                continue
-            parts = sub.recv_multipart()
-            topic = parts[0].decode("ascii", "replace")
-            if topic not in ("alarm", "verdict") or len(parts) < 2:
-                continue
-            try:
-                header = msgpack.unpackb(parts[1], raw=False, strict_map_key=False)
-            except Exception:  # a garbled message must not stop an operator's console
-                print(f"lhtstream alarms: undecodable {topic} message skipped", file=sys.stderr)
-                continue
-            if not isinstance(header, dict):
-                continue
-            if args.stream is not None and header.get("stream") != args.stream:
-                continue
-            if args.json:
-                _print(_json_line({"topic": topic, **header}))
-            else:
-                _print(format_alarm(header) if topic == "alarm" else format_verdict(header))
-            if topic == "alarm":
-                seen += 1
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sub.close(0)
-    return 0

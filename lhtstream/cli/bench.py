@@ -12,7 +12,7 @@
 Per-frame handling latency is the monitor's own measure (done minus the frame's
 ``t_ns``, both ``CLOCK_MONOTONIC``). The monitor only publishes per-interval
 percentiles, so for exact run-wide p99.9 the monitor child is started through
-``python -m lhtstream.benchmark monitor --latency-log FILE ...``: the unchanged
+``python -m lhtstream.cli.bench monitor --latency-log FILE ...``: the unchanged
 ``lhtstream monitor`` code, with its total latency recorder also keeping every
 sample (one array store per frame), saved as ``.npy`` at exit. Alarm delivery
 latency is measured by the subscriber (this process): receipt minus ``t_frame_ns``,
@@ -25,22 +25,38 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import numba
 import numpy as np
+import zmq
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.stats import percentiles
+from lhtstream.cli.children import (
+    DELIVERY_QS,
+    LAT_QS,
+    Child,
+    ChildError,
+    endpoints,
+    monitor_args,
+    parse_replay,
+    short_tempdir,
+)
+from lhtstream.cli.demo import default_cache, prepare
+from lhtstream.cli.parser import main as cli_main
+from lhtstream.io.dataset import Dataset, read_labels
+from lhtstream.kernels.features import video_features
+from lhtstream.model.normality import NormalityModel
+from lhtstream.service import monitor as monitor_service
+from lhtstream.service.pipeline import StreamPipeline
 
 BUDGET_US = 1000.0
 """The hard per-frame budget: one camera frame period at 1000 frames/s."""
@@ -48,163 +64,40 @@ FULL_DATASET_FRAMES = 4223 * 15_000
 """Frames in the real data set (4223 videos x ~15,000 frames)."""
 
 
-class BenchError(LhtstreamError):
+class BenchError(ChildError):
     """A benchmark could not run or its result broke the budget."""
 
 
 # ---------------------------------------------------------------- child processes
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the child when the parent dies (Linux), so nothing is left behind."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux: the parent's finally-blocks still clean up
-        pass
 
 
-class Child:
-    """A ``python -m ...`` child with its stderr/stdout lines collected by threads."""
-
-    def __init__(self, args: Sequence[str], name: str, echo: bool = False) -> None:
-        self.name = name
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # Own session: a terminal Ctrl-C reaches only the parent, which stops the
-        # children in order (monitor after replay) instead of all at once.
-        self.popen = subprocess.Popen(
-            [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, bufsize=1, env=env, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        self.lines: list[str] = []
-        self.echo = echo
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._pump, args=(s,), daemon=True)
-                         for s in (self.popen.stdout, self.popen.stderr)]
-        for t in self._threads:
-            t.start()
-
-    def _pump(self, stream: Any) -> None:
-        for line in stream:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
-            if self.echo:
-                print(f"[{self.name}] {line}", end="", file=sys.stderr)
-        stream.close()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def text(self) -> str:
-        with self._lock:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Wait for an output line matching ``pattern``; BenchError if it exits or times out."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            with self._lock:
-                new = self.lines[seen:]
-            m = _first_match(regex, new)
-            if m:
-                return m
-            seen += len(new)
-            if self.popen.poll() is not None and seen >= len(self.lines):
-                for t in self._threads:
-                    t.join(timeout=2)
-                with self._lock:
-                    rest = self.lines[seen:]
-                m = _first_match(regex, rest)
-                if m:
-                    return m
-                raise BenchError(f"{self.name} exited ({self.popen.returncode}) before "
-                                 f"/{pattern}/:\n{self.text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: /{pattern}/ not seen within {timeout:.0f} s:\n"
-                                 f"{self.text()[-2000:]}")
-            time.sleep(0.02)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait, SIGKILL if needed; output fully collected. Returns the exit code."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-        for t in self._threads:
-            t.join(timeout=5)
-        return self.popen.returncode
 
 
-def _first_match(regex: re.Pattern[str], lines: Sequence[str]) -> re.Match[str] | None:
-    for line in lines:
-        m = regex.search(line)
-        if m:
-            return m
-    return None
 
 
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def endpoints(transport: str, folder: Path) -> tuple[str, str]:
-    """(frames, publish) endpoints: ipc sockets in ``folder`` or two free local TCP ports."""
-    if transport == "ipc":
-        return f"ipc://{folder}/frames", f"ipc://{folder}/out"
-    if transport == "tcp":
-        a = free_tcp_port()
-        b = free_tcp_port()
-        while b == a:
-            b = free_tcp_port()
-        return f"tcp://127.0.0.1:{a}", f"tcp://127.0.0.1:{b}"
-    raise BenchError(f"unknown transport {transport!r}: ipc or tcp")
 
 
-def short_tempdir(prefix: str) -> Path:
-    """A temp folder with a short path (AF_UNIX socket paths are limited to ~107 bytes)."""
-    base = "/tmp" if os.path.isdir("/tmp") else None
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
-def monitor_args(frames: str | Sequence[str], publish: str, model: Path | None, journal: Path,
-                 latency_log: Path | None, status_interval: float = 0.5) -> list[str]:
-    """argv (after the interpreter) of a monitor child, with the latency log when asked."""
-    head = (["-m", "lhtstream.benchmark", "monitor", "--latency-log", str(latency_log)]
-            if latency_log is not None else ["-m", "lhtstream.cli", "monitor"])
-    args = [*head, "--publish", publish, "--journal", str(journal),
-            "--status-interval", str(status_interval)]
-    for f in [frames] if isinstance(frames, str) else frames:
-        args += ["--frames", f]
-    if model is not None:
-        args += ["--model", str(model)]
-    return args
 
 
 # ---------------------------------------------------------------- monitor with latency log
 
 
 def _monitor_with_latency_log(argv: Sequence[str]) -> int:
-    """``python -m lhtstream.benchmark monitor --latency-log FILE <monitor options>``.
+    """``python -m lhtstream.cli.bench monitor --latency-log FILE <monitor options>``.
 
     Runs ``lhtstream monitor`` unchanged except that the monitor's total latency
     recorder also stores every per-frame value (µs) in a preallocated array that
     is written to FILE (``.npy``, float64) when the monitor stops.
     """
-    from lhtstream import cli, monitor
 
     if len(argv) < 2 or argv[0] != "--latency-log":
-        print("usage: python -m lhtstream.benchmark monitor --latency-log FILE [monitor options]",
+        print("usage: python -m lhtstream.cli.bench monitor --latency-log FILE [monitor options]",
               file=sys.stderr)
         return 2
     path, rest = Path(argv[1]), list(argv[2:])
@@ -212,7 +105,7 @@ def _monitor_with_latency_log(argv: Sequence[str]) -> int:
     log = np.zeros(capacity)
     count = [0]
 
-    class LoggingRecorder(monitor.LatencyRecorder):
+    class LoggingRecorder(monitor_service.LatencyRecorder):
         def record(self, micros: float) -> None:
             super().record(micros)
             n = count[0]
@@ -220,15 +113,15 @@ def _monitor_with_latency_log(argv: Sequence[str]) -> int:
                 log[n] = micros
             count[0] = n + 1
 
-    original_init = monitor.Monitor.__init__
+    original_init = monitor_service.Monitor.__init__
 
     def init(self: Any, *a: Any, **kw: Any) -> None:
         original_init(self, *a, **kw)
         self.latency = LoggingRecorder()
 
-    monitor.Monitor.__init__ = init  # type: ignore[method-assign]
+    monitor_service.Monitor.__init__ = init  # type: ignore[method-assign]
     try:
-        code = cli.main(["monitor", *rest])
+        code = cli_main(["monitor", *rest])
     finally:
         n = min(count[0], capacity)
         tmp = path.with_name(path.name + ".part.npy")
@@ -240,34 +133,9 @@ def _monitor_with_latency_log(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------- statistics
 
 
-def percentiles(values: np.ndarray, qs: Sequence[tuple[str, float]]) -> dict[str, float | None]:
-    """Named percentiles (and max) of ``values`` in the same unit, rounded to 0.1."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {**{name: None for name, _ in qs}, "max": None}
-    out: dict[str, float | None] = {
-        name: round(float(np.percentile(v, q)), 1) for name, q in qs
-    }
-    out["max"] = round(float(v.max()), 1)
-    return out
 
 
-LAT_QS = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
-DELIVERY_QS = (("p50", 50.0), ("p99", 99.0))
 
-_SENT = re.compile(r"replay: (?:done|stopped): (\d+) frames on (\d+) stream")
-_JITTER = re.compile(r"pacing jitter p50=(\d+) p99=(\d+) max=(\d+) us over (\d+) ticks")
-
-
-def parse_replay(text: str) -> tuple[int, dict[str, float] | None, float | None]:
-    """(frames sent, jitter {p50,p99,max} µs, seconds) from the replay's exit lines."""
-    m = _SENT.search(text)
-    if not m:
-        raise BenchError(f"replay printed no summary line:\n{text[-2000:]}")
-    j = _JITTER.search(text)
-    jitter = None if not j else {"p50": float(j[1]), "p99": float(j[2]), "max": float(j[3])}
-    s = re.search(r"video\(s\) started, ([\d.]+) s", text)
-    return int(m[1]), jitter, float(s[1]) if s else None
 
 
 # ---------------------------------------------------------------- the bench data set
@@ -275,14 +143,12 @@ def parse_replay(text: str) -> tuple[int, dict[str, float] | None, float | None]
 
 def bench_data(cache: Path | None = None) -> tuple[Path, Path]:
     """(live data root, model path): the demo's data set and model (built once, cached)."""
-    from lhtstream.demo import prepare
 
     prepared = prepare(cache or _default_bench_cache(), quiet=True)
     return prepared.live, prepared.model
 
 
 def _default_bench_cache() -> Path:
-    from lhtstream.demo import default_cache
 
     return default_cache().parent / "bench"
 
@@ -295,7 +161,6 @@ class Run:
 
     def __init__(self, transport: str, model: Path | None, streams_frames: int = 1,
                  status_interval: float = 0.5, echo: bool = False) -> None:
-        import zmq
 
         self.folder = short_tempdir("lht-bench-")
         self.frames_ep, self.publish_ep = endpoints(transport, self.folder)
@@ -333,8 +198,6 @@ class Run:
 
     def pump(self, timeout_ms: int) -> None:
         """Receive what the monitor published for up to ``timeout_ms`` (alarms timed on receipt)."""
-        import msgpack
-        import zmq
 
         if not self.sub.poll(timeout_ms):
             return
@@ -400,7 +263,6 @@ class Run:
 
 def faulty_video_names(data: Path) -> list[str]:
     """Names of the videos that carry an injected fault in some type (labels.csv)."""
-    from lhtstream.dataset import read_labels
 
     return sorted({label.video for label in read_labels(data).values()
                    if label.kind != "normal"})
@@ -520,10 +382,6 @@ def run_batch_throughput(data: Path | None = None, model: Path | None = None,
     Two paths: ``process`` frame by frame (what evaluate's streaming mode does)
     and ``video_features`` in batch + ``process_rows``. Single core.
     """
-    from lhtstream.dataset import Dataset
-    from lhtstream.features import video_features
-    from lhtstream.model import NormalityModel
-    from lhtstream.pipeline import StreamPipeline
 
     if data is None or model is None:
         data, model = bench_data()
@@ -565,7 +423,7 @@ def run_batch_throughput(data: Path | None = None, model: Path | None = None,
 
 def run_micro(quick: bool, json_out: Path) -> dict[str, Any]:
     """Run ``bench/bench_*.py`` (not the end-to-end one) under pytest-benchmark; p50/p99 µs."""
-    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    bench_dir = Path(__file__).resolve().parents[2] / "bench"
     if not bench_dir.is_dir():
         raise BenchError(f"{bench_dir}: micro-benchmarks not found (run from a source checkout)")
     files = sorted(str(p) for p in bench_dir.glob("bench_*.py") if p.name != "bench_endtoend.py")
@@ -590,7 +448,6 @@ def run_micro(quick: bool, json_out: Path) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """What the numbers ran on."""
-    import numba
 
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
@@ -697,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["monitor"]:
         return _monitor_with_latency_log(argv[1:])
-    print("usage: python -m lhtstream.benchmark monitor --latency-log FILE [monitor options]\n"
+    print("usage: python -m lhtstream.cli.bench monitor --latency-log FILE [monitor options]\n"
           "(run the benchmarks with `lhtstream bench`)", file=sys.stderr)
     return 2
 

@@ -14,7 +14,6 @@ schedule.
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
@@ -26,10 +25,16 @@ from typing import Any, TextIO
 import numpy as np
 import zmq
 
-from lhtstream.errors import LhtstreamError
-from lhtstream.protocol import FRAME_DTYPE, MAX_FRAME_SIDE, FrameEncoder, encode
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.dataset import Dataset
+from lhtstream.io.protocol import (
+    DEFAULT_FRAME_ENDPOINT,
+    FRAME_DTYPE,
+    MAX_FRAME_SIDE,
+    FrameEncoder,
+    encode,
+)
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 SEND_HWM = 10_000
 """Frames queued per subscriber before a paced PUB drops (10 s at 1 kHz)."""
 
@@ -182,7 +187,7 @@ def _playlists(videos: list[Any], streams: int) -> list[list[Any]]:
 
 def replay(
     data: Any,
-    endpoint: str = DEFAULT_ENDPOINT,
+    endpoint: str = DEFAULT_FRAME_ENDPOINT,
     *,
     rate: float | None = 1000.0,
     loop: bool = False,
@@ -203,7 +208,6 @@ def replay(
     numbers (per stream) not to send, leaving a gap. Returns when every stream
     has played its playlist (never with ``loop``) or ``stop`` is set.
     """
-    from lhtstream.dataset import Dataset
 
     if streams < 1:
         raise ReplayError(f"--streams must be >= 1, got {streams}")
@@ -351,44 +355,3 @@ def _sender_nodrop(socket: Any, stop: threading.Event) -> Any:
                     return
                 socket.poll(100, zmq.POLLOUT)
     return send
-
-
-def parse_skip(text: str | None) -> list[int]:
-    """``--skip 5,6,100`` -> [5, 6, 100]."""
-    if not text:
-        return []
-    try:
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ReplayError(f"bad --skip {text!r}: use seq numbers like 5,6,100") from None
-
-
-def run_replay(args: Any) -> int:
-    """CLI handler for ``lhtstream replay``; SIGINT/SIGTERM stop cleanly with exit 0."""
-    from lhtstream.cli import parse_names, parse_types
-
-    if str(args.rate).strip().lower() == "max":
-        rate = None
-    else:
-        try:
-            rate = float(args.rate)
-        except ValueError:
-            raise ReplayError(f"bad --rate {args.rate!r}: frames/s or 'max'") from None
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        stats = replay(
-            args.data, args.endpoint, rate=rate, loop=args.loop, types=parse_types(args.types),
-            videos=parse_names(args.videos), streams=args.streams,
-            wait_subscribers=args.wait_subscribers, skip=parse_skip(args.skip), stop=stop,
-        )
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    print(stats.summary(), file=sys.stderr)
-    print(stats.jitter_line(), file=sys.stderr, flush=True)
-    return 0

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
 
 METADATA_FIELDS: tuple[str, ...] = (
     "Index",
@@ -64,9 +64,9 @@ class DatasetError(LhtstreamError, ValueError):
 
 def _numpy_scalar_reconstructor() -> Any:
     try:
-        from numpy._core.multiarray import scalar  # numpy >= 2
+        from numpy._core.multiarray import scalar  # local import: numpy >= 2 (else numpy 1.x)
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]  # local import: numpy 1.x
     return scalar
 
 

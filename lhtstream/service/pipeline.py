@@ -21,17 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from lhtstream import features as F
-from lhtstream.detector import (
-    ALARM_KINDS,
-    K_SENSOR,
-    KIND_OF_GROUP,
-    Alarm,
-    Detector,
-    Verdict,
-    calibrate,
-)
-from lhtstream.features import (
+from lhtstream.kernels import features as F
+from lhtstream.kernels.features import (
     DEFAULT_THRESHOLD,
     MEASURED,
     N_FEATURES,
@@ -40,14 +31,23 @@ from lhtstream.features import (
     RingBuffer,
     track_step,
 )
-from lhtstream.model import (
+from lhtstream.model.detector import (
+    ALARM_KINDS,
+    K_SENSOR,
+    KIND_OF_GROUP,
+    Alarm,
+    Detector,
+    Verdict,
+    calibrate,
+)
+from lhtstream.model.normality import (
     DEFAULT_LEARN_RATE,
     GROUPS,
     N_GROUPS,
     NormalityModel,
 )
 
-log = logging.getLogger("lhtstream.pipeline")
+log = logging.getLogger("lhtstream.service.pipeline")
 
 DEFAULT_CALIBRATION_FRAMES = 10_000  # 10 s at 1 kHz
 HOLDOUT_FRACTION = 0.25
@@ -56,6 +56,12 @@ NO_EVENTS: tuple = ()
 # (name in Alarm.features, feature column) reported with each alarm
 _FEATURE_REPORT = tuple((name.lower(), int(getattr(F, name))) for name in
                         ("X", "Y", "INTENSITY", "PEAK", "AREA", "PHASE", "RATE", "OBSTACLE"))
+
+
+def offline_header(stream: str, video: str, type_id: int) -> dict[str, Any]:
+    """A frame header with the fields the monitor's pipeline reads from the wire (for files)."""
+    return {"stream": stream, "video": str(video), "type": int(type_id), "frame": 0,
+            "t_ns": 0, "obstacle": 0}
 
 
 class StreamPipeline:

@@ -43,16 +43,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.kernels import features as F
 
 FORMAT = "lhtstream-model"
 FORMAT_VERSION = 2  # 2: cycle-comb groups (cycle_residual, cycle_slip) and their arrays
@@ -94,15 +94,13 @@ class ModelError(LhtstreamError):
 
 
 def feature_columns() -> dict[str, int]:
-    """Column indices of the feature row (from `lhtstream.features`)."""
-    from lhtstream import features as F
+    """Column indices of the feature row (from `lhtstream.kernels.features`)."""
 
     return {name: int(getattr(F, name)) for name in _COL_ORDER}
 
 
 def feature_settings() -> dict[str, Any]:
     """The feature-extraction settings a model depends on (checked on load)."""
-    from lhtstream import features as F
 
     settings: dict[str, Any] = {"n_features": int(F.N_FEATURES), "columns": feature_columns()}
     for name in ("THRESHOLD", "DEFAULT_THRESHOLD"):
@@ -941,102 +939,3 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------ data-set helpers
-
-
-def normal_videos(root: str | Path, types: list[int] | None = None) -> Iterator:
-    """Videos labelled normal in labels.csv (all videos when there is no labels.csv)."""
-    from lhtstream.dataset import Dataset, read_labels
-
-    labels = read_labels(root)
-    for video in Dataset(root).videos(types=types):
-        label = labels.get((video.type, video.name))
-        if label is None or label.kind == "normal":
-            yield video
-
-
-def video_rows(video) -> np.ndarray:
-    """Feature rows of one data-set video (the batch form of the streaming path)."""
-    from lhtstream.features import video_features
-
-    return video_features(video.load(), video.obstacle_states())
-
-
-def split_holdout(videos: list, every: int = 4) -> tuple[list, list]:
-    """Every `every`-th video of each type is held out for calibration (>= 1 per type
-    when a type has at least two videos)."""
-    by_type: dict[int, list] = {}
-    for v in videos:
-        by_type.setdefault(v[0], []).append(v)
-    train, held = [], []
-    for _t, vs in sorted(by_type.items()):
-        if len(vs) < 2:
-            train.extend(vs)
-            continue
-        out = {i for i in range(len(vs)) if i % every == every - 1} or {len(vs) - 1}
-        for i, v in enumerate(vs):
-            (held if i in out else train).append(v)
-    return train, held
-
-
-def fit_dataset(root: str | Path, types: list[int] | None = None, holdout_every: int = 4,
-                phase_bins: int = DEFAULT_PHASE_BINS, fa_per_hour: float = 1.0,
-                progress: Callable[[str], None] | None = None) -> NormalityModel:
-    """Fit on a data set's normal videos and calibrate detector thresholds on held-out ones."""
-    from lhtstream.detector import calibrate
-
-    loaded: list[tuple[int, np.ndarray]] = []
-    vids = list(normal_videos(root, types))
-    if not vids:
-        raise ModelError(f"{root}: no normal videos to train on")
-    for i, video in enumerate(vids):
-        loaded.append((video.type, video_rows(video)))
-        if progress:
-            progress(f"features {i + 1}/{len(vids)}: Type{video.type}/{video.name}")
-    train, held = split_holdout(loaded, holdout_every)
-    if not held:  # one video per type: hold out nothing, calibrate on the training data
-        held = train
-    if progress:
-        progress(f"fitting on {len(train)} videos, calibrating on {len(held)} held out")
-    model = NormalityModel.fit(train, phase_bins=phase_bins)
-    calibrate(model, held, fa_per_hour=fa_per_hour)
-    model.training["heldout_videos"] = len(held)
-    model.training["heldout_frames"] = int(sum(len(r) for _, r in held))
-    model.training["data"] = str(root)
-    return model
-
-
-def summary(model: NormalityModel) -> str:
-    """Readable account of what a model learned."""
-    tr, cal = model.training, model.calibration
-    lines = [
-        f"types: {','.join(str(t) for t in model.types.tolist())}",
-        f"training: {tr.get('videos', '?')} videos, {tr.get('frames', '?')} frames; "
-        f"held out: {tr.get('heldout_videos', '?')} videos, {tr.get('heldout_frames', '?')} frames",
-        f"phase bins: {model.phase_bins}; judged cells: "
-        f"{int(model.valid.sum())}/{model.valid.size}",
-    ]
-    if cal:
-        thr = cal.get("raise", {})
-        lines.append("thresholds (smoothed score): "
-                     + ", ".join(f"{g}={thr.get(g, float('nan')):.3g}" for g in GROUPS))
-        lines.append(f"video score threshold: {cal.get('video', float('nan')):.4g}")
-        lines.append(f"held-out false alarms: {cal.get('heldout_alarms', '?')} in "
-                     f"{cal.get('heldout_hours', 0.0) * 3600:.1f} s of footage")
-    return "\n".join(lines)
-
-
-def run_train(args) -> int:
-    """`lhtstream train DATA [--types ...] -o MODEL`."""
-    from lhtstream.cli import parse_types
-
-    def progress(msg: str) -> None:
-        print(f"train: {msg}", file=sys.stderr, flush=True)
-
-    model = fit_dataset(args.data, types=parse_types(args.types), progress=progress)
-    out = model.save(args.output)
-    print(summary(model))
-    print(f"model written to {out}")
-    return 0

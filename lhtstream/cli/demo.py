@@ -28,9 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
+import zmq
 
-from lhtstream.errors import LhtstreamError
+import lhtstream
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.base.stats import percentiles
+from lhtstream.cli.children import LAT_QS, Child, monitor_args, parse_replay, short_tempdir
+from lhtstream.io.dataset import read_labels
+from lhtstream.io.simulate import anomalies, params, synthesize
+from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
+from lhtstream.model.normality import NormalityModel
+from lhtstream.service.training import fit_dataset
 
 # The demo set. The cache is keyed on these, the lhtstream version and a fingerprint
 # of the simulator and of the training code (`cache_keys`): change any and the next
@@ -55,7 +65,10 @@ INTERRUPTED_EXIT = 130
 """Exit status after Ctrl-C (128 + SIGINT, the shell convention); 0 after a full run."""
 
 # Modules whose code decides what the trained model contains.
-_TRAINING_MODULES = ("features", "model", "detector", "pipeline")
+# Everything a model's behaviour depends on: the kernels, the model layer, and the
+# services that fit it and run it per frame.
+_TRAINING_PACKAGES = ("kernels", "model")
+_TRAINING_MODULES = ("service/pipeline.py", "service/training.py")
 
 
 class DemoError(LhtstreamError):
@@ -101,24 +114,23 @@ def cache_keys() -> dict[str, str]:
     """``{"data": ..., "model": ...}`` hex digests the cached data and model are valid for.
 
     data: demo `SETTINGS`, lhtstream version, the simulator's source files and the
-    current values of its parameters (``lhtstream.simulate.params``, ``.anomalies``).
+    current values of its parameters (``lhtstream.io.simulate.params``, ``.anomalies``).
     model: the data key plus the source of the feature, model, detector and pipeline
     modules (a retrain is cheap; training on stale code is silently wrong).
     """
-    import importlib
 
-    import lhtstream
-    from lhtstream.simulate import anomalies, params
 
     package = Path(lhtstream.__file__).parent
     data = hashlib.sha256(json.dumps({
         "settings": SETTINGS,
         "lhtstream": lhtstream.__version__,
-        "simulator_sources": _sources_digest(list((package / "simulate").glob("*.py"))),
+        "simulator_sources": _sources_digest(list((package / "io" / "simulate").glob("*.py"))),
         "simulator_params": _constants_digest(params, anomalies),
     }, sort_keys=True).encode()).hexdigest()
-    training = [Path(importlib.import_module(f"lhtstream.{m}").__file__)
-                for m in _TRAINING_MODULES]
+    training = sorted(
+        [p for layer in _TRAINING_PACKAGES for p in (package / layer).rglob("*.py")]
+        + [package / m for m in _TRAINING_MODULES]
+    )
     model = hashlib.sha256((data + _sources_digest(training)).encode()).hexdigest()
     return {"data": data, "model": model}
 
@@ -131,8 +143,6 @@ def prepare(cache: Path, quiet: bool = False) -> Prepared:
     the model retrained; a stale model, or one that no longer loads (e.g. an older
     model format), is retrained on the cached data.
     """
-    from lhtstream.model import fit_dataset
-    from lhtstream.simulate import synthesize
 
     cache = Path(cache)
     train, live, model = cache / "train", cache / "live", cache / "model.npz"
@@ -178,7 +188,6 @@ def prepare(cache: Path, quiet: bool = False) -> Prepared:
 
 def _loads(model: Path) -> bool:
     """True when the cached model loads with this version of lhtstream (else retrain)."""
-    from lhtstream.model import NormalityModel
 
     try:
         NormalityModel.load(model)
@@ -200,7 +209,6 @@ def _match(labels: dict, alarms: list[dict], verdicts: list[dict]) -> list[dict[
     ``other`` (a fault often disturbs more than one feature). Frames are the
     video's frame indices.
     """
-    from lhtstream.detector import ALARM_KIND_FOR_ANOMALY
 
     by_video: dict[tuple[int, str], list[dict]] = {}
     for a in alarms:
@@ -301,18 +309,7 @@ def run_demo(args: Any) -> int:
     monitor, removes the temp folder with the ipc sockets, prints a partial
     summary and returns `INTERRUPTED_EXIT` (130).
     """
-    import msgpack
-    import zmq
 
-    from lhtstream.benchmark import (
-        LAT_QS,
-        Child,
-        monitor_args,
-        parse_replay,
-        percentiles,
-        short_tempdir,
-    )
-    from lhtstream.dataset import read_labels
 
     t_start = time.monotonic()
     cache = Path(args.cache) if getattr(args, "cache", None) else default_cache()

@@ -10,7 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lhtstream.errors import LhtstreamError
+import numpy as np
+
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.base.stats import roc_curve
 
 #: Most timeline figures written (anomalous videos first, then normal ones with alarms).
 MAX_TIMELINES = 40
@@ -23,20 +26,18 @@ class PlotsError(LhtstreamError):
 def require_matplotlib() -> Any:
     """Import matplotlib with a headless backend, or raise a one-line `PlotsError`."""
     try:
-        import matplotlib
+        import matplotlib  # local import: optional dependency (the plots extra)
     except ImportError:
         raise PlotsError("--plots needs matplotlib: pip install 'lhtstream[plots]' "
                          "(or pip install matplotlib)") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local import: optional dependency
 
     return plt
 
 
 def plot_roc(report: dict[str, Any], path: Path) -> Path:
     """ROC curves of the verdict score (normal vs anomalous) and of the KDE-AMD protocol."""
-    from lhtstream.evaluate import roc_curve
-
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(5, 5))
     scores = report["video_scores"]
@@ -65,8 +66,6 @@ def plot_roc(report: dict[str, Any], path: Path) -> Path:
 
 def plot_timeline(result: Any, path: Path) -> Path:
     """One video's alarm level per frame (max smoothed score / raise threshold), raises marked."""
-    import numpy as np
-
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(9, 3))
     level = np.asarray(result.level, dtype=np.float64)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lhtstream.dataset import Label, load_metadata, read_labels, save_metadata, write_labels
-from lhtstream.errors import LhtstreamError
-from lhtstream.simulate.anomalies import ANOMALY_KINDS
-from lhtstream.simulate.video import simulate_video
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.dataset import Label, load_metadata, read_labels, save_metadata, write_labels
+from lhtstream.io.simulate.anomalies import ANOMALY_KINDS
+from lhtstream.io.simulate.video import simulate_video
 
 # Real per-type video counts (seed document).
 REAL_COUNTS = {t: 109 for t in range(1, 10)}

@@ -10,35 +10,28 @@ next-frame position of training moves starting there -> per video histogram of
 move -log densities -> anomaly score = KL(video histogram || mean training
 histogram).
 
-Also here: the evaluation protocol (leave-one-out within a type, clean vs
-Gaussian position noise of variance 0.02 px^2) with a pluggable scorer, and a
-rank-based ROC AUC. Units: positions in pixels (x = column, y = row), time in
-frames, costs in microseconds.
+The evaluation protocol (leave-one-out within a type, clean vs Gaussian
+position noise) is in `lhtstream.service.kdeamd_protocol`. Units: positions
+in pixels (x = column, y = row), time in frames, costs in microseconds.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from lhtstream.errors import LhtstreamError
+from lhtstream.base.errors import LhtstreamError
 
 __all__ = [
     "DEFAULT_CENTRE",
     "KdeAmd",
     "KdeAmdError",
-    "ProtocolResult",
-    "ProtocolVideo",
-    "add_position_noise",
     "centre_positions",
-    "kdeamd_factory",
     "kl_divergence",
     "measure_frame_cost",
-    "roc_auc",
-    "run_protocol",
     "spot_positions",
 ]
 
@@ -380,140 +373,16 @@ class KdeAmd:
 # --------------------------------------------------------------- protocol
 
 
-def roc_auc(scores_neg: Sequence[float] | np.ndarray, scores_pos: Sequence[float] | np.ndarray
-            ) -> float:
-    """ROC AUC = P(pos score > neg score) + 0.5 P(tie), by ranks (Mann-Whitney U).
-
-    ``scores_neg`` are the normal items, ``scores_pos`` the anomalous ones;
-    higher score = more anomalous. Returns NaN when either side is empty.
-    """
-    neg = np.asarray(scores_neg, dtype=np.float64).ravel()
-    pos = np.asarray(scores_pos, dtype=np.float64).ravel()
-    if neg.size == 0 or pos.size == 0:
-        return float("nan")
-    allv = np.concatenate([neg, pos])
-    order = np.argsort(allv, kind="mergesort")
-    sv = allv[order]
-    ranks = np.empty(allv.size)
-    # Average rank over ties (1-based).
-    _, first, counts = np.unique(sv, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2.0
-    return float(u / (neg.size * pos.size))
 
 
-@dataclass(frozen=True)
-class ProtocolVideo:
-    """One normal video as the protocol sees it.
-
-    ``measurements`` is ``(frames, k)`` float64; columns ``xy`` hold the
-    extracted spot position (px) that the protocol perturbs. For KDE-AMD it is
-    just ``spot_positions(video)``; another model can pass its own per-frame
-    measurement matrix (e.g. ``lhtstream.features`` measurements with
-    ``xy=(features.X, features.Y)``) and rebuild whatever it derives from them.
-    """
-
-    type: int
-    name: str
-    measurements: np.ndarray
-    obstacles: np.ndarray
-    xy: tuple[int, int] = (0, 1)
-
-    @property
-    def positions(self) -> np.ndarray:
-        return self.measurements[:, list(self.xy)]
 
 
-#: A scorer factory: given a type and its training videos, return a function
-#: that scores one video (higher = more anomalous).
-ScorerFactory = Callable[[int, Sequence[ProtocolVideo]], Callable[[ProtocolVideo], float]]
 
 
-def add_position_noise(
-    video: ProtocolVideo, sigma: float = NOISE_SIGMA, seed: int = 0
-) -> ProtocolVideo:
-    """The video with independent N(0, sigma^2) px noise on x and y of every frame.
-
-    The noise depends only on (seed, type, name), so every model evaluated with
-    the same seed sees exactly the same noisy videos.
-    """
-    key = [int(seed), int(video.type)] + [ord(ch) for ch in video.name]
-    rng = np.random.default_rng(np.random.SeedSequence(key))
-    m = np.array(video.measurements, dtype=np.float64, copy=True)
-    cols = list(video.xy)
-    m[:, cols] += rng.normal(0.0, sigma, size=(m.shape[0], 2))
-    return ProtocolVideo(video.type, video.name, m, video.obstacles, video.xy)
 
 
-@dataclass
-class ProtocolResult:
-    """Scores and AUCs of one protocol run."""
-
-    auc: float  # pooled over all types
-    per_type: dict[int, float]
-    clean: dict[tuple[int, str], float] = field(default_factory=dict)
-    noisy: dict[tuple[int, str], float] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {
-            "auc": self.auc,
-            "per_type": {str(k): v for k, v in self.per_type.items()},
-            "videos": len(self.clean),
-            "seconds": self.seconds,
-        }
 
 
-def run_protocol(
-    videos_by_type: Mapping[int, Sequence[ProtocolVideo]],
-    score_fn_factory: ScorerFactory,
-    sigma: float = NOISE_SIGMA,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> ProtocolResult:
-    """The KDE-AMD evaluation protocol, for any scorer.
-
-    For each type and each of its normal videos v: fit on the type's other
-    videos (``score_fn_factory(type, others)``), score v clean and v with
-    position noise (``add_position_noise(v, sigma, seed)``). The pooled AUC
-    compares all clean scores (negatives) with all noisy ones (positives).
-    Types with fewer than 2 videos are skipped.
-    """
-    t0 = time.perf_counter()
-    clean: dict[tuple[int, str], float] = {}
-    noisy: dict[tuple[int, str], float] = {}
-    per_type: dict[int, float] = {}
-    for type_id in sorted(videos_by_type):
-        vids = list(videos_by_type[type_id])
-        if len(vids) < 2:
-            continue
-        tc, tn = [], []
-        for i, v in enumerate(vids):
-            scorer = score_fn_factory(type_id, vids[:i] + vids[i + 1 :])
-            tc.append(float(scorer(v)))
-            tn.append(float(scorer(add_position_noise(v, sigma, seed))))
-            clean[(type_id, v.name)] = tc[-1]
-            noisy[(type_id, v.name)] = tn[-1]
-        per_type[type_id] = roc_auc(tc, tn)
-        if progress is not None:
-            progress(f"type {type_id}: auc {per_type[type_id]:.3f} ({len(vids)} videos)")
-    auc = roc_auc(list(clean.values()), list(noisy.values()))
-    return ProtocolResult(auc, per_type, clean, noisy, time.perf_counter() - t0)
-
-
-def kdeamd_factory(**params) -> ScorerFactory:
-    """Scorer factory for ``run_protocol`` running KDE-AMD with ``KdeAmd(**params)``."""
-
-    def factory(
-        type_id: int, training: Sequence[ProtocolVideo]
-    ) -> Callable[[ProtocolVideo], float]:
-        model = KdeAmd(**params).fit(
-            [v.positions for v in training], [v.obstacles for v in training]
-        )
-        return lambda v: model.score(v.positions, v.obstacles)
-
-    return factory
 
 
 def measure_frame_cost(

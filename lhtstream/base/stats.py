@@ -1,0 +1,76 @@
+"""Small statistics shared by evaluation, benchmarks and the view: ROC, percentiles, Poisson."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def roc_auc(scores_neg: Sequence[float] | np.ndarray, scores_pos: Sequence[float] | np.ndarray
+            ) -> float:
+    """ROC AUC = P(pos score > neg score) + 0.5 P(tie), by ranks (Mann-Whitney U).
+
+    ``scores_neg`` are the normal items, ``scores_pos`` the anomalous ones;
+    higher score = more anomalous. Returns NaN when either side is empty.
+    """
+    neg = np.asarray(scores_neg, dtype=np.float64).ravel()
+    pos = np.asarray(scores_pos, dtype=np.float64).ravel()
+    if neg.size == 0 or pos.size == 0:
+        return float("nan")
+    allv = np.concatenate([neg, pos])
+    order = np.argsort(allv, kind="mergesort")
+    sv = allv[order]
+    ranks = np.empty(allv.size)
+    # Average rank over ties (1-based).
+    _, first, counts = np.unique(sv, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (neg.size * pos.size))
+
+
+def poisson_upper(k: int, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound on a Poisson mean after observing `k` events."""
+    alpha = 1.0 - confidence
+
+    def cdf(lam: float) -> float:
+        term = math.exp(-lam)
+        total = term
+        for i in range(1, k + 1):
+            term *= lam / i
+            total += term
+        return total
+
+    lo, hi = float(k), float(k) + 10.0 * math.sqrt(k + 1) + 10.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if cdf(mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def roc_curve(neg: Sequence[float], pos: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) over all thresholds, from (0,0) to (1,1)."""
+    neg = np.asarray(neg, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64)
+    thr = np.unique(np.concatenate([neg, pos]))[::-1]
+    fpr = np.array([0.0] + [float((neg >= t).mean()) if len(neg) else 0.0 for t in thr])
+    tpr = np.array([0.0] + [float((pos >= t).mean()) if len(pos) else 0.0 for t in thr])
+    return fpr, tpr
+
+
+def percentiles(values: np.ndarray, qs: Sequence[tuple[str, float]]) -> dict[str, float | None]:
+    """Named percentiles (and max) of ``values`` in the same unit, rounded to 0.1."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {**{name: None for name, _ in qs}, "max": None}
+    out: dict[str, float | None] = {
+        name: round(float(np.percentile(v, q)), 1) for name, q in qs
+    }
+    out["max"] = round(float(v.max()), 1)
+    return out
+

@@ -1,0 +1,5 @@
+import sys
+
+from lhtstream.cli.parser import main
+
+sys.exit(main())

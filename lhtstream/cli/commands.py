@@ -1,0 +1,284 @@
+"""Every subcommand's handler: parse what the user typed, call the library, print.
+
+`lhtstream.cli.parser` builds the parser and imports this module only once a
+subcommand runs (it imports numba: ~0.5 s that `--help` should not pay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lhtstream.base.selection import parse_names, parse_types
+from lhtstream.cli.bench import run_bench
+from lhtstream.cli.demo import run_demo
+from lhtstream.cli.plots import require_matplotlib, write_plots
+from lhtstream.cli.subscribers import run_alarms, run_tap
+from lhtstream.io.dataset import validate
+from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
+from lhtstream.io.simulate import synthesize
+from lhtstream.model.normality import GROUPS, NormalityModel
+from lhtstream.service.evaluate import evaluate
+from lhtstream.service.monitor import serve
+from lhtstream.service.replay import ReplayError, replay
+from lhtstream.service.training import fit_dataset
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    summary = synthesize(
+        args.out,
+        types=parse_types(args.types),
+        videos_per_type=args.videos_per_type,
+        frames=args.frames,
+        anomaly_rate=args.anomaly_rate,
+        anomalies=parse_names(args.anomalies),
+        seed=args.seed,
+        full=args.full,
+        progress=sys.stderr.isatty(),
+    )
+    print(summary)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    problems = validate(args.data)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.data}", file=sys.stderr)
+        return 1
+    print(f"{args.data}: OK")
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """``lhtstream monitor``; returns 0 after SIGINT/SIGTERM."""
+    return serve(
+        frames=args.frames or [DEFAULT_FRAME_ENDPOINT],
+        publish=args.publish,
+        model=args.model,
+        journal=args.journal,
+        status_interval=args.status_interval,
+        calibration_seconds=args.calibration_seconds,
+        dump_features=getattr(args, "dump_features", None),
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return run_bench(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(args)
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    return run_tap(args)
+
+
+def cmd_alarms(args: argparse.Namespace) -> int:
+    return run_alarms(args)
+
+
+def parse_skip(text: str | None) -> list[int]:
+    """``--skip 5,6,100`` -> [5, 6, 100]."""
+    if not text:
+        return []
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ReplayError(f"bad --skip {text!r}: use seq numbers like 5,6,100") from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``lhtstream replay``; SIGINT/SIGTERM stop cleanly with exit 0."""
+    if str(args.rate).strip().lower() == "max":
+        rate = None
+    else:
+        try:
+            rate = float(args.rate)
+        except ValueError:
+            raise ReplayError(f"bad --rate {args.rate!r}: frames/s or 'max'") from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = replay(
+            args.data, args.endpoint, rate=rate, loop=args.loop, types=parse_types(args.types),
+            videos=parse_names(args.videos), streams=args.streams,
+            wait_subscribers=args.wait_subscribers, skip=parse_skip(args.skip), stop=stop,
+        )
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(stats.summary(), file=sys.stderr)
+    print(stats.jitter_line(), file=sys.stderr, flush=True)
+    return 0
+
+
+def model_summary(model: NormalityModel) -> str:
+    """Readable account of what a model learned."""
+    tr, cal = model.training, model.calibration
+    lines = [
+        f"types: {','.join(str(t) for t in model.types.tolist())}",
+        f"training: {tr.get('videos', '?')} videos, {tr.get('frames', '?')} frames; "
+        f"held out: {tr.get('heldout_videos', '?')} videos, {tr.get('heldout_frames', '?')} frames",
+        f"phase bins: {model.phase_bins}; judged cells: "
+        f"{int(model.valid.sum())}/{model.valid.size}",
+    ]
+    if cal:
+        thr = cal.get("raise", {})
+        lines.append("thresholds (smoothed score): "
+                     + ", ".join(f"{g}={thr.get(g, float('nan')):.3g}" for g in GROUPS))
+        lines.append(f"video score threshold: {cal.get('video', float('nan')):.4g}")
+        lines.append(f"held-out false alarms: {cal.get('heldout_alarms', '?')} in "
+                     f"{cal.get('heldout_hours', 0.0) * 3600:.1f} s of footage")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`lhtstream train DATA [--types ...] -o MODEL`."""
+    def progress(msg: str) -> None:
+        print(f"train: {msg}", file=sys.stderr, flush=True)
+
+    model = fit_dataset(args.data, types=parse_types(args.types), progress=progress)
+    out = model.save(args.output)
+    print(model_summary(model))
+    print(f"model written to {out}")
+    return 0
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a tty, else at most every few s."""
+
+    def __init__(self, stream: Any = None, interval: float = 5.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval
+        self._last = -math.inf
+        self._width = 0
+
+    def __call__(self, message: str) -> None:
+        if self.tty:
+            pad = max(self._width - len(message), 0)
+            self.stream.write("\r" + message + " " * pad)
+            self._width = len(message)
+            self.stream.flush()
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            print(message, file=self.stream, flush=True)
+
+    def done(self, message: str) -> None:
+        """A line that stays (end of a stage)."""
+        if self.tty:
+            self(message)
+            self.stream.write("\n")
+            self._width = 0
+            self.stream.flush()
+        else:
+            print(message, file=self.stream, flush=True)
+            self._last = time.monotonic()
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, fmt)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a readable text table."""
+    lines = [
+        f"videos: {report['videos']} ({report['normal_videos']} normal, "
+        f"{report['anomalous_videos']} anomalous)",
+        f"auc_videos (verdict score, normal vs anomalous): {_f(report['auc_videos'])}",
+        "",
+        f"{'anomaly kind':<28}{'videos':>7}{'expected':>16}{'detected':>10}{'any kind':>10}"
+        f"{'delay med':>11}{'delay p95':>11}{'auc':>7}",
+    ]
+    for kind, k in report["per_kind"].items():
+        lines.append(
+            f"{kind:<28}{k['videos']:>7}{k['expected_alarm_kind'] or '-':>16}"
+            f"{_f(k['detected_fraction'], '.2f'):>10}"
+            f"{_f(k['detected_any_kind_fraction'], '.2f'):>10}"
+            f"{_f(k['delay_frames_median'], '.0f'):>11}{_f(k['delay_frames_p95'], '.0f'):>11}"
+            f"{_f(k['auc_vs_normal'], '.3f'):>7}")
+    lines += [
+        "",
+        f"false alarms on normal videos: {report['false_alarms']} in "
+        f"{report['footage_hours'] * 3600:.0f} s of footage = "
+        f"{_f(report['false_alarms_per_hour'], '.2f')} /hour "
+        f"(95% upper bound {_f(report['false_alarms_per_hour_upper95'], '.1f')} /hour)"
+        + (f"; by kind {report['false_alarms_by_kind']}" if report["false_alarms_by_kind"]
+           else ""),
+    ]
+    mf = report.get("monitor_frame_us")
+    if mf:
+        lines.append(f"monitor path per frame (features + model + detector, Python call): "
+                     f"median {mf['median']:.1f} µs, p99 {mf['p99']:.1f} µs")
+    kp = report.get("kdeamd_protocol")
+    if kp and "auc" in kp:
+        lines += [
+            "",
+            f"KDE-AMD protocol ({kp['videos']} normal videos, {kp['types']} types, "
+            f"{kp['folds']}, noise variance {kp['noise_variance_px2']} px^2):",
+            f"  {'method':<24}{'pooled AUC':>12}{'µs/frame':>10}",
+            f"  {'lhtstream (ours)':<24}{_f(kp['auc']):>12}{_f(kp['cost_us'], '.1f'):>10}",
+        ]
+        if kp.get("auc_baseline") is not None:
+            g = kp["baseline"]
+            name = f"KDE-AMD {g['rows']}x{g['cols']} lambda={g['lambda']}"
+            lines.append(f"  {name:<24}{_f(kp['auc_baseline']):>12}"
+                         f"{_f(kp['cost_us_baseline'], '.1f'):>10}")
+    elif kp:
+        lines.append(f"KDE-AMD protocol skipped: {kp.get('skipped')}")
+    lines.append(f"\nwall time: {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`lhtstream evaluate DATA --model MODEL [--types] [--json FILE] [--plots DIR]
+    [--no-baseline]`."""
+    plots = getattr(args, "plots", None)
+    if plots:
+        require_matplotlib()
+    progress = Progress()
+    report = evaluate(args.data, args.model, types=parse_types(args.types),
+                      baseline=not args.no_baseline, timelines=bool(plots), progress=progress)
+    progress.done("evaluate: done")
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_jsonable(report), indent=1))
+        print(f"report written to {args.json}")
+    if plots:
+        written = write_plots(report, report.get("_results", []), plots)
+        print(f"{len(written)} plot(s) written to {plots}")
+    return 0
+

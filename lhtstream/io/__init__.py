@@ -1,0 +1,1 @@
+"""Formats and transports: data-set files, wire protocol, alarm journal, simulator."""

@@ -1,0 +1,1 @@
+"""Numba kernels: pure functions over arrays (spot measurement, phase tracking, ring buffer)."""

@@ -1,0 +1,1 @@
+"""Services composing the layers below: pipeline, monitor, replay, evaluation, training."""

@@ -1,0 +1,305 @@
+"""Offline evaluation through the monitor's own per-frame code path.
+
+`evaluate(data, model)` replays every video of a labelled data set through a
+`StreamPipeline` exactly as the monitor does (``start_video``, then
+``process(frame, header)`` per frame with the header fields the monitor gets
+from the wire, then ``end_video_events``), and reports against ``labels.csv``:
+
+- ``auc_videos``: ROC AUC of the verdict score, normal vs anomalous videos;
+- ``per_kind``: detection (an alarm *raised* between onset and end + 100
+  frames; ``detected_fraction`` counts only alarms of the kind
+  `detector.ALARM_KIND_FOR_ANOMALY` expects, ``detected_any_kind_fraction``
+  any kind) and delays (onset to first such raise, frames);
+- ``false_alarms_per_hour``: raises on normal videos per hour of footage
+  (1000 frames = 1 s), with a one-sided 95 % Poisson upper bound;
+- ``kdeamd_protocol``: the published KDE-AMD protocol on the normal videos
+  (leave-one-out within a type, clean vs N(0, 0.02 px^2) position noise) for
+  our model (measure -> noise on X/Y -> ``process_measured`` per frame) and
+  for `lhtstream.model.kdeamd` on the same folds and the same noise.
+
+Each video gets a fresh pipeline (a monitor started with the model file on
+that video): scores do not depend on the order of videos or on the selection.
+Units: frames (1 frame = 1 ms), hours of footage, costs in µs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.base.stats import poisson_upper, roc_auc
+from lhtstream.io.dataset import Dataset, read_labels
+from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
+from lhtstream.model.normality import NormalityModel
+from lhtstream.service.kdeamd_protocol import kdeamd_protocol
+from lhtstream.service.pipeline import StreamPipeline, offline_header
+
+#: An alarm counts as a detection when raised in [onset, end + DETECTION_SLACK] frames.
+DETECTION_SLACK = 100
+FRAMES_PER_HOUR = 3_600_000.0
+STREAM = "evaluate"
+#: Per-frame timings kept for the cost medians (a sample is enough).
+_MAX_TIMINGS = 200_000
+#: KDE-AMD frames timed per fitted model (its per-frame cost), and models timed.
+_KDE_TIMED_MOVES = 1000
+_KDE_TIMED_MODELS = 8
+
+
+class EvaluateError(LhtstreamError):
+    """The data set or model cannot be evaluated (no labels, no videos, unknown types)."""
+
+
+# ------------------------------------------------------------------ progress
+
+
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------ one video
+
+
+@dataclass
+class VideoResult:
+    """What the monitor path said about one video; frames are video frame indices."""
+
+    type: int
+    name: str
+    kind: str  # label kind, "normal" when unlabelled
+    onset: int | None
+    end: int | None
+    frames: int
+    score: float  # verdict score
+    anomalous: bool  # verdict
+    raises: list[tuple[int, str]] = field(default_factory=list)  # (frame, kind)
+    frame_us: np.ndarray | None = None  # per-frame time of pipeline.process, µs
+    level: np.ndarray | None = None  # per-frame max smoothed score / raise threshold
+
+
+def run_video(pipeline: Any, name: str, type_id: int, frames: np.ndarray,
+              obstacles: np.ndarray, metadata: dict | None = None, *,
+              timelines: bool = False, timings: bool = True) -> tuple[Any, list, np.ndarray | None,
+                                                                       np.ndarray | None]:
+    """Drive `pipeline` over one video's frames as the monitor does.
+
+    Returns (verdict, alarm events, per-frame µs or None, per-frame level or None).
+    ``frames`` is (n, rows, cols) uint16; ``obstacles`` (n,) of 0/1/2.
+    """
+    events: list = list(pipeline.start_video(name, type_id, metadata))
+    header = offline_header(STREAM, name, type_id)
+    n = frames.shape[0]
+    obs = [int(o) for o in obstacles]
+    us = np.empty(n) if timings else None
+    level = np.empty(n, dtype=np.float32) if timelines else None
+    clock = time.perf_counter_ns
+    process = pipeline.process
+    for i in range(n):
+        header["frame"] = i
+        header["obstacle"] = obs[i]
+        t0 = clock()
+        ev = process(frames[i], header)
+        if us is not None:
+            us[i] = (clock() - t0) / 1000.0
+        if ev:
+            events.extend(ev)
+        if level is not None:
+            det = pipeline.detector
+            level[i] = (float(np.max(det.smooth / det.raise_thr)) if det is not None
+                        else np.nan)
+    tail = pipeline.end_video_events()
+    verdict = tail[-1]
+    events.extend(tail[:-1])
+    return verdict, [e for e in events if hasattr(e, "state")], us, level
+
+
+def score_video(model: Any, video: Any, label: Any = None, *, timelines: bool = False
+                ) -> VideoResult:
+    """One data-set video through a fresh monitor pipeline with `model`."""
+
+    frames = video.load()
+    pipe = StreamPipeline(STREAM, model=model)
+    verdict, alarms, us, level = run_video(pipe, video.name, video.type, frames,
+                                           video.obstacle_states(), video.metadata,
+                                           timelines=timelines)
+    kind = label.kind if label is not None else "normal"
+    return VideoResult(
+        type=video.type, name=video.name, kind=kind,
+        onset=None if label is None else label.onset_frame,
+        end=None if label is None else label.end_frame,
+        frames=int(verdict.frames), score=float(verdict.score),
+        anomalous=bool(verdict.anomalous),
+        raises=[(int(a.frame), str(a.kind)) for a in alarms if a.state == "raise"],
+        frame_us=us, level=level,
+    )
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _median(v: Sequence[float]) -> float | None:
+    return float(np.median(v)) if len(v) else None
+
+
+def _p95(v: Sequence[float]) -> float | None:
+    return float(np.quantile(v, 0.95)) if len(v) else None
+
+
+def _frac(k: int, n: int) -> float | None:
+    return k / n if n else None
+
+
+def detection(result: VideoResult, expected: str | None,
+              slack: int = DETECTION_SLACK) -> dict[str, Any]:
+    """First raise of the expected kind / of any kind within [onset, end + slack]."""
+    out: dict[str, Any] = {"right": None, "any": None, "before_onset": 0}
+    if result.onset is None:
+        return out
+    end = (result.end if result.end is not None else result.frames - 1) + slack
+    for frame, kind in result.raises:
+        if frame < result.onset:
+            out["before_onset"] += 1
+            continue
+        if frame > end:
+            continue
+        if out["any"] is None:
+            out["any"] = frame - result.onset
+        if out["right"] is None and kind == expected:
+            out["right"] = frame - result.onset
+    return out
+
+
+def summarise(results: Sequence[VideoResult]) -> dict[str, Any]:
+    """The monitor-path metrics (auc_videos, per_kind, false alarms, verdicts, cost)."""
+
+    normal = [r for r in results if r.kind == "normal"]
+    anomalous = [r for r in results if r.kind != "normal"]
+    neg = [r.score for r in normal]
+    report: dict[str, Any] = {
+        "videos": len(results),
+        "normal_videos": len(normal),
+        "anomalous_videos": len(anomalous),
+        "auc_videos": roc_auc(neg, [r.score for r in anomalous]),
+    }
+    per_kind: dict[str, Any] = {}
+    for kind in sorted({r.kind for r in anomalous}):
+        rs = [r for r in anomalous if r.kind == kind]
+        expected = ALARM_KIND_FOR_ANOMALY.get(kind)
+        dets = [detection(r, expected) for r in rs]
+        right = [d["right"] for d in dets if d["right"] is not None]
+        anyk = [d["any"] for d in dets if d["any"] is not None]
+        raised: dict[str, int] = {}
+        for r in rs:
+            end = (r.end if r.end is not None else r.frames - 1) + DETECTION_SLACK
+            for frame, k in r.raises:
+                if r.onset is not None and r.onset <= frame <= end:
+                    raised[k] = raised.get(k, 0) + 1
+        per_kind[kind] = {
+            "videos": len(rs),
+            "expected_alarm_kind": expected,
+            "detected_fraction": _frac(len(right), len(rs)),
+            "detected_any_kind_fraction": _frac(len(anyk), len(rs)),
+            "delay_frames_median": _median(right),
+            "delay_frames_p95": _p95(right),
+            "delay_any_kind_median": _median(anyk),
+            "alarm_kinds_in_window": dict(sorted(raised.items())),
+            "alarms_before_onset": int(sum(d["before_onset"] for d in dets)),
+            "verdict_anomalous_fraction": _frac(sum(r.anomalous for r in rs), len(rs)),
+            "auc_vs_normal": roc_auc(neg, [r.score for r in rs]),
+        }
+    report["per_kind"] = per_kind
+    frames = sum(r.frames for r in normal)
+    hours = frames / FRAMES_PER_HOUR
+    fa = sum(len(r.raises) for r in normal)
+    by_kind: dict[str, int] = {}
+    for r in normal:
+        for _, k in r.raises:
+            by_kind[k] = by_kind.get(k, 0) + 1
+    report["false_alarms"] = fa
+    report["false_alarms_by_kind"] = dict(sorted(by_kind.items()))
+    report["footage_hours"] = hours
+    report["false_alarms_per_hour"] = fa / hours if hours > 0 else None
+    report["false_alarms_per_hour_upper95"] = poisson_upper(fa) / hours if hours > 0 else None
+    report["normal_videos_with_alarms"] = sum(1 for r in normal if r.raises)
+    report["verdicts"] = {
+        "normal_flagged_fraction": _frac(sum(r.anomalous for r in normal), len(normal)),
+        "anomalous_flagged_fraction": _frac(sum(r.anomalous for r in anomalous), len(anomalous)),
+    }
+    times = [r.frame_us for r in results if r.frame_us is not None]
+    if times:
+        allt = np.concatenate(times)
+        report["monitor_frame_us"] = {"median": float(np.median(allt)),
+                                      "p99": float(np.quantile(allt, 0.99)),
+                                      "frames": int(len(allt))}
+    return report
+
+
+# ------------------------------------------------------------------ KDE-AMD protocol
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------ the whole evaluation
+
+
+def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
+             baseline: bool = True, protocol: bool = True, timelines: bool = False,
+             progress: Callable[[str], None] = _quiet) -> dict[str, Any]:
+    """Evaluate `model` (a `NormalityModel` or a model file) on a labelled data set.
+
+    Returns the report dict (see the module docstring); with ``timelines`` the
+    per-video results (with per-frame alarm levels) are under ``"_results"``
+    (not JSON: `run_evaluate` drops it before writing).
+    """
+
+    t_start = time.perf_counter()
+    if not isinstance(model, NormalityModel):
+        model = NormalityModel.load(model)
+    labels = read_labels(data)
+    if not labels:
+        raise EvaluateError(f"{data}: no labels.csv: evaluate needs labelled videos")
+    ds = Dataset(data)
+    videos = list(ds.videos(types=types))
+    if not videos:
+        raise EvaluateError(f"{data}: no videos{'' if types is None else f' of types {types}'}")
+    unknown = sorted({v.type for v in videos if not model.has_type(v.type)})
+    if unknown:
+        raise EvaluateError(f"model does not know type(s) {unknown}: train it on them "
+                            f"(model types: {model.types.tolist()})")
+    if not model.calibrated:
+        raise EvaluateError("model has no calibrated detector thresholds: train it with "
+                            "`lhtstream train`")
+    results: list[VideoResult] = []
+    t0 = time.perf_counter()
+    for i, v in enumerate(videos):
+        progress(f"monitor path: video {i + 1}/{len(videos)} Type{v.type}/{v.name}")
+        results.append(score_video(model, v, labels.get((v.type, v.name)), timelines=timelines))
+    monitor_s = time.perf_counter() - t0
+    report = summarise(results)
+    report["monitor_path_seconds"] = monitor_s
+    report["data"] = str(data)
+    report["model"] = dict(model.training)
+    report["video_scores"] = {f"{r.type}/{r.name}": {"kind": r.kind, "score": r.score,
+                                                      "anomalous": r.anomalous,
+                                                      "raises": r.raises}
+                              for r in results}
+    if protocol:
+        normal = [v for v in videos if (lab := labels.get((v.type, v.name))) is None
+                  or lab.kind == "normal"]
+        report["kdeamd_protocol"] = kdeamd_protocol(normal, baseline=baseline,
+                                                    progress=progress)
+    report["seconds"] = time.perf_counter() - t_start
+    if timelines:
+        report["_results"] = results
+    return report
