@@ -191,3 +191,17 @@ def test_sensor_fault_makes_the_verdict_anomalous_without_process_alarm():
     d = _det()
     d.lost(3)  # frames lost in transport count the same way
     assert d.video_score >= 1.0 / 0.45 - 1e-9 and d.anomalous()
+
+
+def test_kind_levels_give_each_kind_its_strongest_group_relative_to_its_threshold():
+    d = _det()
+    s = _normal()
+    s[SLIP] = 8.0  # frequency's second group, threshold 5.0
+    for _ in range(200):  # EWMA settles on the score
+        d.step(s, 1)
+    levels = d.kind_levels()
+    assert list(levels) == list(ALARM_KINDS)
+    assert abs(levels["frequency"] - 8.0 / 5.0) < 1e-6
+    assert levels["frequency"] > 1.0 and d.active[ALARM_KINDS.index("frequency")] == 1
+    assert abs(levels["trajectory"] - 2.0 / 5.0) < 1e-6  # trajectory/move at their normal 2.0
+    assert abs(levels["sensor"]) < 1e-9

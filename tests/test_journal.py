@@ -214,3 +214,24 @@ def test_live_alarms_cli_prints_published_alarms(tmp_path):
     assert proc.returncode == 0
     first = json.loads(out.splitlines()[0])
     assert first["topic"] == "alarm" and first["seq"] == 7 and first["kind"] == "trajectory"
+
+
+def test_history_counts_raises_per_bucket_stream_and_kind(tmp_path, monkeypatch):
+    path = tmp_path / "j.sqlite"
+    clock = iter([1000.0, 1000.5, 1003.0, 1012.0, 1012.5, 1013.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    with Journal(path) as j:
+        j.append_alarm(alarm(stream="a", kind="stall"))  # 1000.0
+        j.append_alarm(alarm(stream="a", kind="stall", state="clear"))  # 1000.5: not a raise
+        j.append_alarm(alarm(stream="a", kind="stall"))  # 1003.0
+        j.append_alarm(alarm(stream="b", kind="sensor"))  # 1012.0
+        j.append_verdict(dict(v=1, stream="a", video="0007", type=3, frames=10, score=2.0,
+                              anomalous=True, alarms=2, t_ns=5))  # 1012.5
+        j.append_verdict(dict(v=1, stream="a", video="0008", type=3, frames=10, score=0.1,
+                              anomalous=False, alarms=0, t_ns=6))  # 1013.0
+    with Journal(path, writer=False) as j:
+        bucket, rows = j.raise_counts(max_buckets=5)  # 12 s span: 1 s buckets would be 12
+        assert bucket == 10.0
+        assert rows == [(1000.0, "a", "stall", 2), (1010.0, "b", "sensor", 1)]
+        assert j.raise_counts(max_buckets=20)[1][0] == (1000.0, "a", "stall", 1)
+        assert j.verdict_counts(bucket) == [(1010.0, "a", False, 1), (1010.0, "a", True, 1)]

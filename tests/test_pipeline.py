@@ -8,7 +8,7 @@ import pytest
 from lhtstream.io.dataset import obstacle_states
 from lhtstream.io.simulate import ANOMALY_KINDS, simulate_video
 from lhtstream.kernels.features import video_features
-from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY, Alarm, Verdict, calibrate
+from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY, ALARM_KINDS, Alarm, Verdict, calibrate
 from lhtstream.model.normality import NormalityModel
 from lhtstream.service.pipeline import NO_EVENTS, StreamPipeline
 
@@ -138,6 +138,9 @@ def test_self_calibration_without_model_then_scores(caplog):
     assert "SELF-CALIBRATING" in caplog.text
     assert pipe.status()["mode"] == "scoring" and pipe.status()["model"] == "self-calibrated"
     assert [e for e in events if isinstance(e, Alarm)] == []
+    # scoring normal footage: every kind's evidence is reported, and below its threshold
+    evidence = pipe.status()["evidence"]
+    assert set(evidence) == set(ALARM_KINDS) and max(evidence.values()) < 1.0
 
 
 def test_blank_frame_is_sensor_but_faint_frame_is_stall(model):

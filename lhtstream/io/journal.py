@@ -35,6 +35,10 @@ from lhtstream.base.errors import LhtstreamError
 
 DEFAULT_JOURNAL = "lhtstream-journal.sqlite"
 JOURNAL_VERSION = 1
+HISTORY_BUCKETS_S = (1, 10, 60, 600, 3600, 21600, 86400)
+"""Bucket widths the history counts choose from (s): the smallest giving few enough buckets."""
+HISTORY_MAX_ROWS = 20_000
+"""Rows a history count returns at most (buckets x streams x kinds)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -285,6 +289,38 @@ class Journal:
                 "id": id_, "time": _iso(wall),
             })  # fmt: skip
         return out
+
+    def raise_counts(
+        self, max_buckets: int = 120
+    ) -> tuple[float, list[tuple[float, str, str, int]]]:
+        """Alarms raised per time bucket, stream and kind, for a history chart.
+
+        Returns ``(bucket_s, rows)``: the bucket width, the smallest of `HISTORY_BUCKETS_S`
+        giving at most ``max_buckets`` buckets over the journal's span, and rows of
+        (bucket start as Unix time, stream, kind, count), at most `HISTORY_MAX_ROWS`.
+        """
+        lo, hi = self._db.execute(
+            "SELECT MIN(wall_time), MAX(wall_time) FROM alarms WHERE state = 'raise'"
+        ).fetchone()
+        span = 0.0 if lo is None else hi - lo
+        bucket = next((b for b in HISTORY_BUCKETS_S if span / b <= max_buckets),
+                      HISTORY_BUCKETS_S[-1])
+        rows = self._db.execute(
+            "SELECT CAST(wall_time / ? AS INTEGER) * ?, stream, kind, COUNT(*) FROM alarms"
+            " WHERE state = 'raise' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT ?",
+            (bucket, bucket, HISTORY_MAX_ROWS),
+        ).fetchall()
+        return float(bucket), [(float(t), str(s), str(k), int(n)) for t, s, k, n in rows]
+
+    def verdict_counts(self, bucket_s: float) -> list[tuple[float, str, bool, int]]:
+        """Verdicts per time bucket (``bucket_s`` wide), stream and outcome: rows of
+        (bucket start as Unix time, stream, anomalous, count), at most `HISTORY_MAX_ROWS`."""
+        rows = self._db.execute(
+            "SELECT CAST(wall_time / ? AS INTEGER) * ?, stream, anomalous, COUNT(*)"
+            " FROM verdicts GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT ?",
+            (bucket_s, bucket_s, HISTORY_MAX_ROWS),
+        ).fetchall()
+        return [(float(t), str(s), bool(a), int(n)) for t, s, a, n in rows]
 
     def close(self) -> None:
         """Close the database and release the owner lock."""

@@ -82,6 +82,10 @@ KIND_OF_GROUP[COMB] = ALARM_KINDS.index("trajectory")
 KIND_OF_GROUP[SLIP] = ALARM_KINDS.index("frequency")
 KIND_OF_GROUP[SENSOR] = K_SENSOR
 
+#: The score groups of each alarm kind (indices into GROUPS).
+GROUPS_OF_KIND: tuple[np.ndarray, ...] = tuple(
+    np.flatnonzero(KIND_OF_GROUP == k) for k in range(N_KINDS))
+
 #: The alarm kind each simulator anomaly kind should raise.
 ALARM_KIND_FOR_ANOMALY: dict[str, str] = {
     "position_noise": "trajectory",
@@ -325,6 +329,13 @@ class Detector:
         threshold of every group but trajectory/move (so > 1 when any other group raised
         an alarm, sensor included)."""
         return max(self.video_mean / self.video_thr, float(self.peak[VERDICT_PEAK].max()))
+
+    def kind_levels(self) -> dict[str, float]:
+        """Each alarm kind's evidence now, relative to its raise threshold (1.0 = the kind
+        raises): the largest smoothed score / raise threshold among the kind's groups."""
+        ratio = self.smooth / self.raise_thr
+        return {kind: float(ratio[g].max()) for kind, g in zip(ALARM_KINDS, GROUPS_OF_KIND,
+                                                               strict=True)}
 
     @property
     def process_alarms(self) -> int:

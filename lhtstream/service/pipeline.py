@@ -320,4 +320,6 @@ class StreamPipeline:
             st["calibration_progress"] = self._calib_n / self.calibration_frames
         if self.detector is not None:
             st["alarms_active"] = [ALARM_KINDS[k] for k in np.flatnonzero(self.detector.active)]
+            # for live displays (`lhtstream view`): how close each kind is to raising
+            st["evidence"] = {k: round(v, 3) for k, v in self.detector.kind_levels().items()}
         return st
