@@ -73,6 +73,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    """``lhtstream view``; returns 0 after SIGINT/SIGTERM."""
+    from lhtstream.cli.view import run_view  # local import: start-up time (aiohttp, ~0.2 s)
+
+    return run_view(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 

@@ -175,6 +175,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="exit after S seconds")
     p.set_defaults(command="tap")
 
+    p = sub.add_parser(
+        "view",
+        help="serve a live web page of the monitors' streams, and /metrics for Prometheus",
+        epilog="Open the printed address in a browser. Every asset comes from the installed "
+        "packages (no internet needed). Stops on Ctrl-C or SIGTERM (exit 0).",
+    )
+    p.add_argument(
+        "--monitor",
+        action="append",
+        default=None,
+        metavar="EP",
+        help=f"monitor endpoint to subscribe to (repeatable; default {DEFAULT_PUBLISH_ENDPOINT})",
+    )
+    p.add_argument(
+        "--frames",
+        action="append",
+        default=None,
+        metavar="EP",
+        help="frame endpoint (the replay's) for the heat map and the spot path (repeatable; "
+        "default: none, no pictures)",
+    )
+    p.add_argument(
+        "--model", default=None, help="model file from `lhtstream train`: draws its normal path"
+    )
+    p.add_argument("--journal", default=None, help="alarm journal (SQLite) for the history view")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8050, help="TCP port (default: %(default)s; 0: a free one)"
+    )
+    p.set_defaults(command="view")
+
     p = sub.add_parser("train", help="learn a model of normal operation from normal videos")
     p.add_argument("data", help="data-set root or one TypeN folder")
     p.add_argument("-o", "--output", required=True, help="model file to write (.npz)")

@@ -1,0 +1,804 @@
+"""``lhtstream view``: a live web page of the monitors and their streams, and ``/metrics``.
+
+A separate process, so it can never slow a monitor: it is one more subscriber of the
+monitors' ``status``/``alarm``/``verdict`` topics and of the frame stream. ZeroMQ PUB
+sockets drop for a subscriber whose queue is full, so a view that falls behind loses
+its own messages, never anyone else's; and the view itself keeps only the newest
+frame of each stream for pictures, plus a short burst of consecutive frames now and
+then for the spot's path, and skips the rest without decoding them.
+
+Threads: one receive thread owns every ZeroMQ socket and updates a `ViewState` under
+a lock; the HTTP/WebSocket server (aiohttp) runs an asyncio loop in the main thread and
+sends each page ~25 pictures/s and ~4 state updates/s. A page whose connection cannot
+take a picture yet (its send buffer is still full) skips that picture: a slow page
+drops pictures, it never delays the receive thread nor other pages. Drawing is done
+by the browser (Plotly.js, served from the installed ``plotly`` package, and a canvas
+for the 32x32 heat map).
+
+Endpoints: ``/`` the page, ``/ws`` its WebSocket, ``/api/state`` the same state as JSON,
+``/api/history`` alarms per kind and stream over time from ``--journal``, ``/metrics``
+the monitors' counters in the Prometheus text format (``prometheus-client``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import math
+import signal
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from lhtstream.base.errors import LhtstreamError
+from lhtstream.io import protocol
+from lhtstream.io.journal import Journal, JournalError
+from lhtstream.io.protocol import DEFAULT_PUBLISH_ENDPOINT
+from lhtstream.kernels.features import measure_video
+from lhtstream.model.detector import ALARM_KINDS
+from lhtstream.model.normality import NormalityModel
+
+PICTURE_HZ = 25
+"""Heat-map pictures sent per second and stream (the newest frame each time)."""
+STATE_EVERY = 6
+"""Picture ticks per state update (25 / 6: ~4 updates/s of tables, strips and paths)."""
+EVIDENCE_WINDOW_S = 10.0
+"""Seconds of per-kind evidence the strips show."""
+PATH_FRAMES = 200
+"""Consecutive frames (20 scan cycles at 1 kHz) measured for one drawn spot path."""
+PATH_EVERY_S = 0.5
+"""Seconds between two such bursts: the view measures ~40 % of the frames at most."""
+STALE_S = 3.0
+"""A monitor (or stream) without a status for this long is shown as silent / down."""
+MAX_STREAMS = 256
+"""Streams the view tracks; more are counted (``streams_ignored``) but not shown."""
+MAX_EVENTS = 2_000
+"""Alarms and verdicts kept for pages that (re)connect; each page keeps its own log."""
+MAX_PAGES = 32
+"""Simultaneous page connections; more are refused with 503."""
+FRAME_RCVHWM = 2_000
+"""Frames queued for the view before ZeroMQ drops for it (2 s at 1 kHz): a view that
+stalls loses its own frames, the publisher never waits for it."""
+RECEIVE_PERIOD_S = 0.01
+"""The receive thread wakes this often and takes every message queued meanwhile."""
+_DRAIN = 5_000
+_PICTURE_MAGIC = 1
+_STATIC = "view_static"
+
+
+class ViewError(LhtstreamError):
+    """The view cannot start: bad option, unreadable model or journal, port in use."""
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} view: {message}", file=sys.stderr, flush=True)
+
+
+def _finite(value: Any, digits: int = 3) -> float | None:
+    """A JSON-safe rounded number, or None for missing/NaN/inf/non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def _text(value: Any, limit: int = 200) -> str | None:
+    """A field shown on the page: strings cut to ``limit`` characters, others None."""
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+# ---------------------------------------------------------------- the model's normal path
+
+
+class NormalPaths:
+    """The spot path the model learned per (type, obstacle state): the mean position
+    relative to the running centre in each phase bin (px), a closed curve."""
+
+    def __init__(self, model: NormalityModel) -> None:
+        self._curves: dict[tuple[int, int], np.ndarray] = {}
+        for slot, type_id in enumerate(model.types.tolist()):
+            for obstacle in range(model.mean.shape[1]):
+                if not model.known[slot, obstacle]:
+                    continue
+                valid = model.valid[slot, obstacle].astype(bool)
+                if valid.sum() < 3:
+                    continue
+                xy = model.mean[slot, obstacle, :, 0:2].copy()
+                xy[~valid] = np.nan
+                self._curves[(int(type_id), obstacle)] = xy
+
+    def placed(self, type_id: int, obstacle: int, xs: np.ndarray,
+               ys: np.ndarray) -> dict[str, list] | None:
+        """The normal path of ``type_id`` drawn where the measured ``xs, ys`` are.
+
+        The model knows positions relative to the video's running centre, which the
+        monitor does not publish; over whole scan cycles the measured positions average
+        to that centre plus the curve's own mean, which places the curve.
+        """
+        curve = self._curves.get((int(type_id), int(obstacle)))
+        ok = np.isfinite(xs) & np.isfinite(ys)
+        if curve is None or ok.sum() < 20:
+            return None
+        finite = np.isfinite(curve).all(axis=1)
+        cx = float(xs[ok].mean() - curve[finite, 0].mean())
+        cy = float(ys[ok].mean() - curve[finite, 1].mean())
+        closed = np.vstack([curve, curve[:1]])
+        return {"x": _rounded(closed[:, 0] + cx), "y": _rounded(closed[:, 1] + cy)}
+
+
+def _rounded(values: np.ndarray) -> list[float | None]:
+    return [round(float(v), 2) if math.isfinite(v) else None for v in values]
+
+
+# ---------------------------------------------------------------- per-stream state
+
+
+class PathBurst:
+    """Collects ``PATH_FRAMES`` consecutive frames of one stream every ``PATH_EVERY_S``."""
+
+    def __init__(self) -> None:
+        self.buffer: np.ndarray | None = None
+        self.obstacles = np.zeros(PATH_FRAMES, dtype=np.uint8)
+        self.n = 0
+        self.key: tuple | None = None  # (video, type, rows, cols): a change restarts
+        self.next_seq = -1
+        self.not_before = 0.0
+
+    def offer(self, header: dict[str, Any], payload: bytes, now: float) -> np.ndarray | None:
+        """Take one frame; returns the finished (frames, rows, cols) block, else None."""
+        if self.n == 0 and now < self.not_before:
+            return None
+        rows, cols = header["shape"]
+        key = (header["video"], header["type"], rows, cols)
+        if self.n and (key != self.key or header["seq"] != self.next_seq):
+            self.n = 0  # a gap or a new video: start the burst again
+        if self.n == 0:
+            self.key = key
+            if self.buffer is None or self.buffer.shape[1:] != (rows, cols):
+                self.buffer = np.zeros((PATH_FRAMES, rows, cols), dtype=np.uint16)
+        self.buffer[self.n].flat[:] = np.frombuffer(payload, dtype="<u2")
+        self.obstacles[self.n] = header["obstacle"]
+        self.n += 1
+        self.next_seq = header["seq"] + 1
+        if self.n < PATH_FRAMES:
+            return None
+        self.n = 0
+        self.not_before = now + PATH_EVERY_S
+        return self.buffer
+
+
+class StreamView:
+    """What the view knows of one stream."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.monitor: str | None = None
+        self.status: dict[str, Any] = {}
+        self.status_at = -math.inf
+        self.active: set[str] = set()
+        self.alarm_at = -math.inf  # when the last alarm message of this stream came
+        self.evidence: deque[tuple[float, dict[str, float]]] = deque(maxlen=1_000)
+        self.alarms_raised: dict[str, int] = {}
+        self.picture: tuple[dict[str, Any], bytes] | None = None
+        self.picture_id = 0
+        self.path: dict[str, Any] | None = None
+        self.burst = PathBurst()
+
+
+class ViewState:
+    """Everything the page shows, fed by the receive thread; read under ``lock``."""
+
+    def __init__(self, monitors: Sequence[str], normal: NormalPaths | None = None,
+                 model_path: str | None = None) -> None:
+        self.lock = threading.Lock()
+        self.normal = normal
+        self.model_path = model_path
+        self.monitors: dict[str, dict[str, Any]] = {
+            ep: {"status": None, "at": -math.inf} for ep in monitors}
+        self.streams: dict[str, StreamView] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.event_id = 0
+        self.malformed = 0  # messages the view itself rejected
+        self.streams_ignored = 0
+        self.started = time.monotonic()
+        self.run = f"{time.time_ns():x}"  # lets a page tell a restarted view from a reconnect
+
+    # ---- fed by the receive thread (caller holds the lock)
+
+    def stream(self, name: str) -> StreamView | None:
+        sv = self.streams.get(name)
+        if sv is None:
+            if len(self.streams) >= MAX_STREAMS:
+                self.streams_ignored += 1
+                return None
+            sv = self.streams[name] = StreamView(name)
+        return sv
+
+    def on_frame(self, header: dict[str, Any], payload: bytes, now: float) -> None:
+        sv = self.stream(header["stream"])
+        if sv is None:
+            return
+        sv.picture = (header, payload)
+        sv.picture_id += 1
+        block = sv.burst.offer(header, payload, now)
+        if block is not None:
+            self._measure_path(sv, header, block)
+
+    def _measure_path(self, sv: StreamView, header: dict[str, Any], block: np.ndarray) -> None:
+        rows = measure_video(block)
+        xs, ys = rows[:, 0], rows[:, 1]
+        obstacle = int(np.bincount(sv.burst.obstacles).argmax())
+        same = sv.burst.obstacles == obstacle
+        path: dict[str, Any] = {
+            "x": _rounded(xs), "y": _rounded(ys), "video": header["video"],
+            "type": header["type"], "frame": header["frame"], "obstacle": obstacle,
+            "shape": list(header["shape"]), "normal": None,
+        }
+        if self.normal is not None:
+            path["normal"] = self.normal.placed(header["type"], obstacle, xs[same], ys[same])
+        sv.path = path
+
+    def on_status(self, endpoint: str, header: dict[str, Any], now: float) -> None:
+        entry = self.monitors.setdefault(endpoint, {"status": None, "at": -math.inf})
+        stream = header.get("stream")
+        if stream != "*":  # a status of one stream (a monitor that publishes them apart)
+            if isinstance(stream, str):
+                self._stream_status(endpoint, stream, header, now)
+            return
+        entry["status"] = header
+        entry["at"] = now
+        streams = header.get("streams")
+        if isinstance(streams, dict):
+            for name, st in streams.items():
+                if isinstance(name, str) and isinstance(st, dict):
+                    self._stream_status(endpoint, name, st, now)
+
+    def _stream_status(self, endpoint: str, name: str, st: dict[str, Any], now: float) -> None:
+        sv = self.stream(name)
+        if sv is None:
+            return
+        previous = sv.status_at
+        sv.monitor = endpoint
+        sv.status = st
+        sv.status_at = now
+        pipeline = st.get("pipeline") if isinstance(st.get("pipeline"), dict) else {}
+        active = pipeline.get("alarms_active")
+        if sv.alarm_at < previous and isinstance(active, list):
+            # no alarm message since the last status: the status is the newer word
+            sv.active = {a for a in active if isinstance(a, str)}
+        if pipeline.get("mode") != "scoring":
+            sv.active.clear()
+        evidence = pipeline.get("evidence")
+        if isinstance(evidence, dict):
+            values = {k: v for k, v in ((k, _finite(v)) for k, v in evidence.items())
+                      if isinstance(k, str) and v is not None}
+            sv.evidence.append((now, values))
+
+    def on_alarm(self, header: dict[str, Any], now: float) -> None:
+        sv = self.stream(header["stream"])
+        if sv is None:
+            return
+        kind = header["kind"]
+        sv.alarm_at = now
+        if header["state"] == "raise":
+            sv.active.add(kind)
+            sv.alarms_raised[kind] = sv.alarms_raised.get(kind, 0) + 1
+        else:
+            sv.active.discard(kind)
+        self._event({
+            "topic": "alarm", "stream": sv.name, "video": _text(header["video"]),
+            "type": header["type"], "frame": header["frame"], "kind": _text(kind, 40),
+            "state": header["state"], "score": _finite(header["score"]),
+            "threshold": _finite(header["threshold"]), "seq": header["seq"],
+        })
+
+    def on_verdict(self, header: dict[str, Any], now: float) -> None:
+        sv = self.stream(header["stream"])
+        if sv is None:
+            return
+        sv.active.clear()
+        kinds = header.get("kinds")
+        self._event({
+            "topic": "verdict", "stream": sv.name, "video": _text(header["video"]),
+            "type": header["type"], "frames": header["frames"],
+            "score": _finite(header["score"]), "anomalous": header["anomalous"],
+            "alarms": header["alarms"],
+            "kinds": [_text(k, 40) for k in kinds[:16]] if isinstance(kinds, list) else [],
+        })
+
+    def _event(self, event: dict[str, Any]) -> None:
+        self.event_id += 1
+        event["id"] = self.event_id
+        event["time"] = time.strftime("%H:%M:%S")
+        self.events.append(event)
+
+    # ---- read by the server (caller holds the lock)
+
+    def stream_state(self, sv: StreamView, now: float) -> tuple[str, str]:
+        """(state, word): the colour class and the word the overview shows."""
+        mon = self.monitors.get(sv.monitor or "")
+        if now - sv.status_at > STALE_S or (mon and now - mon["at"] > STALE_S):
+            return "stale", "no status"
+        if sv.active:
+            return "alarm", "ALARM " + ", ".join(sorted(sv.active))
+        mode = (sv.status.get("pipeline") or {}).get("mode")
+        if mode == "calibrating":
+            return "calibrating", "calibrating"
+        if mode == "scoring":
+            return "normal", "normal"
+        return "idle", "idle"
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The JSON-ready state of every monitor and stream (no events, no pictures)."""
+        monitors = []
+        for ep, entry in self.monitors.items():
+            st = entry["status"] or {}
+            monitors.append({
+                "endpoint": ep, "up": now - entry["at"] <= STALE_S,
+                "age_s": _finite(now - entry["at"], 1) if entry["status"] else None,
+                "model": _text(st.get("model")), "uptime_s": _finite(st.get("uptime_s"), 1),
+                "frames": _int(st.get("frames")), "dropped": _int(st.get("dropped")),
+                "malformed": _int(st.get("malformed")), "errors": _int(st.get("errors")),
+                "latency_us": _latency(st.get("latency_us")),
+            })
+        streams = []
+        for sv in sorted(self.streams.values(), key=lambda s: s.name):
+            st = sv.status
+            state, word = self.stream_state(sv, now)
+            horizon = now - EVIDENCE_WINDOW_S
+            evidence = [(round(t - now, 2), v) for t, v in sv.evidence if t >= horizon]
+            streams.append({
+                "name": sv.name, "monitor": sv.monitor, "state": state, "word": word,
+                "video": _text(st.get("video")), "type": _int(st.get("type")),
+                "frame": _int(st.get("frame")), "frames": _int(st.get("frames")),
+                "dropped": _int(st.get("dropped")), "malformed": _int(st.get("malformed")),
+                "latency_us": _latency(st.get("latency_us")), "model": _text(st.get("model")),
+                "evidence": {"t": [t for t, _ in evidence],
+                             "kinds": {k: [v.get(k) for _, v in evidence] for k in ALARM_KINDS}},
+                "path": sv.path,
+            })
+        return {
+            "monitors": monitors, "streams": streams, "kinds": list(ALARM_KINDS),
+            "run": self.run, "model": self.model_path, "streams_ignored": self.streams_ignored,
+            "malformed": self.malformed,
+        }
+
+
+def _latency(value: Any) -> dict[str, float | None]:
+    value = value if isinstance(value, dict) else {}
+    return {k: _finite(value.get(k), 1) for k in ("p50", "p99", "p999", "max")}
+
+
+# ---------------------------------------------------------------- receiving
+
+
+class Receiver(threading.Thread):
+    """Owns every ZeroMQ socket: one SUB per monitor (status/alarm/verdict) and one for
+    the frames of every ``--frames`` endpoint; feeds ``ViewState``."""
+
+    def __init__(self, state: ViewState, monitors: Sequence[str],
+                 frames: Sequence[str]) -> None:
+        super().__init__(name="view-receive", daemon=True)
+        self.state = state
+        self.stop_event = threading.Event()
+        self.ctx = zmq.Context()
+        self.monitor_socks: dict[Any, str] = {}
+        self.frame_sock = None
+        try:
+            for ep in monitors:
+                sock = self.ctx.socket(zmq.SUB)
+                protocol.configure_subscriber(sock, ["status", "alarm", "verdict"])
+                sock.connect(ep)
+                self.monitor_socks[sock] = ep
+            if frames:
+                sock = self.ctx.socket(zmq.SUB)
+                protocol.configure_subscriber(sock, ["frame"])
+                sock.setsockopt(zmq.RCVHWM, FRAME_RCVHWM)
+                for ep in frames:
+                    sock.connect(ep)
+                self.frame_sock = sock
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ViewError(f"cannot connect {exc}") from None
+
+    def run(self) -> None:
+        """Drain every socket, then sleep until the next ``RECEIVE_PERIOD_S`` tick.
+
+        Waking once per frame (1000+ times a second) would compete with the monitor for
+        the CPU on every frame; waking 100 times a second and taking what queued meanwhile
+        costs a fraction of that, and a page does not see 10 ms.
+        """
+        period = RECEIVE_PERIOD_S
+        next_at = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                for sock, endpoint in self.monitor_socks.items():
+                    self._drain_monitor(sock, endpoint)
+                if self.frame_sock is not None:
+                    self._drain_frames(self.frame_sock)
+                next_at += period
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    self.stop_event.wait(delay)
+                else:
+                    next_at = time.monotonic()  # fell behind: no catching up in a burst
+        finally:
+            self.close()
+
+    def _drain_frames(self, sock: Any) -> None:
+        state = self.state
+        for _ in range(_DRAIN):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = protocol.decode(parts)
+            except protocol.ProtocolError:
+                state.malformed += 1
+                continue
+            if message.topic != "frame":
+                continue
+            with state.lock:
+                state.on_frame(message.header, message.payload, time.monotonic())
+
+    def _drain_monitor(self, sock: Any, endpoint: str) -> None:
+        state = self.state
+        for _ in range(_DRAIN):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = protocol.decode(parts)
+            except protocol.ProtocolError as exc:
+                state.malformed += 1
+                _log(f"malformed message from {endpoint} ignored: {exc}")
+                continue
+            now = time.monotonic()
+            with state.lock:
+                try:
+                    if message.topic == "status":
+                        state.on_status(endpoint, message.header, now)
+                    elif message.topic == "alarm":
+                        state.on_alarm(message.header, now)
+                    elif message.topic == "verdict":
+                        state.on_verdict(message.header, now)
+                except Exception as exc:  # a field we did not expect must not stop the view
+                    state.malformed += 1
+                    _log(f"{message.topic} message from {endpoint} not understood: "
+                         f"{type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        for sock in [*self.monitor_socks, self.frame_sock]:
+            if sock is not None:
+                sock.close(0)
+        self.ctx.term()
+
+
+# ---------------------------------------------------------------- /metrics
+
+
+class MonitorCollector:
+    """Prometheus metrics from the monitors' own counters (their latest status) and the
+    alarms the view saw; read at scrape time."""
+
+    def __init__(self, state: ViewState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterable[Any]:
+        state = self.state
+        now = time.monotonic()
+        frames = CounterMetricFamily("lhtstream_frames", "Frames the monitor received.",
+                                     labels=["stream"])
+        lost = CounterMetricFamily("lhtstream_lost_frames",
+                                   "Frames missing from the stream's seq (lost in transport).",
+                                   labels=["stream"])
+        malformed = CounterMetricFamily(
+            "lhtstream_malformed_messages",
+            "Messages the monitor rejected; stream empty for those of no known stream.",
+            labels=["stream"])
+        alarms = CounterMetricFamily("lhtstream_alarms",
+                                     "Alarms raised, seen by this view since it started.",
+                                     labels=["stream", "kind"])
+        latency = GaugeMetricFamily(
+            "lhtstream_handling_latency_seconds",
+            "Per-frame handling latency (done minus the frame's t_ns) over the monitor's "
+            "last status interval.", labels=["stream", "quantile"])
+        mode = GaugeMetricFamily("lhtstream_model_state",
+                                 "1 for the stream's current model state, else 0.",
+                                 labels=["stream", "state"])
+        up = GaugeMetricFamily("lhtstream_monitor_up",
+                               f"1 when the monitor sent a status in the last {STALE_S:g} s.",
+                               labels=["monitor"])
+        with state.lock:
+            for ep, entry in state.monitors.items():
+                up.add_metric([ep], 1.0 if now - entry["at"] <= STALE_S else 0.0)
+                st = entry["status"] or {}
+                total = _int(st.get("malformed"))
+                if total is not None:
+                    per_stream = sum(_int(s.status.get("malformed")) or 0
+                                     for s in state.streams.values() if s.monitor == ep)
+                    malformed.add_metric([""], max(total - per_stream, 0))
+            for sv in state.streams.values():
+                st = sv.status
+                for family, key in ((frames, "frames"), (lost, "dropped"),
+                                    (malformed, "malformed")):
+                    value = _int(st.get(key))
+                    if value is not None:
+                        family.add_metric([sv.name], value)
+                for kind, n in sv.alarms_raised.items():
+                    alarms.add_metric([sv.name, kind], n)
+                lat = _latency(st.get("latency_us"))
+                for q, key in (("0.5", "p50"), ("0.99", "p99"), ("0.999", "p999"),
+                               ("1", "max")):
+                    if lat[key] is not None:
+                        latency.add_metric([sv.name, q], lat[key] / 1e6)
+                if sv.status:
+                    current = (sv.status.get("pipeline") or {}).get("mode")
+                    for name in ("idle", "calibrating", "scoring"):
+                        mode.add_metric([sv.name, name], 1.0 if current == name else 0.0)
+        return [frames, lost, malformed, alarms, latency, mode, up]
+
+
+# ---------------------------------------------------------------- journal history
+
+
+def journal_history(path: str) -> dict[str, Any]:
+    """Alarms raised per kind and stream over time, and verdicts, from a journal."""
+    with Journal(path, writer=False) as journal:
+        bucket_s, rows = journal.raise_counts()
+        verdicts = journal.verdict_counts(bucket_s)
+    return {
+        "journal": path, "bucket_s": bucket_s,
+        "alarms": [{"t": t, "stream": s, "kind": k, "n": n} for t, s, k, n in rows],
+        "verdicts": [{"t": t, "stream": s, "anomalous": a, "n": n} for t, s, a, n in verdicts],
+    }
+
+
+# ---------------------------------------------------------------- the web server
+
+
+def _plotly_js() -> Path:
+    """plotly.js as shipped inside the installed ``plotly`` Python package (no CDN)."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or spec.origin is None:
+        raise ViewError("the plotly package is missing: pip install plotly")
+    path = Path(spec.origin).parent / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise ViewError(f"plotly.js not found in the plotly package ({path})")
+    return path
+
+
+class Page:
+    """One connected browser page and what it has been sent."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.busy = False  # a send to it is still in progress: skip pictures meanwhile
+        self.event_id = 0
+        self.picture_ids: dict[str, int] = {}
+        self.pictures_dropped = 0
+
+
+def _picture_message(name: str, header: dict[str, Any], payload: bytes) -> bytes:
+    """Binary picture: magic u8, name length u8, name, pad to even, frame u32, rows u16,
+    cols u16, then the ``<u2`` pixels (little-endian, row-major)."""
+    raw = name.encode()[:255]
+    head = struct.pack("<BB", _PICTURE_MAGIC, len(raw)) + raw
+    if len(head) % 2:
+        head += b"\0"
+    rows, cols = header["shape"]
+    return head + struct.pack("<IHH", header["frame"] & 0xFFFFFFFF, rows, cols) + payload
+
+
+class ViewServer:
+    """aiohttp application: the page, its WebSocket, JSON endpoints and /metrics."""
+
+    def __init__(self, state: ViewState, journal: str | None = None) -> None:
+        self.state = state
+        self.journal = journal
+        self.pages: set[Page] = set()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(MonitorCollector(state))
+        self.static = Path(__file__).with_name(_STATIC)
+        self.app = web.Application()
+        self.app.add_routes([
+            web.get("/", self.index),
+            web.get("/ws", self.websocket),
+            web.get("/metrics", self.metrics),
+            web.get("/api/state", self.api_state),
+            web.get("/api/history", self.api_history),
+            web.get("/static/plotly.min.js", self.plotly),
+            web.get("/static/{name}", self.static_file),
+        ])
+        self.app.on_startup.append(self._start_ticker)
+        self.app.on_shutdown.append(self._close_pages)
+
+    # ---- HTTP
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=(self.static / "index.html").read_bytes(),
+                            content_type="text/html")
+
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+        suffix = Path(name).suffix
+        if "/" in name or name.startswith(".") or suffix not in types:
+            raise web.HTTPNotFound()
+        item = self.static / name
+        if not item.is_file():
+            raise web.HTTPNotFound()
+        return web.Response(body=item.read_bytes(), content_type=types[suffix])
+
+    async def plotly(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(_plotly_js(), headers={"Cache-Control": "max-age=86400"})
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def api_state(self, request: web.Request) -> web.StreamResponse:
+        with self.state.lock:
+            snap = self.state.snapshot(time.monotonic())
+            snap["events"] = list(self.state.events)
+        return web.json_response(snap)
+
+    async def api_history(self, request: web.Request) -> web.StreamResponse:
+        if self.journal is None:
+            return web.json_response({"journal": None, "error": "the view was started "
+                                      "without --journal FILE"})
+        try:
+            history = await asyncio.get_running_loop().run_in_executor(
+                None, journal_history, self.journal)
+        except JournalError as exc:
+            return web.json_response({"journal": self.journal, "error": str(exc)})
+        return web.json_response(history)
+
+    # ---- WebSocket
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        if len(self.pages) >= MAX_PAGES:
+            raise web.HTTPServiceUnavailable(text=f"at most {MAX_PAGES} pages at once")
+        ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=4096)
+        await ws.prepare(request)
+        page = Page(ws)
+        self.pages.add(page)
+        try:
+            async for msg in ws:  # the page sends nothing we need; read to see it close
+                if msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self.pages.discard(page)
+        return ws
+
+    async def _start_ticker(self, app: web.Application) -> None:
+        app["ticker"] = asyncio.create_task(self._ticker())
+
+    async def _close_pages(self, app: web.Application) -> None:
+        app["ticker"].cancel()
+        for page in list(self.pages):
+            await page.ws.close()
+
+    async def _ticker(self) -> None:
+        period = 1.0 / PICTURE_HZ
+        tick = 0
+        next_at = time.monotonic()
+        while True:
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if time.monotonic() - next_at > 1.0:
+                next_at = time.monotonic()  # suspended: do not burst
+            tick += 1
+            if not self.pages:
+                continue
+            with_state = tick % STATE_EVERY == 0
+            pictures, state_json, events = self._collect(with_state)
+            for page in list(self.pages):
+                fresh = [(n, i, b) for n, i, b in pictures if page.picture_ids.get(n) != i]
+                if page.busy:
+                    page.pictures_dropped += len(fresh)
+                    continue
+                new_events = [e for e in events if e["id"] > page.event_id]
+                if not fresh and state_json is None:
+                    continue
+                page.busy = True
+                asyncio.create_task(self._send(page, fresh, state_json, new_events))
+
+    def _collect(self, with_state: bool) -> tuple[list, str | None, list]:
+        state = self.state
+        pictures = []
+        with state.lock:
+            for sv in state.streams.values():
+                if sv.picture is not None:
+                    pictures.append((sv.name, sv.picture_id, sv.picture))
+            snap = state.snapshot(time.monotonic()) if with_state else None
+            events = list(state.events) if with_state else []
+        built = [(n, i, _picture_message(n, *p)) for n, i, p in pictures]
+        return built, (json.dumps(snap, allow_nan=False) if snap else None), events
+
+    async def _send(self, page: Page, pictures: list, state_json: str | None,
+                    events: list) -> None:
+        try:
+            for name, pid, body in pictures:
+                await page.ws.send_bytes(body)
+                page.picture_ids[name] = pid
+            if state_json is not None:
+                extra = json.dumps({"events": events, "pictures_dropped": page.pictures_dropped})
+                await page.ws.send_str('{"type":"state","state":' + state_json + "," + extra[1:])
+                if events:
+                    page.event_id = events[-1]["id"]
+        except (ConnectionError, RuntimeError):
+            pass  # the page went away; websocket() removes it
+        finally:
+            page.busy = False
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_view(args: argparse.Namespace) -> int:
+    """CLI handler for ``lhtstream view``; serves until SIGINT/SIGTERM, then exits 0."""
+    if not 0 <= args.port <= 65535:
+        raise ViewError(f"--port {args.port}: must be 0..65535")
+    normal = None
+    if args.model:
+        normal = NormalPaths(NormalityModel.load(args.model))
+    if args.journal and not Path(args.journal).exists():
+        _log(f"journal {args.journal} does not exist yet: the history shows it once the "
+             "monitor has created it")
+    monitors = args.monitor or [DEFAULT_PUBLISH_ENDPOINT]
+    state = ViewState(monitors, normal, args.model)
+    receiver = Receiver(state, monitors, args.frames or [])
+    server = ViewServer(state, args.journal)
+    receiver.start()
+    try:
+        asyncio.run(_serve(server, args.host, args.port, monitors, args.frames or []))
+    finally:
+        receiver.stop_event.set()
+        receiver.join(5.0)
+    return 0
+
+
+async def _serve(server: ViewServer, host: str, port: int, monitors: Sequence[str],
+                 frames: Sequence[str]) -> None:
+    runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ViewError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    bound = runner.addresses[0][1] if runner.addresses else port
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    _log(f"serving http://{shown}:{bound}/ (metrics at /metrics); monitors "
+         f"{', '.join(monitors)}; frames {', '.join(frames) or 'none (no pictures)'}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        _log("stopping")
+        await runner.cleanup()

@@ -1,0 +1,278 @@
+"""`lhtstream view` against a live replay -> monitor: its state, /metrics, a real browser,
+and that a stalled view costs the monitor and its other subscribers nothing.
+
+One replay -> monitor -> view chain per module (the demo's data set and model, Type1
+video 0002: a laser power drop from frame 1558, which must raise `intensity_low`).
+The browser tests drive Debian's Chromium (`/usr/bin/chromium`, installed by
+`.ci/run`) through Playwright; without a browser they skip and say why.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import signal
+import socket
+import time
+import urllib.request
+
+import msgpack
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.processes import ProcessGroup, Subscriber, ipc_endpoint, run_cli, wait_until
+
+FAULT_TYPE, FAULT_VIDEO, FAULT_ALARM = 1, "0002", "intensity_low"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+]
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def state(base: str) -> dict:
+    return json.loads(get(base + "/api/state"))
+
+
+@pytest.fixture(scope="module")
+def bench_set(tmp_path_factory):
+    from lhtstream.cli.bench import bench_data
+
+    return bench_data(tmp_path_factory.mktemp("view-cache"))
+
+
+@pytest.fixture(scope="module")
+def live(bench_set, tmp_path_factory):
+    """replay (looping the faulty video) -> monitor -> view; yields the endpoints and URL."""
+    data, model = bench_set
+    tmp = tmp_path_factory.mktemp("view")
+    frames_ep, pub_ep = ipc_endpoint(tmp, "frames"), ipc_endpoint(tmp, "pub")
+    journal = tmp / "journal.sqlite"
+    with ProcessGroup() as procs:
+        monitor = procs.cli("monitor", "--frames", frames_ep, "--publish", pub_ep,
+                            "--model", model, "--journal", journal, "--status-interval", "0.5")
+        monitor.wait_for_stderr(r"ready in", timeout=180)
+        view = procs.cli("view", "--monitor", pub_ep, "--frames", frames_ep, "--model", model,
+                         "--journal", journal, "--port", "0")
+        port = int(view.wait_for_stderr(r"serving http://127\.0\.0\.1:(\d+)/", 60).group(1))
+        # two frame subscribers: the monitor and the view
+        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--types", str(FAULT_TYPE),
+                           "--videos", FAULT_VIDEO, "--loop", "--wait-subscribers", "2")
+        base = f"http://127.0.0.1:{port}"
+        yield {"base": base, "pub": pub_ep, "view": view, "monitor": monitor,
+               "replay": replay, "model": str(model)}
+
+
+def wait_for_alarm(base: str, kind: str, timeout: float = 30.0) -> dict:
+    def found():
+        s = state(base)
+        return s if any(e.get("topic") == "alarm" and e.get("kind") == kind
+                        for e in s["events"]) else None
+    return wait_until(found, timeout, interval=0.2)
+
+
+def test_state_shows_the_stream_its_path_evidence_and_the_faults_alarm(live):
+    s = wait_for_alarm(live["base"], FAULT_ALARM)
+    (ws1,) = [x for x in s["streams"] if x["name"] == "ws1"]
+    assert ws1["type"] == FAULT_TYPE and ws1["video"] == FAULT_VIDEO
+    assert ws1["state"] in ("normal", "alarm") and ws1["frames"] > 1000
+    assert s["monitors"][0]["up"] is True
+    # the spot path: 200 measured positions inside the 32x32 frame, and the model's curve
+    path = wait_until(lambda: state(live["base"])["streams"][0]["path"], 10)
+    xs = [x for x in path["x"] if x is not None]
+    assert len(xs) > 150 and all(0 <= x < 32 for x in xs)
+    assert path["normal"] is not None and len(path["normal"]["x"]) > 10
+    # evidence: one series per alarm kind, one value per status (0.5 s) over ~10 s
+    ev = wait_until(lambda: (e := state(live["base"])["streams"][0]["evidence"])["t"]
+                    and len(e["t"]) >= 4 and e, 15)
+    assert set(ev["kinds"]) == set(s["kinds"]) and FAULT_ALARM in ev["kinds"]
+    assert all(-11 <= t <= 0 for t in ev["t"])
+    assert all(len(v) == len(ev["t"]) for v in ev["kinds"].values())
+    verdict_or_alarm = {e["topic"] for e in s["events"]}
+    assert "alarm" in verdict_or_alarm
+
+
+def test_metrics_are_prometheus_text_with_the_monitors_own_counts(live):
+    wait_for_alarm(live["base"], FAULT_ALARM)
+    text = None
+    with Subscriber(live["pub"], ["status"]) as sub:
+        seen_frames = []  # ws1's frame count in the monitor's statuses around the scrape
+        while len(seen_frames) < 6:
+            header = msgpack.unpackb(sub.recv(timeout=5)[1])
+            if header["stream"] == "*" and "ws1" in header["streams"]:
+                seen_frames.append(header["streams"]["ws1"]["frames"])
+            if len(seen_frames) == 3:
+                text = get(live["base"] + "/metrics").decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def samples(name):
+        return {tuple(sorted(s.labels.items())): s.value for s in families[name].samples
+                if s.name == name or s.name == name + "_total"}
+
+    assert families["lhtstream_frames"].type == "counter"
+    frames = samples("lhtstream_frames")[(("stream", "ws1"),)]
+    assert frames in seen_frames  # the monitor's own count, from one of its statuses
+    assert samples("lhtstream_lost_frames")[(("stream", "ws1"),)] == 0
+    assert samples("lhtstream_malformed_messages")[(("stream", "ws1"),)] == 0
+    assert samples("lhtstream_alarms")[(("kind", FAULT_ALARM), ("stream", "ws1"))] >= 1
+    latency = samples("lhtstream_handling_latency_seconds")
+    p50 = latency[(("quantile", "0.5"), ("stream", "ws1"))]
+    p99 = latency[(("quantile", "0.99"), ("stream", "ws1"))]
+    assert 1e-6 < p50 <= p99 < 1.0  # seconds, not microseconds
+    mode = samples("lhtstream_model_state")
+    assert mode[(("state", "scoring"), ("stream", "ws1"))] == 1
+    assert mode[(("state", "calibrating"), ("stream", "ws1"))] == 0
+    assert list(samples("lhtstream_monitor_up").values()) == [1]
+
+
+def test_a_stalled_view_costs_the_monitor_and_other_subscribers_nothing(live):
+    """SIGSTOP the view for 3 s (it reads nothing: its queues fill, ZeroMQ drops for it):
+    the monitor loses no frame, another subscriber gets every status on time, and the
+    view catches up by itself afterwards."""
+    view = live["view"]
+    wait_for_alarm(live["base"], FAULT_ALARM)
+    with Subscriber(live["pub"], ["status"]) as sub:
+        first = msgpack.unpackb(sub.recv(timeout=5)[1])
+        view.signal(signal.SIGSTOP)
+        try:
+            arrivals, statuses = [], []
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                try:
+                    header = msgpack.unpackb(sub.recv(timeout=1.0)[1])
+                except TimeoutError:
+                    continue
+                arrivals.append(time.monotonic())
+                statuses.append(header)
+        finally:
+            view.signal(signal.SIGCONT)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert len(statuses) >= 5 and max(gaps) < 1.0  # every 0.5 s, none held back
+    last = statuses[-1]
+    assert last["dropped"] == first["dropped"] == 0
+    assert last["frames"] - first["frames"] > 2500  # ~1000 frames/s went on being handled
+    # the view is back: its copy of the monitor's status is fresh again
+    wait_until(lambda: state(live["base"])["monitors"][0]["age_s"] < 1.0, 10, interval=0.2)
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium; CI installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+PAGE_STATS = """async (src) => {
+  const img = new Image();
+  img.src = src;
+  await img.decode();
+  const c = document.createElement("canvas");
+  c.width = img.width; c.height = img.height;
+  const ctx = c.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
+  const colours = new Set();
+  let differing = 0;
+  for (let i = 0; i < d.length; i += 4 * 7) {
+    colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+    if (d[i] !== d[0] || d[i + 1] !== d[1] || d[i + 2] !== d[2]) differing++;
+  }
+  return { colours: colours.size, differing: differing / (d.length / 28),
+           width: c.width, height: c.height };
+}"""
+
+
+def test_the_page_in_chromium_shows_the_streams_heat_map_path_and_the_faults_alarm(
+        live, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    failed: list[str] = []
+    page.on("requestfailed", lambda req: failed.append(req.url))
+    page.goto(live["base"] + "/")
+    # the injected fault's alarm kind appears in the stream's alarm log
+    page.wait_for_selector(f".alarm-log tr.raise td.kind:text-is('{FAULT_ALARM}')",
+                           timeout=30_000)
+    row = page.locator("#overview tr[data-stream='ws1']")
+    assert row.locator(".badge").inner_text() in ("normal", "ALARM " + FAULT_ALARM)
+    assert "T1/0002" in row.inner_text()
+    # the heat map is drawn: the canvas has dark and bright pixels
+    heat = page.evaluate("""() => {
+      const c = document.querySelector('#stream-ws1 canvas.heat');
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let bright = 0, dark = 0;
+      for (let i = 0; i < d.length; i += 4) {
+        const v = d[i] + d[i + 1] + d[i + 2];
+        if (v > 300) bright++; else if (v < 30) dark++;
+      }
+      return { bright, dark, w: c.width, h: c.height };
+    }""")
+    assert heat["bright"] > 0 and heat["dark"] > 0 and heat["w"] > 1
+    # the path chart has both traces: the model's normal path and the measured spot
+    page.wait_for_function("document.querySelectorAll('#stream-ws1 .path .trace').length >= 2",
+                           timeout=10_000)
+    shot = tmp_path / "view.png"
+    page.screenshot(path=str(shot), full_page=True)
+    src = "data:image/png;base64," + base64.b64encode(shot.read_bytes()).decode()
+    stats = page.evaluate(PAGE_STATS, src)
+    assert stats["width"] == 1280 and stats["height"] >= 900
+    assert stats["colours"] > 50 and stats["differing"] > 0.05, stats  # not a blank page
+    assert errors == [] and failed == []  # no script error, nothing fetched from elsewhere
+    # the history view (from the journal): a chart for ws1 once an alarm was journaled
+    page.click("#tab-history")
+    page.wait_for_selector("#history-charts .hchart[data-stream='ws1'] .trace",
+                           timeout=15_000)
+    assert "per " in page.inner_text("#history-note")
+    page.close()
+
+
+def test_every_request_of_the_page_stays_on_the_view(live, browser):
+    """No CDN: every URL the page loads is the view's own."""
+    page = browser.new_page()
+    urls: list[str] = []
+    page.on("request", lambda req: urls.append(req.url))
+    page.goto(live["base"] + "/")
+    page.wait_for_selector("#overview tr[data-stream='ws1']", timeout=20_000)
+    page.close()
+    assert urls and all(re.match(re.escape(live["base"]) + r"/|ws://127\.0\.0\.1", u)
+                        or u.startswith("data:") for u in urls), urls
+
+
+def test_view_refuses_a_bad_model_and_a_busy_port_with_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a model")
+    out = run_cli("view", "--model", bad, "--port", "0", timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "bad.npz" in out.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run_cli("view", "--port", port, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr
+    out = run_cli("view", "--port", "70000", timeout=60)
+    assert out.returncode == 2 and "--port" in out.stderr
