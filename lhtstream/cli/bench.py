@@ -167,6 +167,9 @@ class Run:
         self.latency_log = self.folder / "latency.npy"
         self.children: list[Child] = []
         self.echo = echo
+        self.model = model
+        self.view: Child | None = None
+        self.page: PageReader | None = None
         self.monitor = Child(monitor_args(self.frames_ep, self.publish_ep, model,
                                           self.folder / "journal.sqlite", self.latency_log,
                                           status_interval), "monitor", echo)
@@ -184,11 +187,25 @@ class Run:
         self.delivery_us: list[float] = []
 
     def start(self, data: Path, rate: str, streams: int = 1, loop: bool = False,
-              ready_timeout: float = 180.0, videos: Sequence[str] | None = None) -> None:
+              ready_timeout: float = 180.0, videos: Sequence[str] | None = None,
+              view: bool = False) -> None:
+        """Start the replay once the monitor is ready; ``view``: also `lhtstream view` on
+        the monitor and the frames, with a page reading it (`PageReader`)."""
         self.monitor.wait_for(r"monitor: ready in", ready_timeout)
         self.sub.connect(self.publish_ep)
+        if view:
+            args = ["-m", "lhtstream.cli", "view", "--monitor", self.publish_ep, "--frames",
+                    self.frames_ep, "--port", "0"]
+            if self.model is not None:
+                args += ["--model", str(self.model)]
+            self.view = Child(args, "view", self.echo)
+            self.children.append(self.view)
+            port = self.view.wait_for(r"serving http://127\.0\.0\.1:(\d+)/", 60).group(1)
+            self.page = PageReader(f"http://127.0.0.1:{port}/ws")
+        subscribers = 2 if view else 1  # the monitor, and the view's frame subscription
         args = ["-m", "lhtstream.cli", "replay", str(data), "--endpoint", self.frames_ep,
-                "--rate", rate, "--streams", str(streams), "--wait-subscribers", "1"]
+                "--rate", rate, "--streams", str(streams), "--wait-subscribers",
+                str(subscribers)]
         if loop:
             args.append("--loop")
         if videos:
@@ -246,6 +263,8 @@ class Run:
         return np.load(self.latency_log, allow_pickle=False)
 
     def close(self) -> None:
+        if self.page is not None:
+            self.page.stop()
         for child in reversed(self.children):
             with contextlib.suppress(Exception):
                 child.stop()
@@ -268,9 +287,63 @@ def faulty_video_names(data: Path) -> list[str]:
                    if label.kind != "normal"})
 
 
+class PageReader:
+    """A browser page's stand-in: a WebSocket client of `lhtstream view` in a thread,
+    counting the pictures (binary) and state updates (text) it receives."""
+
+    def __init__(self, url: str) -> None:
+        import threading  # local import: only the view benchmark reads a page
+
+        self.url = url
+        self.pictures = 0
+        self.states = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="page-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import asyncio  # local import: only the view benchmark reads a page
+
+        import aiohttp  # local import: start-up time (~0.2 s), only the view benchmark
+
+        async def read() -> None:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(self.url) as ws:
+                    while not self._stop.is_set():
+                        try:
+                            msg = await ws.receive(timeout=0.2)
+                        except asyncio.TimeoutError:
+                            continue
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            self.pictures += 1
+                        elif msg.type == aiohttp.WSMsgType.TEXT:
+                            self.states += 1
+                        else:
+                            return
+
+        try:
+            asyncio.run(read())
+        except Exception as exc:  # reported in the result, the benchmark goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a running process (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1,
                  data: Path | None = None, model: Path | None = None,
-                 echo: bool = False) -> dict[str, Any]:
+                 echo: bool = False, view: bool = False) -> dict[str, Any]:
     """Replay at 1000 frames/s per stream for ``seconds``, into one monitor; the result dict.
 
     ``data``/``model`` default to the demo's data set. Only its videos with an
@@ -282,10 +355,23 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
         data, model = bench_data()
     with Run(transport, model, echo=echo) as run:
         run.start(data, "1000", streams=streams, loop=True,
-                  videos=faulty_video_names(data) or None)
+                  videos=faulty_video_names(data) or None, view=view)
         assert run.replay is not None
         run.replay.wait_for(r"replay: frame subscriber joined", 60)
+        view_cpu0 = cpu_seconds(run.view.pid) if run.view is not None else None
+        t0 = time.monotonic()
         run.pump_for(seconds)
+        viewed = None
+        if run.view is not None and run.page is not None:
+            view_cpu1 = cpu_seconds(run.view.pid)
+            wall = time.monotonic() - t0
+            viewed = {
+                "pictures_per_s": round(run.page.pictures / wall, 1),
+                "states_per_s": round(run.page.states / wall, 1),
+                "cpu_percent": (round(100 * (view_cpu1 - view_cpu0) / wall, 1)
+                                if view_cpu0 is not None and view_cpu1 is not None else None),
+                "page_error": run.page.error,
+            }
         run.replay.stop()
         sent, jitter, _ = parse_replay(run.replay.text())
         run.drain_until_processed(sent)
@@ -310,7 +396,44 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
             "alarm_delivery_us": percentiles(np.array(run.delivery_us), DELIVERY_QS),
             "replay_jitter_us": jitter,
             "verdicts": len(run.verdicts),
+            "view": viewed,
         }
+
+
+VIEW_P50_RATIO_MAX = 1.5
+"""A view attached may not raise the monitor's typical (p50) handling latency by more."""
+
+
+def run_view_cost(transport: str = "ipc", seconds: float = 60.0, data: Path | None = None,
+                  model: Path | None = None) -> dict[str, Any]:
+    """The same end-to-end run twice, back to back: without and with `lhtstream view`
+    attached (subscribed to the monitor and the frames, one page reading it)."""
+    if data is None or model is None:
+        data, model = bench_data()
+    without = run_endtoend(transport, seconds, 1, data, model)
+    with_view = run_endtoend(transport, seconds, 1, data, model, view=True)
+    ratios = {}
+    for q in ("p50", "p99", "p999"):
+        a, b = without["latency_us"][q], with_view["latency_us"][q]
+        ratios[q] = round(b / a, 3) if a and b else None
+    return {"without": without, "with": with_view, "latency_ratio": ratios}
+
+
+def check_view_cost(result: dict[str, Any]) -> list[str]:
+    """Problems of a `run_view_cost` result: a frame lost with the view attached, the
+    typical latency raised by more than `VIEW_P50_RATIO_MAX`, or a page that saw nothing."""
+    problems = []
+    with_view = result["with"]
+    if with_view["frames_lost"]:
+        problems.append(f"view attached: {with_view['frames_lost']} frame(s) lost")
+    ratio = result["latency_ratio"]["p50"]
+    if ratio is None or ratio > VIEW_P50_RATIO_MAX:
+        problems.append(f"view attached: handling p50 x{ratio} (limit x{VIEW_P50_RATIO_MAX})")
+    page = with_view.get("view") or {}
+    if (page.get("pictures_per_s") or 0) < 10:
+        problems.append(f"view attached: the page got {page.get('pictures_per_s')} pictures/s "
+                        f"({page.get('page_error') or 'no error'})")
+    return problems
 
 
 def check_endtoend(result: dict[str, Any], strict: bool = True) -> list[str]:
@@ -488,6 +611,16 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"  {_fmt(lat['p50']):>5} {_fmt(lat['p99']):>6} {_fmt(lat['p999']):>6}"
                 f" {_fmt(lat['max']):>7}  {_fmt(dl['p50']):>7}/{_fmt(dl['p99']):<8}"
                 f"  {_fmt(jit.get('p99'))}")
+    vc = results.get("view_cost")
+    if vc:
+        a, b = vc["without"], vc["with"]
+        page = b.get("view") or {}
+        cells = "  ".join(f"{q} {_fmt(a['latency_us'][q])} -> {_fmt(b['latency_us'][q])}"
+                          for q in ("p50", "p99", "p999"))
+        lines.append(f"view attached (ipc x1, same run): handling us {cells}; lost "
+                     f"{a['frames_lost']} -> {b['frames_lost']}; view CPU "
+                     f"{_fmt(page.get('cpu_percent'))} % of a core, page got "
+                     f"{_fmt(page.get('pictures_per_s'))} pictures/s")
     mx = results.get("max_rate")
     if mx:
         lines.append(f"monitor --rate max: {_fmt(mx['frames_per_s'])} frames/s, "
@@ -536,6 +669,10 @@ def run_bench(args: Any) -> int:
         r = run_endtoend(transport, seconds, streams, data, model)
         results["endtoend"].append(r)
         results["problems"] += check_endtoend(r, strict=not quick)
+    say(f"view's cost: ipc, 1 stream, {seconds:g} s without and {seconds:g} s with "
+        "`lhtstream view` attached")
+    results["view_cost"] = run_view_cost("ipc", seconds, data, model)
+    results["problems"] += check_view_cost(results["view_cost"])
     say("throughput: monitor fed --rate max")
     results["max_rate"] = run_max_rate(data, model, seconds=5.0 if quick else 20.0)
     if results["max_rate"]["frames_lost"]:
