@@ -41,17 +41,16 @@ def test_endtoend(benchmark, bench_set, transport, streams):
 
 @pytest.mark.slow
 def test_endtoend_with_view_attached(benchmark, bench_set):
-    """The same run without and with `lhtstream view` (subscribed to the monitor and the
-    frames, a page reading it): no frame lost, the typical latency unchanged (within
-    `VIEW_P50_RATIO_MAX`), and the page really got pictures."""
-    from lhtstream.cli.bench import check_endtoend, check_view_cost, run_view_cost
+    """One run, alternately without and with `lhtstream view` attached (subscribed to the
+    monitor and the frames, a page reading it): no frame lost, the typical latency
+    unchanged (within `VIEW_P50_RATIO_MAX`), and the page really got pictures."""
+    from lhtstream.cli.bench import check_view_cost, run_view_cost
 
     data, model = bench_set
     result = benchmark.pedantic(run_view_cost, args=("ipc", SECONDS, data, model),
                                 rounds=1, iterations=1)
-    benchmark.extra_info.update({"without_" + k: v for k, v in result["without"].items()})
-    benchmark.extra_info.update({"with_" + k: v for k, v in result["with"].items()})
-    benchmark.extra_info["latency_ratio"] = result["latency_ratio"]
+    benchmark.extra_info.update(result)
+    assert result["without"]["frames"] > SECONDS * 1000 * 0.5
+    assert result["with"]["frames"] > SECONDS * 1000 * 0.5
     assert check_view_cost(result) == []
-    assert check_endtoend(result["with"], strict=STRICT) == []
-    assert result["with"]["view"]["states_per_s"] >= 2  # tables, strips and paths, ~4/s
+    assert result["view"]["states_per_s"] >= 2  # tables, strips and paths, ~4/s

@@ -187,25 +187,11 @@ class Run:
         self.delivery_us: list[float] = []
 
     def start(self, data: Path, rate: str, streams: int = 1, loop: bool = False,
-              ready_timeout: float = 180.0, videos: Sequence[str] | None = None,
-              view: bool = False) -> None:
-        """Start the replay once the monitor is ready; ``view``: also `lhtstream view` on
-        the monitor and the frames, with a page reading it (`PageReader`)."""
+              ready_timeout: float = 180.0, videos: Sequence[str] | None = None) -> None:
         self.monitor.wait_for(r"monitor: ready in", ready_timeout)
         self.sub.connect(self.publish_ep)
-        if view:
-            args = ["-m", "lhtstream.cli", "view", "--monitor", self.publish_ep, "--frames",
-                    self.frames_ep, "--port", "0"]
-            if self.model is not None:
-                args += ["--model", str(self.model)]
-            self.view = Child(args, "view", self.echo)
-            self.children.append(self.view)
-            port = self.view.wait_for(r"serving http://127\.0\.0\.1:(\d+)/", 60).group(1)
-            self.page = PageReader(f"http://127.0.0.1:{port}/ws")
-        subscribers = 2 if view else 1  # the monitor, and the view's frame subscription
         args = ["-m", "lhtstream.cli", "replay", str(data), "--endpoint", self.frames_ep,
-                "--rate", rate, "--streams", str(streams), "--wait-subscribers",
-                str(subscribers)]
+                "--rate", rate, "--streams", str(streams), "--wait-subscribers", "1"]
         if loop:
             args.append("--loop")
         if videos:
@@ -261,6 +247,29 @@ class Run:
         if not self.latency_log.exists():
             raise BenchError(f"monitor wrote no latency log:\n{self.monitor.text()[-2000:]}")
         return np.load(self.latency_log, allow_pickle=False)
+
+    def attach_view(self, timeout: float = 60.0) -> None:
+        """Start `lhtstream view` on the monitor and the frames, and a page reading it;
+        returns once the page got its first picture."""
+        args = ["-m", "lhtstream.cli", "view", "--monitor", self.publish_ep, "--frames",
+                self.frames_ep, "--port", "0"]
+        if self.model is not None:
+            args += ["--model", str(self.model)]
+        self.view = Child(args, "view", self.echo)
+        self.children.append(self.view)
+        port = self.view.wait_for(r"serving http://127\.0\.0\.1:(\d+)/", timeout).group(1)
+        self.page = PageReader(f"http://127.0.0.1:{port}/ws")
+        end = time.monotonic() + timeout
+        while self.page.pictures == 0 and self.page.error is None and time.monotonic() < end:
+            self.pump(50)
+
+    def detach_view(self) -> None:
+        if self.page is not None:
+            self.page.stop()
+        if self.view is not None:
+            self.view.stop()
+            self.children.remove(self.view)
+        self.view = self.page = None
 
     def close(self) -> None:
         if self.page is not None:
@@ -343,7 +352,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1,
                  data: Path | None = None, model: Path | None = None,
-                 echo: bool = False, view: bool = False) -> dict[str, Any]:
+                 echo: bool = False) -> dict[str, Any]:
     """Replay at 1000 frames/s per stream for ``seconds``, into one monitor; the result dict.
 
     ``data``/``model`` default to the demo's data set. Only its videos with an
@@ -355,23 +364,10 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
         data, model = bench_data()
     with Run(transport, model, echo=echo) as run:
         run.start(data, "1000", streams=streams, loop=True,
-                  videos=faulty_video_names(data) or None, view=view)
+                  videos=faulty_video_names(data) or None)
         assert run.replay is not None
         run.replay.wait_for(r"replay: frame subscriber joined", 60)
-        view_cpu0 = cpu_seconds(run.view.pid) if run.view is not None else None
-        t0 = time.monotonic()
         run.pump_for(seconds)
-        viewed = None
-        if run.view is not None and run.page is not None:
-            view_cpu1 = cpu_seconds(run.view.pid)
-            wall = time.monotonic() - t0
-            viewed = {
-                "pictures_per_s": round(run.page.pictures / wall, 1),
-                "states_per_s": round(run.page.states / wall, 1),
-                "cpu_percent": (round(100 * (view_cpu1 - view_cpu0) / wall, 1)
-                                if view_cpu0 is not None and view_cpu1 is not None else None),
-                "page_error": run.page.error,
-            }
         run.replay.stop()
         sent, jitter, _ = parse_replay(run.replay.text())
         run.drain_until_processed(sent)
@@ -396,43 +392,110 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
             "alarm_delivery_us": percentiles(np.array(run.delivery_us), DELIVERY_QS),
             "replay_jitter_us": jitter,
             "verdicts": len(run.verdicts),
-            "view": viewed,
         }
 
 
 VIEW_P50_RATIO_MAX = 1.5
 """A view attached may not raise the monitor's typical (p50) handling latency by more."""
+VIEW_SEGMENTS = 4
+"""Segments of a view-cost run, alternately without and with the view attached."""
+_SEGMENT_MARGIN_S = 0.6
+"""Frames this close to a segment's edges count for neither side (status granularity)."""
 
 
 def run_view_cost(transport: str = "ipc", seconds: float = 60.0, data: Path | None = None,
                   model: Path | None = None) -> dict[str, Any]:
-    """The same end-to-end run twice, back to back: without and with `lhtstream view`
-    attached (subscribed to the monitor and the frames, one page reading it)."""
+    """One end-to-end run (1 stream at 1 kHz) in `VIEW_SEGMENTS` segments of
+    ``seconds / 2`` each, alternately without and with `lhtstream view` attached
+    (subscribed to the monitor and to the frames, one page reading its WebSocket).
+
+    Same monitor, same replay, same moment: the machine's load drifts equally into
+    both sides. Each frame's handling latency comes from the monitor's latency log; a
+    frame counts for a side by the monitor's frame count in the statuses around it,
+    minus a margin at each segment edge. The view's CPU share is read from /proc.
+    """
     if data is None or model is None:
         data, model = bench_data()
-    without = run_endtoend(transport, seconds, 1, data, model)
-    with_view = run_endtoend(transport, seconds, 1, data, model, view=True)
-    ratios = {}
-    for q in ("p50", "p99", "p999"):
-        a, b = without["latency_us"][q], with_view["latency_us"][q]
-        ratios[q] = round(b / a, 3) if a and b else None
-    return {"without": without, "with": with_view, "latency_ratio": ratios}
+    part = seconds / 2
+    sides: dict[str, list[tuple[int, int]]] = {"without": [], "with": []}
+    page = {"pictures": 0, "states": 0, "seconds": 0.0, "cpu_s": 0.0, "errors": []}
+    with Run(transport, model) as run:
+        run.start(data, "1000", loop=True, videos=faulty_video_names(data) or None)
+        assert run.replay is not None
+        run.replay.wait_for(r"replay: frame subscriber joined", 60)
+        run.pump_for(1.0)
+        for segment in range(VIEW_SEGMENTS):
+            attached = segment % 2 == 1
+            if attached:
+                run.attach_view()
+                assert run.view is not None and run.page is not None
+                cpu0, pictures0, states0 = cpu_seconds(run.view.pid), run.page.pictures, \
+                    run.page.states
+            t0 = time.monotonic_ns()
+            run.pump_for(part)
+            t1 = time.monotonic_ns()
+            if attached:
+                cpu1 = cpu_seconds(run.view.pid)
+                page["pictures"] += run.page.pictures - pictures0
+                page["states"] += run.page.states - states0
+                page["seconds"] += (t1 - t0) / 1e9
+                if cpu0 is not None and cpu1 is not None:
+                    page["cpu_s"] += cpu1 - cpu0
+                if run.page.error:
+                    page["errors"].append(run.page.error)
+                run.detach_view()
+            sides["with" if attached else "without"].append(
+                _frames_between(run.statuses, t0 + int(_SEGMENT_MARGIN_S * 1e9),
+                                t1 - int(_SEGMENT_MARGIN_S * 1e9)))
+        run.replay.stop()
+        sent, _, _ = parse_replay(run.replay.text())
+        run.drain_until_processed(sent)
+        run.monitor.stop()
+        run.pump_for(0.2)
+        lat = run.latencies()
+        dropped = int(run.last_status().get("dropped", 0))
+    out: dict[str, Any] = {"transport": transport, "segment_s": part,
+                           "segments": VIEW_SEGMENTS, "frames_sent": sent,
+                           "frames_lost": max(sent - int(lat.size), 0) + dropped}
+    for side, ranges in sides.items():
+        values = np.concatenate([lat[a:b] for a, b in ranges]) if ranges else np.zeros(0)
+        out[side] = {"frames": int(values.size), "latency_us": percentiles(values, LAT_QS),
+                     "over_budget_frames": int((values > BUDGET_US).sum())}
+    out["latency_ratio"] = {}
+    for q, _ in LAT_QS:
+        a, b = out["without"]["latency_us"][q], out["with"]["latency_us"][q]
+        out["latency_ratio"][q] = round(b / a, 3) if a and b else None
+    wall = page["seconds"] or 1.0
+    out["view"] = {"pictures_per_s": round(page["pictures"] / wall, 1),
+                   "states_per_s": round(page["states"] / wall, 1),
+                   "cpu_percent": round(100 * page["cpu_s"] / wall, 1),
+                   "page_errors": page["errors"]}
+    return out
+
+
+def _frames_between(statuses: list[tuple[int, dict]], t0_ns: int, t1_ns: int) -> tuple[int, int]:
+    """(first, end) indices into the latency log of the frames handled between two times,
+    from the monitor's frame count in the statuses received around them."""
+    counts = [(t, s.get("frames", 0)) for t, s in statuses if s.get("stream") == "*"]
+    first = max((n for t, n in counts if t <= t0_ns), default=0)
+    end = max((n for t, n in counts if t <= t1_ns), default=first)
+    return first, max(first, end)
 
 
 def check_view_cost(result: dict[str, Any]) -> list[str]:
-    """Problems of a `run_view_cost` result: a frame lost with the view attached, the
-    typical latency raised by more than `VIEW_P50_RATIO_MAX`, or a page that saw nothing."""
+    """Problems of a `run_view_cost` result: a frame lost, the typical latency with the
+    view raised by more than `VIEW_P50_RATIO_MAX`, or a page that saw no pictures (so a
+    benchmark of a broken view cannot pass)."""
     problems = []
-    with_view = result["with"]
-    if with_view["frames_lost"]:
-        problems.append(f"view attached: {with_view['frames_lost']} frame(s) lost")
+    if result["frames_lost"]:
+        problems.append(f"view cost run: {result['frames_lost']} frame(s) lost")
     ratio = result["latency_ratio"]["p50"]
     if ratio is None or ratio > VIEW_P50_RATIO_MAX:
         problems.append(f"view attached: handling p50 x{ratio} (limit x{VIEW_P50_RATIO_MAX})")
-    page = with_view.get("view") or {}
-    if (page.get("pictures_per_s") or 0) < 10:
-        problems.append(f"view attached: the page got {page.get('pictures_per_s')} pictures/s "
-                        f"({page.get('page_error') or 'no error'})")
+    page = result["view"]
+    if page["pictures_per_s"] < 10 or page["page_errors"]:
+        problems.append(f"view attached: the page got {page['pictures_per_s']} pictures/s "
+                        f"({'; '.join(page['page_errors']) or 'no error'})")
     return problems
 
 
@@ -613,14 +676,13 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"  {_fmt(jit.get('p99'))}")
     vc = results.get("view_cost")
     if vc:
-        a, b = vc["without"], vc["with"]
-        page = b.get("view") or {}
+        a, b, page = vc["without"], vc["with"], vc["view"]
         cells = "  ".join(f"{q} {_fmt(a['latency_us'][q])} -> {_fmt(b['latency_us'][q])}"
                           for q in ("p50", "p99", "p999"))
-        lines.append(f"view attached (ipc x1, same run): handling us {cells}; lost "
-                     f"{a['frames_lost']} -> {b['frames_lost']}; view CPU "
-                     f"{_fmt(page.get('cpu_percent'))} % of a core, page got "
-                     f"{_fmt(page.get('pictures_per_s'))} pictures/s")
+        lines.append(f"view attached (ipc x1, one run, {vc['segments']} alternating segments"
+                     f" of {vc['segment_s']:g} s): handling us without -> with: {cells}; "
+                     f"frames lost {vc['frames_lost']}; view CPU {_fmt(page['cpu_percent'])} "
+                     f"% of a core, page got {_fmt(page['pictures_per_s'])} pictures/s")
     mx = results.get("max_rate")
     if mx:
         lines.append(f"monitor --rate max: {_fmt(mx['frames_per_s'])} frames/s, "
@@ -670,7 +732,7 @@ def run_bench(args: Any) -> int:
         results["endtoend"].append(r)
         results["problems"] += check_endtoend(r, strict=not quick)
     say(f"view's cost: ipc, 1 stream, {seconds:g} s without and {seconds:g} s with "
-        "`lhtstream view` attached")
+        "`lhtstream view` attached, alternating")
     results["view_cost"] = run_view_cost("ipc", seconds, data, model)
     results["problems"] += check_view_cost(results["view_cost"])
     say("throughput: monitor fed --rate max")
