@@ -18,7 +18,9 @@ from lhtstream.model.kdeamd import (
     measure_frame_cost,
     spot_positions,
 )
+from lhtstream.model.kdeamd_published import published_noise
 from lhtstream.service.kdeamd_protocol import (
+    ProtocolError,
     ProtocolVideo,
     add_position_noise,
     kdeamd_factory,
@@ -186,17 +188,24 @@ def _eight(
     return p, o
 
 
-def test_noise_is_reproducible_and_only_touches_positions() -> None:
+def test_noise_is_the_published_sequence_and_only_touches_positions() -> None:
     m = np.zeros((4000, 3))
     v = ProtocolVideo(1, "0001", m, np.zeros(4000, dtype=np.int8), xy=(1, 2))
     a = add_position_noise(v, seed=7)
-    b = add_position_noise(v, seed=7)
-    other = add_position_noise(ProtocolVideo(1, "0002", m, v.obstacles, xy=(1, 2)), seed=7)
-    np.testing.assert_array_equal(a.measurements, b.measurements)
-    assert not np.allclose(a.measurements, other.measurements)
+    other = add_position_noise(ProtocolVideo(2, "0002", m, v.obstacles, xy=(1, 2)), seed=7)
+    # as published: the generator re-seeded for every video, so every video gets the same
+    np.testing.assert_array_equal(a.measurements, other.measurements)
+    np.testing.assert_array_equal(a.positions, published_noise(4000, NOISE_SIGMA, 7))
+    assert not np.allclose(a.positions, add_position_noise(v, seed=8).positions)
     assert np.all(a.measurements[:, 0] == 0.0)
     assert a.positions.std(axis=0) == pytest.approx([NOISE_SIGMA] * 2, rel=0.05)
+    half = add_position_noise(v, variance=0.005, seed=7)
+    np.testing.assert_allclose(half.positions, a.positions / 2, rtol=1e-12)  # std 0.0707 px
     assert np.all(m == 0.0)  # input untouched
+    with pytest.raises(ProtocolError, match="outside"):
+        run_protocol({}, kdeamd_factory(), variances=(0.0,))
+    with pytest.raises(ProtocolError, match="1..8"):
+        run_protocol({}, kdeamd_factory(), variances=())
 
 
 def test_protocol_noisy_videos_score_higher_and_hook_is_leave_one_out() -> None:
@@ -205,7 +214,12 @@ def test_protocol_noisy_videos_score_higher_and_hook_is_leave_one_out() -> None:
         t: [ProtocolVideo(t, f"{i:04d}", *_eight(rng, 1500, jitter=0.05)) for i in range(4)]
         for t in (1, 2)
     }
-    res = run_protocol(vids, kdeamd_factory(rows=20, cols=20), seed=1)
+    levels = run_protocol(vids, kdeamd_factory(rows=20, cols=20), variances=(0.02, 0.005),
+                          seed=1)
+    assert list(levels) == [0.02, 0.005]
+    res = levels[0.02]
+    assert levels[0.005].clean == res.clean  # clean scores do not depend on the level
+    assert np.mean(list(levels[0.005].noisy.values())) < np.mean(list(res.noisy.values()))
     clean = np.array(list(res.clean.values()))
     noisy = np.array([res.noisy[k] for k in res.clean])
     assert len(clean) == 8
@@ -226,7 +240,7 @@ def test_protocol_noisy_videos_score_higher_and_hook_is_leave_one_out() -> None:
 
         return scorer
 
-    res2 = run_protocol(vids, factory, seed=1)
+    res2 = run_protocol(vids, factory, seed=1)[0.02]
     assert len(seen) == 8 and len(scored) == 16
     assert seen[0] == (1, ["0001", "0002", "0003"])
     assert seen[5] == (2, ["0000", "0002", "0003"])

@@ -113,7 +113,7 @@ def run_once(args: argparse.Namespace, overrides: dict[str, object]) -> dict:
         params = dict(rows=args.grid, cols=args.grid, lam=args.lam)
         res = run_protocol(vids, kdeamd_factory(**params), seed=args.noise_seed,
                            progress=(lambda s: print("  " + s, flush=True)) if args.verbose
-                           else None)
+                           else None)[0.02]
         out = {
             "overrides": {k: v for k, v in overrides.items()},
             "auc": res.auc,

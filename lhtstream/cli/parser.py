@@ -242,7 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write ROC and timeline PNGs to this folder (needs the plots extra)",
     )
     p.add_argument(
-        "--no-baseline", action="store_true", help="skip the KDE-AMD baseline (it is slow)"
+        "--no-baseline", action="store_true", help="skip the KDE-AMD baselines (they are slow)"
+    )
+    p.add_argument(
+        "--protocol-noise",
+        default=None,
+        metavar="VARIANCES",
+        help="position-noise variances (px^2) of the KDE-AMD protocol, comma-separated, e.g. "
+        "0.02,0.01,0.005,0.0025 (default: the published 0.02)",
     )
     p.set_defaults(command="evaluate")
 

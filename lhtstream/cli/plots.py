@@ -48,7 +48,10 @@ def plot_roc(report: dict[str, Any], path: Path) -> Path:
         ax.plot(fpr, tpr, label=f"verdict score, all kinds (AUC {report['auc_videos']:.3f})")
     kp = report.get("kdeamd_protocol") or {}
     for key, name, auc in (("", "KDE-AMD protocol, ours", kp.get("auc")),
-                           ("_baseline", "KDE-AMD protocol, KDE-AMD", kp.get("auc_baseline"))):
+                           ("_baseline", "KDE-AMD protocol, KDE-AMD as published",
+                            kp.get("auc_baseline")),
+                           ("_baseline_paper", "KDE-AMD protocol, KDE-AMD paper-faithful",
+                            kp.get("auc_baseline_paper"))):
         clean = kp.get(f"clean_scores{key}")
         noisy = kp.get(f"noisy_scores{key}")
         if clean and noisy:

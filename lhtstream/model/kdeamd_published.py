@@ -25,6 +25,7 @@ live on the 0..32 px square with each video's mean at (16, 16). Time in frames.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "centre_published",
     "kl_published",
     "leave_one_out",
+    "measure_frame_cost",
     "published_noise",
     "published_positions",
     "scoring_windows",
@@ -380,10 +382,48 @@ class PublishedKdeAmd:
         return float(_move_probability(int(window), col, row, float(x1), float(y1),
                                        self.cells, *tables))
 
+    def lookup_points(self, x0: float, y0: float, window: int) -> int:
+        """Training points of the KDE a move from (x0, y0) in `window` is scored with (the
+        transposed lookup); 0 when it finds none. What one frame's cost scales with."""
+        count = self._require_fit()[1]
+        col = int(_cells(np.float64(x0), self.cells))
+        row = int(_cells(np.float64(y0), self.cells))
+        if window < 0 or col < 0 or row < 0:
+            return 0
+        return int(count[(int(window) * self.cells + col) * self.cells + row])
+
     def cell_sizes(self) -> np.ndarray:
         """Training points behind each fitted (window, cell) KDE."""
         count = self._require_fit()[1]
         return count[count > 0].copy()
+
+
+def measure_frame_cost(model: PublishedKdeAmd, centred: np.ndarray, obstacles: np.ndarray,
+                       max_moves: int = 5000) -> dict[str, float]:
+    """Time `PublishedKdeAmd.score_move` on a centred video's moves (µs per frame).
+
+    Returns the median and p99 over up to ``max_moves`` frames, the fraction of frames
+    whose lookup finds a KDE (``hit_fraction``; the others cost only the lookup) and the
+    median training points summed on those (``points_median``).
+    """
+    pos = np.asarray(centred, dtype=np.float64)
+    win = scoring_windows(obstacles)
+    k = min(len(win), int(max_moves))
+    if k < 1:
+        raise KdeAmdError("measure_frame_cost needs a video of >= 2 frames")
+    ns = np.empty(k)
+    points = np.array([model.lookup_points(pos[i, 0], pos[i, 1], int(win[i])) for i in range(k)])
+    clock = time.perf_counter_ns
+    score = model.score_move
+    for i in range(k):
+        t = clock()
+        score(pos[i, 0], pos[i, 1], pos[i + 1, 0], pos[i + 1, 1], int(win[i]))
+        ns[i] = clock() - t
+    us = ns / 1000.0
+    hits = points[points > 0]
+    return {"median_us": float(np.median(us)), "p99_us": float(np.quantile(us, 0.99)),
+            "frames": float(k), "hit_fraction": float(len(hits) / k),
+            "points_median": float(np.median(hits)) if len(hits) else 0.0}
 
 
 # --------------------------------------------------------------- video scores

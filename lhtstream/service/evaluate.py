@@ -13,9 +13,11 @@ from the wire, then ``end_video_events``), and reports against ``labels.csv``:
 - ``false_alarms_per_hour``: raises on normal videos per hour of footage
   (1000 frames = 1 s), with a one-sided 95 % Poisson upper bound;
 - ``kdeamd_protocol``: the published KDE-AMD protocol on the normal videos
-  (leave-one-out within a type, clean vs N(0, 0.02 px^2) position noise) for
-  our model (measure -> noise on X/Y -> ``process_measured`` per frame) and
-  for `lhtstream.model.kdeamd` on the same folds and the same noise.
+  (leave-one-out within a type, clean vs N(0, variance) position noise, 0.02 px^2
+  as published, or each of ``noise_variances``) for our model (measure -> noise
+  on X/Y -> ``process_measured`` per frame), KDE-AMD as published and the
+  paper-faithful KDE-AMD, on the same folds and the same noise
+  (`lhtstream.service.kdeamd_protocol`).
 
 Each video gets a fresh pipeline (a monitor started with the model file on
 that video): scores do not depend on the order of videos or on the selection.
@@ -36,8 +38,9 @@ from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.stats import poisson_upper, roc_auc
 from lhtstream.io.dataset import Dataset, read_labels
 from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
+from lhtstream.model.kdeamd import NOISE_VARIANCE
 from lhtstream.model.normality import NormalityModel
-from lhtstream.service.kdeamd_protocol import kdeamd_protocol
+from lhtstream.service.kdeamd_protocol import kdeamd_protocol, noise_levels
 from lhtstream.service.pipeline import StreamPipeline, offline_header
 
 #: An alarm counts as a detection when raised in [onset, end + DETECTION_SLACK] frames.
@@ -255,7 +258,8 @@ def summarise(results: Sequence[VideoResult]) -> dict[str, Any]:
 
 def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
              baseline: bool = True, protocol: bool = True, timelines: bool = False,
-             progress: Callable[[str], None] = _quiet) -> dict[str, Any]:
+             progress: Callable[[str], None] = _quiet,
+             noise_variances: Sequence[float] = (NOISE_VARIANCE,)) -> dict[str, Any]:
     """Evaluate `model` (a `NormalityModel` or a model file) on a labelled data set.
 
     Returns the report dict (see the module docstring); with ``timelines`` the
@@ -264,6 +268,7 @@ def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
     """
 
     t_start = time.perf_counter()
+    noise_variances = noise_levels(noise_variances)  # fail before the long monitor path
     if not isinstance(model, NormalityModel):
         model = NormalityModel.load(model)
     labels = read_labels(data)
@@ -298,6 +303,7 @@ def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
         normal = [v for v in videos if (lab := labels.get((v.type, v.name))) is None
                   or lab.kind == "normal"]
         report["kdeamd_protocol"] = kdeamd_protocol(normal, baseline=baseline,
+                                                    variances=noise_variances,
                                                     progress=progress)
     report["seconds"] = time.perf_counter() - t_start
     if timelines:
