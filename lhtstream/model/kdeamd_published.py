@@ -167,11 +167,15 @@ def scoring_windows(obstacles: np.ndarray) -> np.ndarray:
     return win
 
 
-def _cells(v: np.ndarray, cells: int) -> np.ndarray:
-    """Cell index along one axis of the 0..32 square (``digitize`` - 1); -1 outside it."""
-    edges = np.linspace(0.0, SQUARE_PX, cells + 1)
+def _edges(cells: int) -> np.ndarray:
+    """Cell edges along each axis of the 0..32 px square, as published."""
+    return np.linspace(0.0, SQUARE_PX, cells + 1)
+
+
+def _cells(v: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Cell index along one axis (``digitize(v, edges) - 1``); -1 outside [0, 32)."""
     i = np.searchsorted(edges, v, side="right") - 1
-    return np.where((v >= 0.0) & (v < SQUARE_PX), i, -1).astype(np.int64)
+    return np.where((v >= 0.0) & (v < edges[-1]), i, -1).astype(np.int64)
 
 
 # --------------------------------------------------------------- kernels
@@ -257,10 +261,21 @@ def _density(k, x, y, start, count, white, chol, norm):  # pragma: no cover - co
 
 
 @njit(cache=True)
-def _move_probability(w, col, row, x1, y1, cells, start, count, white, chol,
+def _cell(v, edges):  # pragma: no cover - compiled
+    """`_cells` of one value."""
+    if not (v >= 0.0 and v < edges[-1]):
+        return -1
+    return np.searchsorted(edges, v, side="right") - 1
+
+
+@njit(cache=True)
+def _move_probability(w, x0, y0, x1, y1, edges, start, count, white, chol,
                       norm):  # pragma: no cover - compiled
     """Smoothed probability of one move, the published way: its start cell (col, row) is
     looked up as [window][col][row] in a table fitted as [window][row][col]."""
+    cells = edges.shape[0] - 1
+    col = _cell(x0, edges)
+    row = _cell(y0, edges)
     p = 0.0
     if w >= 0 and col >= 0 and row >= 0:
         k = (w * cells + col) * cells + row
@@ -270,11 +285,11 @@ def _move_probability(w, col, row, x1, y1, cells, start, count, white, chol,
 
 
 @njit(cache=True)
-def _move_probabilities(pos, col, row, win, cells, start, count, white, chol, norm,
+def _move_probabilities(pos, win, edges, start, count, white, chol, norm,
                         out):  # pragma: no cover - compiled
     for t in range(pos.shape[0] - 1):
-        out[t] = _move_probability(win[t], col[t], row[t], pos[t + 1, 0], pos[t + 1, 1],
-                                   cells, start, count, white, chol, norm)
+        out[t] = _move_probability(win[t], pos[t, 0], pos[t, 1], pos[t + 1, 0], pos[t + 1, 1],
+                                   edges, start, count, white, chol, norm)
 
 
 @njit(cache=True)
@@ -306,6 +321,7 @@ class PublishedKdeAmd:
         if not 1 <= int(cells) <= 1000 or int(lam) < 1:
             raise KdeAmdError(f"cells must be 1..1000 and lambda >= 1, got {cells}, {lam}")
         self.cells, self.lam = int(cells), int(lam)
+        self.edges = _edges(self.cells)
         self.windows = 0
         self._tables: tuple[np.ndarray, ...] | None = None
 
@@ -337,7 +353,7 @@ class PublishedKdeAmd:
             dest = np.arange(1, len(pos))
             w = np.searchsorted(b[1:-1], dest, side="right")
             first = dest == b[w]
-            row, col = _cells(pos[:-1, 1], self.cells), _cells(pos[:-1, 0], self.cells)
+            row, col = _cells(pos[:-1, 1], self.edges), _cells(pos[:-1, 0], self.edges)
             keep = (row >= 0) & (col >= 0) & (~first | (b[w] > low[w]))
             keys.append(((w * self.cells + row) * self.cells + col)[keep])
             ends.append(pos[1:][keep])
@@ -369,25 +385,19 @@ class PublishedKdeAmd:
                               f"{self.windows}")
         pos = np.ascontiguousarray(positions, dtype=np.float64)
         out = np.empty(len(pos) - 1)
-        _move_probabilities(pos, _cells(pos[:, 0], self.cells), _cells(pos[:, 1], self.cells),
-                            scoring_windows(obstacles), self.cells, *tables, out)
+        _move_probabilities(pos, scoring_windows(obstacles), self.edges, *tables, out)
         return out
 
     def score_move(self, x0: float, y0: float, x1: float, y1: float, window: int) -> float:
         """Smoothed probability of one move from (x0, y0) to (x1, y1), centred px, scored
         by `window` (from `scoring_windows`; -1: not scored). One frame of the method."""
-        tables = self._require_fit()
-        col = int(_cells(np.float64(x0), self.cells))
-        row = int(_cells(np.float64(y0), self.cells))
-        return float(_move_probability(int(window), col, row, float(x1), float(y1),
-                                       self.cells, *tables))
+        return _move_probability(window, x0, y0, x1, y1, self.edges, *self._require_fit())
 
     def lookup_points(self, x0: float, y0: float, window: int) -> int:
         """Training points of the KDE a move from (x0, y0) in `window` is scored with (the
         transposed lookup); 0 when it finds none. What one frame's cost scales with."""
         count = self._require_fit()[1]
-        col = int(_cells(np.float64(x0), self.cells))
-        row = int(_cells(np.float64(y0), self.cells))
+        col, row = _cell(float(x0), self.edges), _cell(float(y0), self.edges)
         if window < 0 or col < 0 or row < 0:
             return 0
         return int(count[(int(window) * self.cells + col) * self.cells + row])
