@@ -19,6 +19,7 @@ import zmq
 
 from lhtstream.io import protocol
 from lhtstream.io.journal import Journal
+from tests.compiled import new_specialisations
 from tests.processes import ProcessGroup, Subscriber, ipc_endpoint, tcp_endpoint
 
 pytest.importorskip("lhtstream.service.pipeline")
@@ -416,3 +417,153 @@ def test_end_of_video_clear_carries_the_last_frames_time(tmp_path):
         assert alarm["t_alarm_ns"] >= alarm["t_frame_ns"]
         assert verdict["t_ns"] >= t_last and verdict["kinds"] == ["trajectory"]
         assert journal.alarms()[0]["t_frame_ns"] == t_last  # journaled the same
+
+
+# ---------------------------------------------------------------- journal before publish
+
+
+class _ScriptedPipeline:
+    """Stands in for StreamPipeline: two alarms raised together on frame 3 (one journal
+    batch), a sensor alarm for lost frames, and at the video's end their clears and a
+    verdict."""
+
+    def start_video(self, video, type_id, metadata=None):
+        self.video, self.type, self.frames = video, type_id, 0
+        return []
+
+    def _alarm(self, kind, state, frame):
+        from lhtstream.model.detector import Alarm
+
+        return Alarm("ws1", self.video, self.type, frame, time.monotonic_ns(), kind, state,
+                     5.0, 4.0, {})
+
+    def process(self, frame, header):
+        self.frames += 1
+        if header["frame"] == 3:
+            return [self._alarm("stall", "raise", 3), self._alarm("intensity_low", "raise", 3)]
+        return ()
+
+    def note_lost(self, n, header):
+        return [self._alarm("sensor", "raise", header["frame"])]
+
+    def end_video_events(self):
+        from lhtstream.model.detector import Verdict
+
+        last = self.frames - 1
+        return [self._alarm(k, "clear", last) for k in ("stall", "intensity_low", "sensor")] + [
+            Verdict("ws1", self.video, self.type, self.frames, 2.0, True, 3,
+                    ["intensity_low", "sensor", "stall"])]
+
+    def status(self):
+        return {"mode": "scoring"}
+
+
+class _JournalCheckingPub:
+    """A publisher that reads the journal through a second connection (as `lhtstream alarms
+    --history` does) at the moment of each send: anything published before its commit is
+    caught in the act, however fast the commit that follows it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sent: list[protocol.Message] = []
+        self.uncommitted: list[tuple[str, dict]] = []
+
+    def send_multipart(self, parts) -> None:
+        message = protocol.decode(parts)
+        h = message.header
+        if message.topic in ("alarm", "verdict"):
+            with Journal(self.path, writer=False) as reader:
+                if message.topic == "alarm":
+                    committed = {(r["seq"], r["kind"], r["state"]) for r in reader.alarms()}
+                    ok = (h["seq"], h["kind"], h["state"]) in committed
+                else:
+                    ok = (h["stream"], h["video"]) in {(v["stream"], v["video"])
+                                                       for v in reader.verdicts()}
+            if not ok:
+                self.uncommitted.append((message.topic, h))
+        self.sent.append(message)
+
+
+def test_every_alarm_and_verdict_is_committed_before_it_is_sent(tmp_path):
+    from lhtstream.service.monitor import Monitor
+
+    path = tmp_path / "journal.sqlite"
+    pub = _JournalCheckingPub(path)
+    with Journal(path) as journal:
+        monitor = Monitor(make_pipeline=lambda name: _ScriptedPipeline(), journal=journal,
+                          publish=pub, subscribe=None)
+        pixels = np.zeros((16, 22), dtype=np.uint16)
+        monitor.handle(protocol.encode("video", {"stream": "ws1", "video": "0001", "type": 1,
+                                                 "event": "start", "metadata": {}}))
+        for seq in (0, 1, 2, 3, 4, 7, 8):  # 5, 6 lost
+            monitor.handle(protocol.encode_frame(pixels, stream="ws1", video="0001", type=1,
+                                                 seq=seq, index=seq))
+        monitor.handle(protocol.encode("video", {"stream": "ws1", "video": "0001", "type": 1,
+                                                 "event": "end", "metadata": {}}))
+        assert monitor.errors == 0
+    alarms = [m.header for m in pub.sent if m.topic == "alarm"]
+    verdicts = [m.header for m in pub.sent if m.topic == "verdict"]
+    assert [(a["kind"], a["state"]) for a in alarms] == [
+        ("stall", "raise"), ("intensity_low", "raise"), ("sensor", "raise"),
+        ("stall", "clear"), ("intensity_low", "clear"), ("sensor", "clear")]
+    assert [a["seq"] for a in alarms] == list(range(1, 7))
+    assert len(verdicts) == 1
+    assert pub.uncommitted == []
+
+
+# ---------------------------------------------------------------- warm-up
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A small Type1 model (fitted and calibrated), saved as the monitor loads it."""
+    from lhtstream.io.dataset import obstacle_states
+    from lhtstream.io.simulate import simulate_video
+    from lhtstream.kernels.features import video_features
+    from lhtstream.model.detector import calibrate
+    from lhtstream.model.normality import NormalityModel
+
+    rows = []
+    for seed in range(4):
+        v = simulate_video(1, 300 + seed, 1500)
+        rows.append((1, video_features(v.image, obstacle_states(v.metadata))))
+    model = NormalityModel.fit(rows[:3])
+    calibrate(model, rows[3:])
+    return model.save(tmp_path_factory.mktemp("model") / "model.npz")
+
+
+_LIVE_PATH = """
+    # what the monitor does with each frame off the wire, for a stream with the model (if
+    # any) and a self-calibrating one: decode, view, process; a seq gap; the video's end
+    sim = simulate_video(1, 77, 900)
+    pipes = [StreamPipeline("ws2", model=None, calibration_frames=400)]
+    if model is not None:
+        pipes.append(StreamPipeline("ws1", model=model))
+    for pipe in pipes:
+        pipe.start_video("0001", 1, sim.metadata)
+        for i in range(len(sim.image)):
+            parts = [bytes(p) for p in protocol.encode_frame(
+                sim.image[i], stream=pipe.stream, video="0001", type=1, seq=i, index=i)]
+            message = protocol.decode(parts)
+            pipe.process(protocol.frame_array(message), message.header)
+        pipe.note_lost(3, message.header)
+        pipe.end_video_events()
+"""
+
+
+@pytest.mark.parametrize("with_model", [True, False])
+def test_warm_up_leaves_nothing_to_compile_on_the_live_frame_path(model_file, with_model):
+    """The monitor says "ready" only after its warm-up: in a fresh process, the live path
+    (model file or self-calibration) must then find every kernel specialisation it needs."""
+    setup = """
+            import sys
+            from lhtstream.io import protocol
+            from lhtstream.io.simulate import simulate_video
+            from lhtstream.model.normality import NormalityModel
+            from lhtstream.service import monitor
+            from lhtstream.service.pipeline import StreamPipeline
+            model = NormalityModel.load(sys.argv[1]) if len(sys.argv) > 1 else None
+            monitor._warm_up(model)
+    """
+    new = new_specialisations(setup, _LIVE_PATH, *([str(model_file)] if with_model else []))
+    assert new == {}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lhtstream.io.dataset import obstacle_states
-from lhtstream.io.simulate import ANOMALY_KINDS, simulate_video
+from lhtstream.io.simulate import ANOMALY_KINDS, Anomaly, simulate_video
 from lhtstream.kernels.features import video_features
 from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY, ALARM_KINDS, Alarm, Verdict, calibrate
 from lhtstream.model.normality import NormalityModel
@@ -124,23 +124,38 @@ def test_lost_frames_give_a_sensor_alarm(model):
     assert verdict.anomalous and verdict.score > 1.0 and verdict.kinds == ["sensor"]
 
 
-def test_self_calibration_without_model_then_scores(caplog):
+def test_self_calibration_without_model_then_judges_and_alarms_a_fault(caplog):
+    """No model: the first 4000 frames calibrate (nothing judged, nothing raised), the rest of
+    the same video is judged, and a power drop injected after calibration raises
+    intensity_low at its onset. A self-calibrated model that judged nothing (say, no cell
+    with enough frames) would pass a check of the mode alone."""
+    onset, end = 5000, 5300
+    v = simulate_video(TYPE, 500, 6000, Anomaly("power_drop", onset, end, -0.35))
     pipe = StreamPipeline("a", None, calibration_frames=4000)
-    v = simulate_video(TYPE, 500, 5000)
+    obs = obstacle_states(v.metadata)
+    events, evidence = [], None
     with caplog.at_level("WARNING"):
         pipe.start_video("x", TYPE)
         assert pipe.status()["mode"] == "calibrating"
-        obs = obstacle_states(v.metadata)
-        events = []
         for i, f in enumerate(v.image):
             events.extend(pipe.process(f, {"video": "x", "type": TYPE, "frame": i,
                                            "obstacle": int(obs[i])}))
+            if i == 3998:
+                assert pipe.status()["mode"] == "calibrating"
+            if i == onset - 1:
+                assert pipe.status()["mode"] == "scoring"
+                assert pipe.status()["model"] == "self-calibrated"
+                evidence = pipe.status()["evidence"]
     assert "SELF-CALIBRATING" in caplog.text
-    assert pipe.status()["mode"] == "scoring" and pipe.status()["model"] == "self-calibrated"
-    assert [e for e in events if isinstance(e, Alarm)] == []
-    # scoring normal footage: every kind's evidence is reported, and below its threshold
-    evidence = pipe.status()["evidence"]
+    # normal footage after calibration: every kind judged, below its threshold; the
+    # trajectory evidence is a chi-square level, never exactly 0 on judged frames
     assert set(evidence) == set(ALARM_KINDS) and max(evidence.values()) < 1.0
+    assert evidence["trajectory"] > 0.05
+    raises = [(e.frame, e.kind) for e in events if isinstance(e, Alarm) and e.state == "raise"]
+    assert raises and all(onset <= f <= end + 100 for f, _ in raises), raises
+    assert raises[0][1] == "intensity_low" and raises[0][0] - onset <= 20, raises
+    verdict = pipe.end_video()
+    assert verdict.anomalous and "intensity_low" in verdict.kinds and verdict.score > 1.0
 
 
 def test_blank_frame_is_sensor_but_faint_frame_is_stall(model):
