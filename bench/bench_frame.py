@@ -153,3 +153,43 @@ def test_kdeamd_frame_realsize(benchmark, live_video, kdeamd_realsize, obstacles
     cells = model.cell_sizes()
     benchmark.extra_info["cell_points_median"] = float(np.median(cells)) if cells.size else 0.0
     record(benchmark, cpu, budget_us=None)
+
+
+def test_kdeamd_published_frame_realsize(benchmark, live_video, kdeamd_published_realsize,
+                                         obstacles):
+    """KDE-AMD as published (the default baseline), one frame at the real training size:
+    `PublishedKdeAmd.score_move`, its transposed cell lookup and, when that finds a KDE,
+    the kernel sum over the cell's points. Most frames find none (see extra_info), so the
+    median is the lookup; the hit frames' cost is measured in the same run."""
+    from lhtstream.model.kdeamd_published import (
+        centre_published,
+        measure_frame_cost,
+        published_positions,
+        scoring_windows,
+    )
+
+    model = kdeamd_published_realsize
+    pos = centre_published(published_positions(live_video.image))
+    states = obstacles(live_video)
+    win = scoring_windows(states).tolist()
+    xs, ys = pos[:, 0].tolist(), pos[:, 1].tolist()
+    nxt = _stepper(len(win))
+    score = model.score_move
+
+    def move() -> None:
+        i = nxt()
+        score(xs[i], ys[i], xs[i + 1], ys[i + 1], win[i])
+
+    rounds = 2_000 if QUICK else 20_000
+    cpu = CpuTimes(rounds + 100)
+    benchmark.pedantic(cpu.wrap(move), rounds=rounds, iterations=1, warmup_rounds=100)
+    cost = measure_frame_cost(model, pos, states, max_moves=len(win))
+    info = benchmark.extra_info
+    info["hit_fraction"] = round(cost["hit_fraction"], 4)
+    info["hit_p50_us"] = round(cost["hit_median_us"], 2)
+    info["mean_us"] = round(cost["mean_us"], 2)
+    info["hit_points_median"] = cost["points_median"]
+    info["cell_points_median"] = float(np.median(model.cell_sizes()))
+    record(benchmark, cpu, budget_us=None)
+    # the fixture must give real-size cells, else this times only empty lookups
+    assert cost["hit_fraction"] > 0.01 and cost["points_median"] > 1000, cost

@@ -143,3 +143,26 @@ def kdeamd_realsize(training_videos):
             rep_pos.append(p + rng.normal(0.0, 0.05, size=p.shape))
             rep_obs.append(o)
     return KdeAmd(rows=35, cols=35, lam=15, reference_moves=2_000).fit(rep_pos, rep_obs)
+
+
+@pytest.fixture(scope="session")
+def kdeamd_published_realsize(training_videos):
+    """KDE-AMD as published (the default baseline) with as many training moves as on the
+    real data set: the simulated training videos, centred as published, replicated with
+    0.05 px jitter up to `REAL_TRAINING_FRAMES` (as `kdeamd_realsize` does)."""
+    from lhtstream.model.kdeamd_published import (
+        PublishedKdeAmd,
+        centre_published,
+        published_positions,
+    )
+
+    pos = [centre_published(published_positions(v.image)) for v in training_videos]
+    obs = [_obstacles(v) for v in training_videos]
+    copies = max(1, -(-REAL_TRAINING_FRAMES // sum(len(p) for p in pos)))
+    rng = np.random.default_rng(5)
+    rep_pos, rep_obs = [], []
+    for _ in range(copies):
+        for p, o in zip(pos, obs, strict=True):
+            rep_pos.append(p + rng.normal(0.0, 0.05, size=p.shape))
+            rep_obs.append(o)
+    return PublishedKdeAmd().fit(rep_pos, rep_obs)

@@ -412,9 +412,10 @@ def measure_frame_cost(model: PublishedKdeAmd, centred: np.ndarray, obstacles: n
                        max_moves: int = 5000) -> dict[str, float]:
     """Time `PublishedKdeAmd.score_move` on a centred video's moves (µs per frame).
 
-    Returns the median and p99 over up to ``max_moves`` frames, the fraction of frames
-    whose lookup finds a KDE (``hit_fraction``; the others cost only the lookup) and the
-    median training points summed on those (``points_median``).
+    Returns the median, mean and p99 over up to ``max_moves`` frames, the fraction of
+    frames whose lookup finds a KDE (``hit_fraction``; the others cost only the lookup),
+    the median cost of those (``hit_median_us``) and the median training points summed
+    on them (``points_median``).
     """
     pos = np.asarray(centred, dtype=np.float64)
     win = scoring_windows(obstacles)
@@ -430,10 +431,12 @@ def measure_frame_cost(model: PublishedKdeAmd, centred: np.ndarray, obstacles: n
         score(pos[i, 0], pos[i, 1], pos[i + 1, 0], pos[i + 1, 1], int(win[i]))
         ns[i] = clock() - t
     us = ns / 1000.0
-    hits = points[points > 0]
-    return {"median_us": float(np.median(us)), "p99_us": float(np.quantile(us, 0.99)),
-            "frames": float(k), "hit_fraction": float(len(hits) / k),
-            "points_median": float(np.median(hits)) if len(hits) else 0.0}
+    hit = points > 0
+    return {"median_us": float(np.median(us)), "mean_us": float(us.mean()),
+            "p99_us": float(np.quantile(us, 0.99)), "frames": float(k),
+            "hit_fraction": float(hit.mean()),
+            "hit_median_us": float(np.median(us[hit])) if hit.any() else 0.0,
+            "points_median": float(np.median(points[hit])) if hit.any() else 0.0}
 
 
 # --------------------------------------------------------------- video scores
