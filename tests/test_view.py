@@ -276,3 +276,16 @@ def test_view_refuses_a_bad_model_and_a_busy_port_with_one_line(tmp_path):
     assert f"127.0.0.1:{port}" in out.stderr
     out = run_cli("view", "--port", "70000", timeout=60)
     assert out.returncode == 2 and "--port" in out.stderr
+
+
+def test_demo_prints_the_views_address_and_serves_it_while_it_runs(bench_set):
+    cache = bench_set[0].parent  # the demo's own cache layout (live/, model.npz)
+    with ProcessGroup() as procs:
+        demo = procs.cli("demo", "--cache", cache, "--seconds", "6", "--view-port", "0")
+        url = demo.wait_for_stdout(r"live view at (http://127\.0\.0\.1:\d+/)", 120).group(1)
+        assert b"lhtstream view" in get(url)
+        streams = wait_until(lambda: state(url.rstrip("/"))["streams"], 30, interval=0.2)
+        assert streams[0]["name"] == "ws1"
+        assert demo.wait(timeout=120) == 0
+    with pytest.raises(OSError):  # stopped with the demo
+        get(url, timeout=2)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -302,6 +303,41 @@ def format_summary(rows: list[dict], latency: dict, frames: int, lost: int,
 # ---------------------------------------------------------------- run
 
 
+VIEW_PORT = 8050
+"""The demo's live view listens here (another free port when this one is taken)."""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _start_view(publish_ep: str, frames_ep: str, model: Path, journal: Path,
+                port: int) -> Child | None:
+    """`lhtstream view` on the demo's monitor and frames; prints its address. None (and
+    the demo goes on without it) when it cannot start."""
+    if port and not _port_free(port):
+        print(f"demo: port {port} is taken; the live view takes a free one", flush=True)
+        port = 0
+    view = Child(["-m", "lhtstream.cli", "view", "--monitor", publish_ep, "--frames",
+                  frames_ep, "--model", str(model), "--journal", str(journal),
+                  "--port", str(port)], "view")
+    try:
+        match = view.wait_for(r"serving (http://\S+/)", 60)
+    except LhtstreamError as exc:
+        view.stop(timeout=5.0)
+        print(f"demo: the live view did not start, going on without it: "
+              f"{str(exc).splitlines()[0]}", flush=True)
+        return None
+    print(f"demo: live view at {match.group(1)} (open it in a browser while the demo runs; "
+          f"Prometheus metrics at {match.group(1)}metrics)", flush=True)
+    return view
+
+
 def run_demo(args: Any) -> int:
     """CLI handler for ``lhtstream demo [--cache DIR] [--seconds S]``.
 
@@ -343,8 +379,15 @@ def run_demo(args: Any) -> int:
               flush=True)
         monitor.wait_for(r"monitor: ready in", 300)
         sub.connect(publish_ep)
+        view = _start_view(publish_ep, frames_ep, prepared.model, folder / "journal.sqlite",
+                           getattr(args, "view_port", VIEW_PORT))
+        if view is not None:
+            children.append(view)
+        # frame subscribers to wait for: the monitor, and the view's pictures
+        subscribers = "2" if view is not None else "1"
         replay = Child(["-m", "lhtstream.cli", "replay", str(prepared.live), "--endpoint",
-                        frames_ep, "--rate", "1000", "--wait-subscribers", "1"], "replay")
+                        frames_ep, "--rate", "1000", "--wait-subscribers", subscribers],
+                       "replay")
         children.append(replay)
         n_videos = len(labels)
         print(f"demo: replay pid {replay.pid} streaming {n_videos} videos at 1000 frames/s "

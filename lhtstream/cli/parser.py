@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds of footage to stream (default: the demo set)",
     )
+    p.add_argument(
+        "--view-port",
+        type=int,
+        default=8050,
+        help="port of the live view the demo serves on 127.0.0.1 (default: %(default)s; "
+        "another free one when taken; 0: any free one)",
+    )
     p.set_defaults(command="demo")
 
     p = sub.add_parser("synth", help="write a synthetic data set in the published format")
