@@ -46,6 +46,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         full=args.full,
         progress=sys.stderr.isatty(),
+        ramp_frames=args.ramp_frames,
     )
     print(summary)
     return 0

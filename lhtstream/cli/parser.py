@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the real data set's size: 4223 videos, ~63 M frames, tens of GB",
     )
+    p.add_argument(
+        "--ramp-frames",
+        type=int,
+        default=0,
+        metavar="N",
+        help="faults with a magnitude (all but obstacle_pattern_misplaced, camera_dropout, "
+        "frame_freeze) grow linearly from the onset, complete after N frames "
+        "(default 0: full magnitude at once)",
+    )
     p.set_defaults(command="synth")
 
     p = sub.add_parser(

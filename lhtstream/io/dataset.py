@@ -50,6 +50,7 @@ SENSOR_SIZE = 32  # the camera is 32x32 px; ROI borders index into it
 MAX_VALUE = 1024  # camera range 0..1024
 MAX_METADATA_BYTES = 64 * 1024 * 1024  # a real metadata.pkl is a few hundred KB
 LABEL_COLUMNS = ("type", "video", "kind", "onset_frame", "end_frame", "magnitude")
+RAMP_COLUMN = "ramp_frames"  # optional: written only when some fault ramps (synth --ramp-frames)
 
 _TYPE_DIR = re.compile(r"^Type(\d+)$")
 _VIDEO_FILE = re.compile(r"^(\d+)\.npz$")
@@ -426,6 +427,7 @@ class Label:
     onset_frame: int | None
     end_frame: int | None
     magnitude: float | None
+    ramp_frames: int = 0  # > 0: the magnitude grows linearly over this many frames from onset
 
     @property
     def anomalous(self) -> bool:
@@ -455,6 +457,7 @@ def read_labels(root: str | os.PathLike) -> dict[tuple[int, str], Label]:
                     onset_frame=int(row["onset_frame"]) if row["onset_frame"].strip() else None,
                     end_frame=int(row["end_frame"]) if row["end_frame"].strip() else None,
                     magnitude=float(row["magnitude"]) if row["magnitude"].strip() else None,
+                    ramp_frames=int((row.get(RAMP_COLUMN) or "").strip() or 0),
                 )
             except (TypeError, ValueError, AttributeError) as exc:
                 raise DatasetError(f"{path}: line {lineno}: bad label row ({exc})") from None
@@ -468,10 +471,11 @@ def write_labels(root: str | os.PathLike, labels: Iterable[Label]) -> None:
     rows = sorted(
         labels, key=lambda lb: (lb.type, int(lb.video) if lb.video.isdigit() else 0, lb.video)
     )
+    ramps = any(lb.ramp_frames > 0 for lb in rows)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(LABEL_COLUMNS)
+        writer.writerow(LABEL_COLUMNS + ((RAMP_COLUMN,) if ramps else ()))
         for lb in rows:
             writer.writerow(
                 [
@@ -482,6 +486,7 @@ def write_labels(root: str | os.PathLike, labels: Iterable[Label]) -> None:
                     "" if lb.end_frame is None else lb.end_frame,
                     "" if lb.magnitude is None else repr(float(lb.magnitude)),
                 ]
+                + ([lb.ramp_frames or ""] if ramps else [])
             )
     os.replace(tmp, path)
 

@@ -98,6 +98,7 @@ ALARM_KIND_FOR_ANOMALY: dict[str, str] = {
     "obstacle_pattern_misplaced": "trajectory",
     "camera_dropout": "sensor",
     "frame_freeze": "sensor",
+    "pattern_drift": "trajectory",
 }
 
 DEFAULT_ALPHA = 0.2

@@ -22,6 +22,7 @@ ANOMALY_KINDS: tuple[str, ...] = (
     "obstacle_pattern_misplaced",
     "camera_dropout",
     "frame_freeze",
+    "pattern_drift",
 )
 SENSOR_KINDS: tuple[str, ...] = ("camera_dropout", "frame_freeze")
 
@@ -37,7 +38,13 @@ DEFAULT_MAGNITUDE: dict[str, float] = {
     "obstacle_pattern_misplaced": 1.0,  # pattern code run: 1 top, 2 middle, 3 bottom
     "camera_dropout": 1.0,  # fraction of pixels blanked
     "frame_freeze": 1.0,  # (no scale) the frame before onset repeats byte-identically
+    "pattern_drift": 1.0,  # px the whole eight moves (diagonally down-right; scanner zero drift)
 }
+# Kinds whose magnitude can grow gradually (`Anomaly.ramp_frames`); the others are switches.
+RAMPABLE_KINDS: tuple[str, ...] = (
+    "position_noise", "power_drop", "power_spike", "scanner_stall", "pattern_shrink",
+    "frequency_drift", "spot_defocus", "pattern_drift",
+)
 FREQ_DRIFT_RAMP = 20  # frames over which frequency_drift reaches its full step
 ONSET_MIN_FRAC = 0.2  # anomalies start after this fraction of the video ...
 ONSET_MAX_FRAC = 0.55  # ... and before this one
@@ -47,12 +54,18 @@ SPAN_MAX_FRAC = 0.3
 
 @dataclass(frozen=True)
 class Anomaly:
-    """One injected fault: kind, inclusive frame span, magnitude (see DEFAULT_MAGNITUDE)."""
+    """One injected fault: kind, inclusive frame span, magnitude (see DEFAULT_MAGNITUDE).
+
+    ``ramp_frames`` > 0: the magnitude grows linearly from the onset and is complete
+    ``ramp_frames`` frames later (frame onset + ramp_frames - 1); kinds not in
+    `RAMPABLE_KINDS` ignore it (they start at full magnitude).
+    """
 
     kind: str
     onset_frame: int
     end_frame: int
     magnitude: float
+    ramp_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ANOMALY_KINDS:
@@ -63,6 +76,29 @@ class Anomaly:
             raise ValueError(
                 f"anomaly span {self.onset_frame}..{self.end_frame} is not 0 <= onset <= end"
             )
+        if self.ramp_frames < 0:
+            raise ValueError(f"ramp frames must be >= 0, got {self.ramp_frames}")
+
+    def ramp(self) -> np.ndarray:
+        """(span,) share of the full magnitude reached at each frame of the span (0..1]."""
+        n = self.end_frame - self.onset_frame + 1
+        if self.ramp_frames <= 0 or self.kind not in RAMPABLE_KINDS:
+            return np.ones(n)
+        return np.minimum(1.0, (np.arange(n) + 1.0) / self.ramp_frames)
+
+
+def draw_ramped_span(rng: np.random.Generator, frames: int, ramp_frames: int) -> tuple[int, int]:
+    """Inclusive [onset, end] holding a whole ramp of ``ramp_frames`` plus a usual span:
+    the onset is drawn in 20-55% of the frames that leave room for the ramp."""
+    room = frames - ramp_frames
+    if room < 2 * SPAN_MIN:
+        raise ValueError(
+            f"a {ramp_frames}-frame ramp needs videos of at least {ramp_frames + 2 * SPAN_MIN} "
+            f"frames, got {frames}"
+        )
+    onset = max(1, int(rng.uniform(ONSET_MIN_FRAC, ONSET_MAX_FRAC) * room))
+    hold = int(rng.uniform(SPAN_MIN, SPAN_MAX))
+    return onset, min(onset + ramp_frames - 1 + hold, frames - 1)
 
 
 def draw_span(
@@ -95,8 +131,10 @@ def resolve(
     rng: np.random.Generator,
     frames: int,
     windows: list[tuple[int, int]],
+    ramp_frames: int = 0,
 ) -> Anomaly | None:
-    """Turn a kind name (timing drawn from ``rng``, default magnitude) into an Anomaly."""
+    """Turn a kind name (timing drawn from ``rng``, default magnitude) into an Anomaly;
+    with ``ramp_frames`` a rampable kind's span holds the whole ramp."""
     if kind_or_anomaly is None or isinstance(kind_or_anomaly, Anomaly):
         return kind_or_anomaly
     if isinstance(kind_or_anomaly, tuple):
@@ -104,6 +142,9 @@ def resolve(
     kind = str(kind_or_anomaly)
     if kind not in ANOMALY_KINDS:
         raise ValueError(f"unknown anomaly kind {kind!r}; kinds: {', '.join(ANOMALY_KINDS)}")
+    if ramp_frames > 0 and kind in RAMPABLE_KINDS:
+        onset, end = draw_ramped_span(rng, frames, ramp_frames)
+        return Anomaly(kind, onset, end, DEFAULT_MAGNITUDE[kind], ramp_frames)
     avoid = windows if kind == "obstacle_pattern_misplaced" else None
     onset, end = draw_span(rng, frames, avoid)
     return Anomaly(kind, onset, end, DEFAULT_MAGNITUDE[kind])

@@ -62,13 +62,16 @@ def simulate_video(
     anomaly: str | Anomaly | tuple | None = None,
     *,
     windows: list[tuple[int, int]] | None = None,
+    ramp_frames: int = 0,
 ) -> SimulatedVideo:
     """Simulate one difference video of batch type ``type_id`` (1..36), ``frames`` ms long.
 
     ``anomaly``: None, a kind from ANOMALY_KINDS (timing drawn, default magnitude) or an
-    Anomaly. ``windows``: override the obstacle windows (inclusive frames; [] = none),
-    default drawn for the type. Randomness comes from independent streams, so the same
-    seed with and without an anomaly (or obstacle) gives identical frames before it.
+    Anomaly; ``ramp_frames`` > 0 makes a drawn rampable fault grow linearly from its
+    onset over that many frames (`Anomaly.ramp_frames`). ``windows``: override the
+    obstacle windows (inclusive frames; [] = none), default drawn for the type.
+    Randomness comes from independent streams, so the same seed with and without an
+    anomaly (or obstacle) gives identical frames before it.
     """
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
@@ -89,7 +92,7 @@ def simulate_video(
     if windows is None:
         windows = draw_windows(o_rng, frames, len(cfg.obstacles))
     windows = [(int(a), int(b)) for a, b in windows]
-    anom = resolve(anomaly, a_rng, frames, windows)
+    anom = resolve(anomaly, a_rng, frames, windows, ramp_frames)
     if anom is not None and anom.end_frame >= frames:
         raise ValueError(
             f"anomaly span {anom.onset_frame}..{anom.end_frame} is past the end ({frames} frames)"
@@ -111,24 +114,28 @@ def simulate_video(
         code[w + ini : w + end + 1] = PATTERNS.index(kind)
         obstacle_x[w + ini : w + end + 1] = cfg.obstacle_x[i] if i < len(cfg.obstacle_x) else 0.0
 
+    drift = np.zeros(n_total)  # pattern_drift: px the eight's centre moved, each axis
     if anom is not None:
         sl = slice(w + anom.onset_frame, w + anom.end_frame + 1)
         m = anom.magnitude
         n_span = anom.end_frame - anom.onset_frame + 1
+        r = anom.ramp()  # share of the full magnitude per span frame (all 1 without a ramp)
         if anom.kind == "position_noise":
-            jitter[:, sl] += a_rng.standard_normal((2, n_span)) * m
+            jitter[:, sl] += a_rng.standard_normal((2, n_span)) * m * r
         elif anom.kind in ("power_drop", "power_spike"):
-            power_f[sl] *= 1.0 + m
+            power_f[sl] *= 1.0 + m * r
         elif anom.kind == "scanner_stall":
-            rate[sl] *= m
+            rate[sl] *= 1.0 + (m - 1.0) * r
         elif anom.kind == "pattern_shrink":
-            scale_f[sl] *= m
+            scale_f[sl] *= 1.0 + (m - 1.0) * r
         elif anom.kind == "frequency_drift":
-
-            ramp = np.minimum(1.0, (np.arange(n_span) + 1.0) / FREQ_DRIFT_RAMP)
-            rate[sl] *= 1.0 + m * ramp
+            if anom.ramp_frames <= 0:
+                r = np.minimum(1.0, (np.arange(n_span) + 1.0) / FREQ_DRIFT_RAMP)
+            rate[sl] *= 1.0 + m * r
         elif anom.kind == "spot_defocus":
-            sigma_f[sl] *= m
+            sigma_f[sl] *= 1.0 + (m - 1.0) * r
+        elif anom.kind == "pattern_drift":
+            drift[sl] = m * r / np.sqrt(2.0)
         elif anom.kind == "obstacle_pattern_misplaced":
             pat = int(round(m))
             if not 1 <= pat <= 3:
@@ -150,8 +157,8 @@ def simulate_video(
             xs[sel], ys[sel] = positions(ph[sel], verts, s0)
     cx = (cfg.cols - 1) / 2.0 + dx
     cy = (cfg.rows - 1) / 2.0 + dy
-    xs = cx + scale_f[:, None] * xs + jitter[0][:, None]
-    ys = cy + scale_f[:, None] * ys + jitter[1][:, None]
+    xs = cx + drift[:, None] + scale_f[:, None] * xs + jitter[0][:, None]
+    ys = cy + drift[:, None] + scale_f[:, None] * ys + jitter[1][:, None]
 
     image = np.empty((frames, cfg.rows, cfg.cols), dtype=np.uint16)
     render_difference_frames(

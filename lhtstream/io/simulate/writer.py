@@ -12,7 +12,7 @@ import numpy as np
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io.dataset import Label, load_metadata, read_labels, save_metadata, write_labels
-from lhtstream.io.simulate.anomalies import ANOMALY_KINDS
+from lhtstream.io.simulate.anomalies import ANOMALY_KINDS, SPAN_MIN
 from lhtstream.io.simulate.video import simulate_video
 
 # Real per-type video counts (seed document).
@@ -63,6 +63,7 @@ def synthesize(
     seed: int = 0,
     full: bool = False,
     progress: bool | None = False,
+    ramp_frames: int = 0,
 ) -> str:
     """Write a synthetic data set under ``out``; returns a one-line summary.
 
@@ -90,6 +91,15 @@ def synthesize(
         raise SynthError(f"videos per type must be >= 1, got {videos_per_type}")
     if frames is not None and frames < 1:
         raise SynthError(f"frames must be >= 1, got {frames}")
+    if ramp_frames < 0:
+        raise SynthError(f"ramp frames must be >= 0, got {ramp_frames}")
+    if ramp_frames and anomaly_rate > 0:
+        shortest = frames or (FULL_FRAMES[0] if full else DEFAULT_FRAMES)
+        if shortest < ramp_frames + 2 * SPAN_MIN:
+            raise SynthError(
+                f"a {ramp_frames}-frame ramp needs videos of at least "
+                f"{ramp_frames + 2 * SPAN_MIN} frames (--frames), got {shortest}"
+            )
     counts = {
         t: (videos_per_type or (REAL_COUNTS[t] if full else DEFAULT_VIDEOS_PER_TYPE)) for t in types
     }
@@ -128,12 +138,13 @@ def synthesize(
             if int(index * anomaly_rate + 1e-9) > int((index - 1) * anomaly_rate + 1e-9):
                 kind = kinds[n_anom % len(kinds)]
                 n_anom += 1
-            sim = simulate_video(type_id, vseed, n_frames, kind)
+            sim = simulate_video(type_id, vseed, n_frames, kind, ramp_frames=ramp_frames)
             write_npz(tdir / f"{name}.npz", {"image": sim.image})
             write_npz(truth_dir / f"{name}.npz", sim.truth)
             metadata[name] = sim.metadata
             k, onset, end, mag = sim.label
-            labels[(type_id, name)] = Label(type_id, name, k, onset, end, mag)
+            ramp = sim.anomaly.ramp_frames if sim.anomaly is not None else 0
+            labels[(type_id, name)] = Label(type_id, name, k, onset, end, mag, ramp)
             total_frames += n_frames
             done += 1
             if progress:
