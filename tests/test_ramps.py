@@ -1,6 +1,6 @@
 """Ramped onsets (`lhtstream synth --ramp-frames N`): a fault's magnitude grows linearly from
-its onset and is complete N frames later, and labels say so. Also the whole-pattern drift
-it is used with."""
+its onset and is complete N frames later; labels say so and `evaluate` reports whether the
+fault was alarmed before its ramp ended. Also the whole-pattern drift it is used with."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lhtstream.cli import main
 from lhtstream.io.dataset import read_labels
 from lhtstream.io.simulate import DEFAULT_MAGNITUDE, Anomaly, simulate_video
 from lhtstream.io.simulate.anomalies import RAMPABLE_KINDS
+from lhtstream.service.evaluate import VideoResult, summarise
 
 ONSET, RAMP, END = 800, 1000, 2199
 FRAMES = 2400
@@ -81,3 +82,23 @@ def test_synth_ramp_frames_labels_and_errors(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "e"), "--types", "2", "--frames", "1000",
                  "--anomaly-rate", "1", "--ramp-frames", "1500"]) == 2
     assert "ramp needs videos of at least 1700 frames" in capsys.readouterr().err
+
+
+def _result(onset, ramp, raises):
+    return VideoResult(type=1, name="0001", kind="power_drop", onset=onset, end=onset + 9000,
+                       frames=15000, score=2.0, anomalous=True, raises=raises, ramp_frames=ramp)
+
+
+def test_evaluate_reports_alarms_before_the_ramp_ended():
+    normal = VideoResult(type=1, name="0002", kind="normal", onset=None, end=None,
+                         frames=15000, score=0.5, anomalous=False)
+    results = [normal,
+               _result(3000, 8000, [(3000 + 4700, "intensity_low")]),  # early enough
+               _result(3000, 8000, [(3000 + 8000, "intensity_low")]),  # ramp already complete
+               _result(3000, 8000, [])]
+    k = summarise(results)["per_kind"]["power_drop"]
+    assert k["ramp_frames"] == 8000
+    assert k["alarmed_before_ramp_end_fraction"] == pytest.approx(1 / 3)
+    assert k["delay_before_ramp_end_median"] == 4700
+    assert k["detected_any_kind_fraction"] == pytest.approx(2 / 3)
+    assert "ramp_frames" not in summarise([normal, _result(3000, 0, [])])["per_kind"]["power_drop"]

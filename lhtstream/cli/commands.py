@@ -24,6 +24,7 @@ from lhtstream.cli.demo import run_demo
 from lhtstream.cli.plots import require_matplotlib, write_plots
 from lhtstream.cli.subscribers import run_alarms, run_tap
 from lhtstream.io.dataset import validate
+from lhtstream.io.perturb import PERTURBATIONS, PerturbError, perturb_dataset
 from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
 from lhtstream.io.simulate import synthesize
 from lhtstream.model.kdeamd import NOISE_VARIANCE
@@ -48,6 +49,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         ramp_frames=args.ramp_frames,
     )
+    print(summary)
+    return 0
+
+
+def cmd_perturb(args: argparse.Namespace) -> int:
+    if args.list:
+        for p in PERTURBATIONS.values():
+            print(f"{p.name:<18} {p.family:<12} {p.magnitude:g}: {p.meaning}")
+        return 0
+    if not args.src or not args.out:
+        raise PerturbError("perturb needs SRC and OUT (or --list)")
+    progress = Progress()
+    summary = perturb_dataset(args.src, args.out, kinds=parse_names(args.kinds),
+                              types=parse_types(args.types), videos=parse_names(args.videos),
+                              seed=args.seed, progress=progress)
+    progress.done("perturb: done")
     print(summary)
     return 0
 
@@ -216,17 +233,39 @@ def format_report(report: dict[str, Any]) -> str:
         f"videos: {report['videos']} ({report['normal_videos']} normal, "
         f"{report['anomalous_videos']} anomalous)",
         f"auc_videos (verdict score, normal vs anomalous): {_f(report['auc_videos'])}",
-        "",
-        f"{'anomaly kind':<28}{'videos':>7}{'expected':>16}{'detected':>10}{'any kind':>10}"
-        f"{'delay med':>11}{'delay p95':>11}{'auc':>7}",
     ]
-    for kind, k in report["per_kind"].items():
+    unseen = {kind: k for kind, k in report["per_kind"].items() if k["family"] != "simulator"}
+    simulated = {kind: k for kind, k in report["per_kind"].items() if kind not in unseen}
+    if simulated:
+        lines += ["", f"{'anomaly kind':<28}{'videos':>7}{'expected':>16}{'detected':>10}"
+                      f"{'any kind':>10}{'delay med':>11}{'delay p95':>11}{'auc':>7}"]
+    for kind, k in simulated.items():
         lines.append(
             f"{kind:<28}{k['videos']:>7}{k['expected_alarm_kind'] or '-':>16}"
             f"{_f(k['detected_fraction'], '.2f'):>10}"
             f"{_f(k['detected_any_kind_fraction'], '.2f'):>10}"
             f"{_f(k['delay_frames_median'], '.0f'):>11}{_f(k['delay_frames_p95'], '.0f'):>11}"
             f"{_f(k['auc_vs_normal'], '.3f'):>7}")
+    ramped = {kind: k for kind, k in report["per_kind"].items() if "ramp_frames" in k}
+    if ramped:
+        lines += ["", f"{'ramped fault':<28}{'ramp':>7}{'alarmed before ramp end':>25}"
+                      f"{'delay med':>11}"]
+        for kind, k in ramped.items():
+            lines.append(f"{kind:<28}{k['ramp_frames']:>7}"
+                         f"{_f(k['alarmed_before_ramp_end_fraction'], '.2f'):>25}"
+                         f"{_f(k['delay_before_ramp_end_median'], '.0f'):>11}")
+    if unseen:
+        lines += ["", "unseen faults (frame perturbations, `lhtstream perturb`; alarmed = an alarm "
+                      "of any kind raised in [onset, end + 100]):",
+                  f"{'perturbation':<20}{'family':<13}{'videos':>7}{'types':>6}{'alarmed':>9}"
+                  f"{'delay med':>11}{'delay p95':>11}{'auc':>7}  kinds raised"]
+        for kind, k in unseen.items():
+            lines.append(
+                f"{kind:<20}{k['family']:<13}{k['videos']:>7}{k['types']:>6}"
+                f"{_f(k['detected_any_kind_fraction'], '.2f'):>9}"
+                f"{_f(k['delay_any_kind_median'], '.0f'):>11}"
+                f"{_f(k['delay_any_kind_p95'], '.0f'):>11}{_f(k['auc_vs_normal'], '.3f'):>7}  "
+                + ",".join(k["alarm_kinds_in_window"]))
     lines += [
         "",
         f"false alarms on normal videos: {report['false_alarms']} in "

@@ -96,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(command="synth")
 
     p = sub.add_parser(
+        "perturb",
+        help="copy a data set with unseen faults painted on its normal videos",
+        description="Copy SRC's normal videos to OUT and add, for each of them and each "
+        "perturbation, a copy with that frame-level fault (optics, stray light, sensor, "
+        "alignment, frame timing) from an onset drawn in 20-55%% of the video to its end. "
+        "OUT gets labels.csv (kind, onset) for `lhtstream evaluate` and perturbations.csv "
+        "(which source each copy came from).",
+    )
+    p.add_argument("src", nargs="?", help="data-set root or TypeN folder with normal videos")
+    p.add_argument("out", nargs="?", help="output folder (must be new or empty)")
+    p.add_argument("--kinds", default=None, help="perturbations, comma-separated (default: all)")
+    p.add_argument("--types", default=None, help="types to use, e.g. 1,5,20-36 (default: all)")
+    p.add_argument("--videos", default=None, help="source video names, e.g. 0001,0002")
+    p.add_argument("--seed", type=int, default=0, help="random seed (onsets, placements)")
+    p.add_argument("--list", action="store_true", help="list the perturbations and exit")
+    p.set_defaults(command="perturb")
+
+    p = sub.add_parser(
         "validate", help="check a data set (root or TypeN folder) against the format"
     )
     p.add_argument("data", help="data-set root or one TypeN folder")

@@ -9,7 +9,10 @@ from the wire, then ``end_video_events``), and reports against ``labels.csv``:
 - ``per_kind``: detection (an alarm *raised* between onset and end + 100
   frames; ``detected_fraction`` counts only alarms of the kind
   `detector.ALARM_KIND_FOR_ANOMALY` expects, ``detected_any_kind_fraction``
-  any kind) and delays (onset to first such raise, frames);
+  any kind) and delays (onset to first such raise, frames); ``family`` is
+  ``simulator`` or the unseen-fault family of an `io.perturb` perturbation;
+  ramped faults (synth ``--ramp-frames``) also get the share alarmed before
+  the ramp was complete;
 - ``false_alarms_per_hour``: raises on normal videos per hour of footage
   (1000 frames = 1 s), with a one-sided 95 % Poisson upper bound;
 - ``kdeamd_protocol``: the published KDE-AMD protocol on the normal videos
@@ -37,6 +40,7 @@ import numpy as np
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.stats import poisson_upper, roc_auc
 from lhtstream.io.dataset import Dataset, read_labels
+from lhtstream.io.perturb import PERTURBATIONS
 from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
 from lhtstream.model.kdeamd import NOISE_VARIANCE
 from lhtstream.model.normality import NormalityModel
@@ -85,6 +89,7 @@ class VideoResult:
     raises: list[tuple[int, str]] = field(default_factory=list)  # (frame, kind)
     frame_us: np.ndarray | None = None  # per-frame time of pipeline.process, µs
     level: np.ndarray | None = None  # per-frame max smoothed score / raise threshold
+    ramp_frames: int = 0  # the fault's magnitude is complete at onset + ramp_frames - 1
 
 
 def run_video(pipeline: Any, name: str, type_id: int, frames: np.ndarray,
@@ -123,12 +128,13 @@ def run_video(pipeline: Any, name: str, type_id: int, frames: np.ndarray,
     return verdict, [e for e in events if hasattr(e, "state")], us, level
 
 
-def score_video(model: Any, video: Any, label: Any = None, *, timelines: bool = False
-                ) -> VideoResult:
-    """One data-set video through a fresh monitor pipeline with `model`."""
+def score_video(model: Any, video: Any, label: Any = None, *, timelines: bool = False,
+                adapt: bool = True) -> VideoResult:
+    """One data-set video through a fresh monitor pipeline with `model` (online adaptation
+    on, as in the monitor, unless `adapt` is False)."""
 
     frames = video.load()
-    pipe = StreamPipeline(STREAM, model=model)
+    pipe = StreamPipeline(STREAM, model=model, adapt=adapt)
     verdict, alarms, us, level = run_video(pipe, video.name, video.type, frames,
                                            video.obstacle_states(), video.metadata,
                                            timelines=timelines)
@@ -141,6 +147,7 @@ def score_video(model: Any, video: Any, label: Any = None, *, timelines: bool = 
         anomalous=bool(verdict.anomalous),
         raises=[(int(a.frame), str(a.kind)) for a in alarms if a.state == "raise"],
         frame_us=us, level=level,
+        ramp_frames=0 if label is None else int(label.ramp_frames),
     )
 
 
@@ -212,11 +219,24 @@ def summarise(results: Sequence[VideoResult]) -> dict[str, Any]:
             "delay_frames_median": _median(right),
             "delay_frames_p95": _p95(right),
             "delay_any_kind_median": _median(anyk),
+            "delay_any_kind_p95": _p95(anyk),
+            "family": PERTURBATIONS[kind].family if kind in PERTURBATIONS else "simulator",
+            "types": len({r.type for r in rs}),
+            "types_missed": sorted({r.type for r, d in zip(rs, dets, strict=True)
+                                    if d["any"] is None}),
             "alarm_kinds_in_window": dict(sorted(raised.items())),
             "alarms_before_onset": int(sum(d["before_onset"] for d in dets)),
             "verdict_anomalous_fraction": _frac(sum(r.anomalous for r in rs), len(rs)),
             "auc_vs_normal": roc_auc(neg, [r.score for r in rs]),
         }
+        ramped = [(r, d) for r, d in zip(rs, dets, strict=True) if r.ramp_frames > 0]
+        if ramped:
+            # a slowly developing fault must be alarmed before it is complete
+            early = [d["any"] for r, d in ramped
+                     if d["any"] is not None and d["any"] < r.ramp_frames]
+            per_kind[kind]["ramp_frames"] = int(np.median([r.ramp_frames for r, _ in ramped]))
+            per_kind[kind]["alarmed_before_ramp_end_fraction"] = _frac(len(early), len(ramped))
+            per_kind[kind]["delay_before_ramp_end_median"] = _median(early)
     report["per_kind"] = per_kind
     frames = sum(r.frames for r in normal)
     hours = frames / FRAMES_PER_HOUR
