@@ -132,17 +132,23 @@ def kdeamd_realsize(training_videos):
     """
     from lhtstream.model.kdeamd import KdeAmd, spot_positions
 
-    pos = [spot_positions(v.image) for v in training_videos]
-    obs = [_obstacles(v) for v in training_videos]
-    frames = sum(len(p) for p in pos)
-    copies = max(1, -(-REAL_TRAINING_FRAMES // frames))
+    rep_pos, rep_obs = _real_size([spot_positions(v.image) for v in training_videos],
+                                  [_obstacles(v) for v in training_videos])
+    return KdeAmd(rows=35, cols=35, lam=15, reference_moves=2_000).fit(rep_pos, rep_obs)
+
+
+def _real_size(pos: list[np.ndarray], obs: list[np.ndarray]
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Training positions (px) replicated, each copy with 0.05 px jitter, up to
+    `REAL_TRAINING_FRAMES` frames; the obstacle states alongside."""
+    copies = max(1, -(-REAL_TRAINING_FRAMES // sum(len(p) for p in pos)))
     rng = np.random.default_rng(5)
     rep_pos, rep_obs = [], []
     for _ in range(copies):
         for p, o in zip(pos, obs, strict=True):
             rep_pos.append(p + rng.normal(0.0, 0.05, size=p.shape))
             rep_obs.append(o)
-    return KdeAmd(rows=35, cols=35, lam=15, reference_moves=2_000).fit(rep_pos, rep_obs)
+    return rep_pos, rep_obs
 
 
 @pytest.fixture(scope="session")
@@ -156,13 +162,6 @@ def kdeamd_published_realsize(training_videos):
         published_positions,
     )
 
-    pos = [centre_published(published_positions(v.image)) for v in training_videos]
-    obs = [_obstacles(v) for v in training_videos]
-    copies = max(1, -(-REAL_TRAINING_FRAMES // sum(len(p) for p in pos)))
-    rng = np.random.default_rng(5)
-    rep_pos, rep_obs = [], []
-    for _ in range(copies):
-        for p, o in zip(pos, obs, strict=True):
-            rep_pos.append(p + rng.normal(0.0, 0.05, size=p.shape))
-            rep_obs.append(o)
-    return PublishedKdeAmd().fit(rep_pos, rep_obs)
+    return PublishedKdeAmd().fit(*_real_size(
+        [centre_published(published_positions(v.image)) for v in training_videos],
+        [_obstacles(v) for v in training_videos]))

@@ -30,6 +30,7 @@ __all__ = [
     "KdeAmd",
     "KdeAmdError",
     "centre_positions",
+    "centres_of_mass",
     "kl_divergence",
     "measure_frame_cost",
     "spot_positions",
@@ -56,13 +57,12 @@ class KdeAmdError(LhtstreamError):
 # --------------------------------------------------------------- positions
 
 
-def spot_positions(video: np.ndarray) -> np.ndarray:
-    """Intensity-weighted centre of mass of every difference frame.
+def centres_of_mass(video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity-weighted centre of mass of every difference frame, no threshold.
 
-    ``video`` is ``(frames, rows, cols)``; returns ``(frames, 2)`` float64
-    ``(x, y)`` in pixels (x = column, y = row, origin at the top-left pixel
-    centre). An all-zero frame carries the previous position forward; frames
-    before the first non-empty one take that first position.
+    ``video`` is ``(frames, rows, cols)``; returns ``(frames, 2)`` float64 ``(x, y)``
+    in pixels (x = column, y = row, origin at the top-left pixel centre) and the
+    ``(frames,)`` mask of frames with any intensity (the others' rows are 0).
     """
     v = np.asarray(video)
     if v.ndim != 3:
@@ -76,12 +76,19 @@ def spot_positions(video: np.ndarray) -> np.ndarray:
     safe = np.where(present, total, 1.0)
     x = v.sum(axis=1) @ np.arange(cols, dtype=np.float64) / safe
     y = v.sum(axis=2) @ np.arange(rows, dtype=np.float64) / safe
+    return np.column_stack([x, y]), present
+
+
+def spot_positions(video: np.ndarray) -> np.ndarray:
+    """`centres_of_mass` with every all-zero frame given the previous position; frames
+    before the first non-empty one take that first position. ``(frames, 2)`` px."""
+    xy, present = centres_of_mass(video)
     # Index of the last non-empty frame at or before t (first one for leading blanks).
-    idx = np.where(present, np.arange(n), 0)
+    idx = np.where(present, np.arange(len(present)), 0)
     np.maximum.accumulate(idx, out=idx)
     first = int(np.argmax(present))
     idx[:first] = first
-    return np.column_stack([x[idx], y[idx]])
+    return xy[idx]
 
 
 def centre_positions(

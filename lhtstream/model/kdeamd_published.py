@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numba import njit
 
-from lhtstream.model.kdeamd import KdeAmdError
+from lhtstream.model.kdeamd import KdeAmdError, centres_of_mass
 
 __all__ = [
     "CELLS",
@@ -69,29 +69,18 @@ SUMMARY_POINTS = 2000
 
 
 def published_positions(video: np.ndarray) -> np.ndarray:
-    """Intensity-weighted centre of mass of every difference frame, as published.
+    """`centres_of_mass` of every difference frame, blank frames filled as published.
 
     ``video`` is ``(frames, rows, cols)``; returns ``(frames, 2)`` float64 ``(x, y)``
-    px from the top-left pixel centre, no threshold. An all-zero frame takes the
-    previous frame's position; blank frames at the start take the *last* non-blank
-    frame's position (the published fill steps back cyclically from index 0 to -1).
+    px. An all-zero frame takes the previous frame's position; blank frames at the
+    start take the *last* non-blank frame's position (the published fill steps back
+    cyclically from index 0 to -1).
     """
-    v = np.asarray(video)
-    if v.ndim != 3:
-        raise KdeAmdError(f"video must be (frames, rows, cols), got shape {v.shape}")
-    v = v.astype(np.float64, copy=False)
-    n, rows, cols = v.shape
-    total = v.sum(axis=(1, 2))
-    present = total > 0
-    if not present.any():
-        raise KdeAmdError(f"video of {n} frames has no non-zero frame: no spot to track")
-    safe = np.where(present, total, 1.0)
-    x = v.sum(axis=1) @ np.arange(cols, dtype=np.float64) / safe
-    y = v.sum(axis=2) @ np.arange(rows, dtype=np.float64) / safe
-    source = np.where(present, np.arange(n), -1)
+    xy, present = centres_of_mass(video)
+    source = np.where(present, np.arange(len(present)), -1)
     np.maximum.accumulate(source, out=source)
     source[source < 0] = np.flatnonzero(present)[-1]
-    return np.column_stack([x[source], y[source]])
+    return xy[source]
 
 
 def centre_published(positions: np.ndarray, where: str = "video") -> np.ndarray:

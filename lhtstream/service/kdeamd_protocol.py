@@ -126,6 +126,13 @@ class ProtocolResult:
         }
 
 
+def _usable(videos_by_type: Mapping[int, Sequence[ProtocolVideo]]
+            ) -> list[tuple[int, list[ProtocolVideo]]]:
+    """(type, videos) of the types with at least two videos (leave-one-out needs them)."""
+    return [(t, list(videos_by_type[t])) for t in sorted(videos_by_type)
+            if len(videos_by_type[t]) >= 2]
+
+
 def _results(levels: Sequence[float], clean: Mapping[float, dict], noisy: Mapping[float, dict],
              types: Sequence[int], seconds: float) -> dict[float, ProtocolResult]:
     out = {}
@@ -157,12 +164,8 @@ def run_protocol(
     t0 = time.perf_counter()
     clean: dict[tuple[int, str], float] = {}
     noisy: dict[float, dict[tuple[int, str], float]] = {v: {} for v in levels}
-    types = []
-    for type_id in sorted(videos_by_type):
-        vids = list(videos_by_type[type_id])
-        if len(vids) < 2:
-            continue
-        types.append(type_id)
+    usable = _usable(videos_by_type)
+    for type_id, vids in usable:
         for i, v in enumerate(vids):
             scorer = score_fn_factory(type_id, vids[:i] + vids[i + 1:])
             clean[(type_id, v.name)] = float(scorer(v))
@@ -171,7 +174,8 @@ def run_protocol(
                     scorer(add_position_noise(v, variance=var, seed=seed)))
         if progress is not None:
             progress(f"type {type_id}: {len(vids)} videos scored")
-    return _results(levels, {v: clean for v in levels}, noisy, types, time.perf_counter() - t0)
+    return _results(levels, {v: clean for v in levels}, noisy, [t for t, _ in usable],
+                    time.perf_counter() - t0)
 
 
 def published_protocol(
@@ -193,12 +197,8 @@ def published_protocol(
     t0 = time.perf_counter()
     clean: dict[float, dict[tuple[int, str], float]] = {v: {} for v in levels}
     noisy: dict[float, dict[tuple[int, str], float]] = {v: {} for v in levels}
-    types = []
-    for type_id in sorted(videos_by_type):
-        vids = list(videos_by_type[type_id])
-        if len(vids) < 2:
-            continue
-        types.append(type_id)
+    usable = _usable(videos_by_type)
+    for type_id, vids in usable:
         report = None if progress is None else (
             lambda msg, t=type_id: progress(f"type {t}: {msg}"))
         scores = KP.leave_one_out([v.positions for v in vids], [v.obstacles for v in vids],
@@ -209,7 +209,7 @@ def published_protocol(
             for v, cs, ns in zip(vids, c, n, strict=True):
                 clean[var][(type_id, v.name)] = float(cs)
                 noisy[var][(type_id, v.name)] = float(ns)
-    return _results(levels, clean, noisy, types, time.perf_counter() - t0)
+    return _results(levels, clean, noisy, [t for t, _ in usable], time.perf_counter() - t0)
 
 
 def kdeamd_factory(**params) -> ScorerFactory:
@@ -263,13 +263,15 @@ def score_measured(model: Any, video: Any, timings: np.ndarray | None = None,
     return float(verdict.score), min(cap, m.shape[0])
 
 
-def _scores(result: ProtocolResult) -> dict[str, dict[str, float]]:
-    return {"clean": {f"{k[0]}/{k[1]}": v for k, v in result.clean.items()},
-            "noisy": {f"{k[0]}/{k[1]}": v for k, v in result.noisy.items()}}
-
-
-def _per_type(result: ProtocolResult) -> dict[str, float]:
-    return {str(k): v for k, v in result.per_type.items()}
+def _method(result: ProtocolResult, suffix: str, clean: bool = True) -> dict[str, Any]:
+    """A method's report keys at one level: ``auc``, ``per_type``, ``clean_scores``,
+    ``noisy_scores``, each with ``suffix`` (``_baseline``, ``_baseline_paper``)."""
+    out = {f"auc{suffix}": result.auc,
+           f"per_type{suffix}": {str(k): v for k, v in result.per_type.items()},
+           f"noisy_scores{suffix}": {f"{k[0]}/{k[1]}": v for k, v in result.noisy.items()}}
+    if clean:
+        out[f"clean_scores{suffix}"] = {f"{k[0]}/{k[1]}": v for k, v in result.clean.items()}
+    return out
 
 
 def kdeamd_protocol(videos: Sequence[Any], baseline: bool = True,
@@ -331,17 +333,13 @@ def kdeamd_protocol(videos: Sequence[Any], baseline: bool = True,
         "seed": seed,
         "types": len(usable),
         "videos": n_scored,
-        "auc": main.auc,
-        "per_type": _per_type(main),
+        **_method(main, ""),
         "cost_us": float(np.median(t)) if len(t) else None,
         "cost_us_p99": float(np.quantile(t, 0.99)) if len(t) else None,
         "seconds": main.seconds,
         "fit_seconds": state["fit_s"],
-        "clean_scores": _scores(main)["clean"],
-        "noisy_scores": _scores(main)["noisy"],
     }
-    rows = [{"noise_variance_px2": v, "auc": res[v].auc, "per_type": _per_type(res[v]),
-             "noisy_scores": _scores(res[v])["noisy"]} for v in levels]
+    rows = [{"noise_variance_px2": v, **_method(res[v], "", clean=False)} for v in levels]
     out["levels"] = rows
     if not baseline:
         out["auc_baseline"] = out["auc_baseline_paper"] = None
@@ -359,8 +357,7 @@ def kdeamd_protocol(videos: Sequence[Any], baseline: bool = True,
                                  max_moves=_KDE_TIMED_MOVES * _KDE_TIMED_MODELS)
     pmain = pres[primary]
     out.update({
-        "auc_baseline": pmain.auc,
-        "per_type_baseline": _per_type(pmain),
+        **_method(pmain, "_baseline"),
         "baseline": {"method": "KDE-AMD as published", "rows": timed_model.cells,
                      "cols": timed_model.cells, "lambda": timed_model.lam},
         "cost_us_baseline": cost["median_us"],
@@ -368,15 +365,11 @@ def kdeamd_protocol(videos: Sequence[Any], baseline: bool = True,
         "baseline_hit_fraction": cost["hit_fraction"],
         "baseline_points_per_frame": cost["points_median"],
         "seconds_baseline": pmain.seconds,
-        "clean_scores_baseline": _scores(pmain)["clean"],
-        "noisy_scores_baseline": _scores(pmain)["noisy"],
     })
     for row, v in zip(rows, levels, strict=True):
-        row.update({"auc_baseline": pres[v].auc, "per_type_baseline": _per_type(pres[v]),
-                    # as published, clean scores move with the level (the summary grid
-                    # spans the noisy series)
-                    "clean_scores_baseline": _scores(pres[v])["clean"],
-                    "noisy_scores_baseline": _scores(pres[v])["noisy"]})
+        # as published, clean scores move with the level (its summary grid spans the
+        # noisy series), so each level keeps them
+        row.update(_method(pres[v], "_baseline"))
 
     # the paper-faithful KDE-AMD (the second baseline)
     kdeamd_grid = KdeAmd()
@@ -403,19 +396,14 @@ def kdeamd_protocol(videos: Sequence[Any], baseline: bool = True,
     kres = run_protocol({t: paper_by_type[t] for t in usable}, kde_factory, levels, seed=seed)
     kmain = kres[primary]
     out.update({
-        "auc_baseline_paper": kmain.auc,
-        "per_type_baseline_paper": _per_type(kmain),
+        **_method(kmain, "_baseline_paper"),
         # the grid the folds used (KdeAmd's defaults, the paper's setting), not a copy of it
         "baseline_paper": {"method": "KDE-AMD, paper-faithful", "rows": kdeamd_grid.rows,
                            "cols": kdeamd_grid.cols, "lambda": kdeamd_grid.lam},
         "cost_us_baseline_paper": float(np.median(kde_costs)) if kde_costs else None,
         "baseline_paper_points_per_frame": float(np.median(kde_points)) if kde_points else None,
         "seconds_baseline_paper": kmain.seconds,
-        "clean_scores_baseline_paper": _scores(kmain)["clean"],
-        "noisy_scores_baseline_paper": _scores(kmain)["noisy"],
     })
     for row, v in zip(rows, levels, strict=True):
-        row.update({"auc_baseline_paper": kres[v].auc,
-                    "per_type_baseline_paper": _per_type(kres[v]),
-                    "noisy_scores_baseline_paper": _scores(kres[v])["noisy"]})
+        row.update(_method(kres[v], "_baseline_paper", clean=False))
     return out
