@@ -271,6 +271,112 @@ def test_malformed_messages_are_counted_and_the_next_frame_is_processed(procs, t
     assert err.count("malformed message ignored") + err.count("out of order") < len(corpus)
 
 
+class FramePublisher:
+    """The test as the frame publisher: an XPUB bound on the monitor's frame endpoint, so
+    the test sees the monitor's subscription arrive before it sends anything."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.XPUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.socket.bind(endpoint)
+
+    def wait_subscribed(self, timeout: float = 20.0) -> None:
+        assert self.socket.poll(int(timeout * 1000)), "monitor never subscribed"
+        while self.socket.poll(200):
+            self.socket.recv()  # the subscription notices (frame, video)
+
+    def frames(self, seqs, stream: str = "ws1", **override) -> None:
+        for seq in seqs:
+            self.socket.send_multipart(_frame_parts(seq, seq, stream=stream, **override))
+
+    def __enter__(self) -> FramePublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.socket.close(0)
+
+
+def test_publisher_restart_without_video_start_is_followed_after_100_frames(procs, tmp_path):
+    """seq going backwards is out-of-order input, unless 100 consecutive seqs follow one
+    another from there: then the publisher restarted (its `video start` lost) and the
+    stream follows it from the 100th frame on. A shorter backwards run stays malformed
+    and the stream carries on where it was."""
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    with FramePublisher(frames_ep) as pub:
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+        pub.wait_subscribed()
+        with Subscriber(pub_ep, ["status"]) as sub:
+            wait_status(sub, lambda s: True)
+            pub.frames(range(200))
+            pub.frames(range(150, 200))  # 50 repeated: not a restart
+            pub.frames(range(200, 250))  # and the stream goes on from 199
+            pub.frames(range(0, 240, 2))  # 120 old seqs, but not one run: not a restart
+            pub.frames(range(250, 260))
+            status = wait_status(sub, lambda s: s["frames"] + s["malformed"] >= 430)
+            assert (status["frames"], status["malformed"], status["dropped"]) == (260, 170, 0)
+            pub.frames(range(150))  # restarted at 0: seqs 0..98 ignored, 99 re-bases
+            pub.frames(range(150, 160))  # continuing after the restart: no gap
+            status = wait_status(sub, lambda s: s["frames"] + s["malformed"] >= 590)
+            assert (status["frames"], status["malformed"], status["dropped"]) == (321, 269, 0)
+            detail = status["streams"]["ws1"]
+            assert (detail["frames"], detail["malformed"], detail["dropped"]) == (321, 269, 0)
+            assert status["errors"] == 0 and mon.returncode is None
+            final_status(mon, sub)
+
+
+def test_status_latency_is_each_frames_age_in_us_per_interval(procs, tmp_path):
+    """Frames stamped 50 ms in the past: status latency (frame's t_ns to handled) says
+    ~50,000 µs, the monitor's own share (received to handled) far less, and an interval
+    without frames reports none (no carry-over from the last one)."""
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    age_us = 50_000
+    with FramePublisher(frames_ep) as pub:
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+        pub.wait_subscribed()
+        with Subscriber(pub_ep, ["status"]) as sub:
+            wait_status(sub, lambda s: True)
+            for seq in range(20):
+                pub.frames([seq], t_ns=time.monotonic_ns() - age_us * 1000)
+            status = wait_status(sub, lambda s: s["frames"] == 20 and s["latency_us"]["max"])
+            for lat in (status["latency_us"], status["streams"]["ws1"]["latency_us"]):
+                assert age_us <= lat["p50"] <= lat["max"] < age_us + 100_000, lat
+            assert status["service_us"]["p50"] < 10_000, status["service_us"]
+            idle = wait_status(sub, lambda s: s["latency_us"]["p50"] is None, timeout=5)
+            assert idle["frames"] == 20
+            assert idle["streams"]["ws1"]["latency_us"] == {
+                "p50": None, "p99": None, "p999": None, "max": None}
+            assert mon.returncode is None
+            final_status(mon, sub)
+
+
+def test_latency_recorder_against_known_values():
+    from lhtstream.service.monitor import LatencyRecorder
+
+    rec = LatencyRecorder(capacity=16)
+    for micros in (40.0, 10.0, 30.0, 20.0):
+        rec.record(micros)
+    # linear between ranks of 10, 20, 30, 40: p50 at rank 1.5, p99 at 2.97, p99.9 at 2.997
+    assert rec.summary() == {"p50": 25.0, "p99": 39.7, "p999": 40.0, "max": 40.0}
+    assert rec.summary() == {"p50": None, "p99": None, "p999": None, "max": None}  # reset
+    rec.record(5.0)  # the 40 of the last interval is no longer its maximum
+    assert rec.summary() == {"p50": 5.0, "p99": 5.0, "p999": 5.0, "max": 5.0}
+    rng = np.random.default_rng(3)
+    values = rng.gamma(2.0, 60.0, 5000)
+    for micros in values:
+        rec.record(float(micros))
+    got = rec.summary(reset=False)
+    want = np.percentile(values[-16:], [50.0, 99.0, 99.9])  # the last `capacity` samples
+    assert [got["p50"], got["p99"], got["p999"]] == pytest.approx(want, abs=0.051)
+    assert got["max"] == round(float(values.max()), 1)  # the maximum over all, exactly
+    big = LatencyRecorder()
+    for micros in values:
+        big.record(float(micros))
+    got = big.summary()
+    want = np.percentile(values, [50.0, 99.0, 99.9])
+    assert [got["p50"], got["p99"], got["p999"]] == pytest.approx(want, abs=0.051)
+
+
 def test_bad_model_is_refused_with_one_line(procs, tmp_path):
     bad = tmp_path / "model.npz"
     bad.write_bytes(b"not a model")
