@@ -289,3 +289,39 @@ def test_demo_prints_the_views_address_and_serves_it_while_it_runs(bench_set):
         assert demo.wait(timeout=120) == 0
     with pytest.raises(OSError):  # stopped with the demo
         get(url, timeout=2)
+
+
+def _stalled_page(port: int) -> socket.socket:
+    """A WebSocket page that completes the handshake and then never reads again."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert sock.recv(12).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_a_page_that_stops_reading_drops_pictures_and_holds_up_no_other_page(live):
+    from lhtstream.cli.bench import PageReader
+
+    base = live["base"]
+    port = int(base.rsplit(":", 1)[1])
+    stalled = _stalled_page(port)
+    reader = PageReader(base + "/ws")
+    try:
+        wait_until(lambda: reader.pictures > 0, 10)
+        pictures, t0 = reader.pictures, time.monotonic()
+        time.sleep(10.0)  # the stalled page's buffers (~200 KB at ~35 KB/s) fill meanwhile
+        rate = (reader.pictures - pictures) / (time.monotonic() - t0)
+        pages = state(base)["pages"]
+    finally:
+        reader.stop()
+        stalled.close()
+    assert reader.error is None
+    assert rate >= 15, f"a reading page got {rate:.1f} pictures/s beside a stalled one"
+    assert len(pages) == 2
+    assert max(p["pictures_dropped"] for p in pages) > 25  # the stalled page is skipped ...
+    assert min(p["pictures_dropped"] for p in pages) < 10  # ... the reading one is not

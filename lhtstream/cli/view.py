@@ -28,6 +28,7 @@ import importlib.util
 import json
 import math
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -70,9 +71,15 @@ MAX_EVENTS = 2_000
 """Alarms and verdicts kept for pages that (re)connect; each page keeps its own log."""
 MAX_PAGES = 32
 """Simultaneous page connections; more are refused with 503."""
+PAGE_SEND_BUFFER = 32 * 1024
+"""Kernel send buffer per page (bytes; the kernel doubles it): ~2 s of a one-stream page's
+traffic, ample for a 100 ms round trip at that rate. A page that stops reading is skipped
+(pictures dropped for it) once this, its own receive buffer and aiohttp's are full."""
 FRAME_RCVHWM = 2_000
 """Frames queued for the view before ZeroMQ drops for it (2 s at 1 kHz): a view that
 stalls loses its own frames, the publisher never waits for it."""
+COMPLAIN_EVERY_S = 5.0
+"""A bad message from a monitor is logged at most this often (the rest are counted)."""
 RECEIVE_PERIOD_S = 0.01
 """The receive thread wakes this often and takes every message queued meanwhile."""
 _DRAIN = 5_000
@@ -402,6 +409,8 @@ class Receiver(threading.Thread):
         self.ctx = zmq.Context()
         self.monitor_socks: dict[Any, str] = {}
         self.frame_sock = None
+        self._complained_at = -math.inf
+        self._complaints = 0
         try:
             for ep in monitors:
                 sock = self.ctx.socket(zmq.SUB)
@@ -471,7 +480,7 @@ class Receiver(threading.Thread):
                 message = protocol.decode(parts)
             except protocol.ProtocolError as exc:
                 state.malformed += 1
-                _log(f"malformed message from {endpoint} ignored: {exc}")
+                self._complain(f"malformed message from {endpoint} ignored: {exc}")
                 continue
             now = time.monotonic()
             with state.lock:
@@ -484,8 +493,19 @@ class Receiver(threading.Thread):
                         state.on_verdict(message.header, now)
                 except Exception as exc:  # a field we did not expect must not stop the view
                     state.malformed += 1
-                    _log(f"{message.topic} message from {endpoint} not understood: "
-                         f"{type(exc).__name__}: {exc}")
+                    self._complain(f"{message.topic} message from {endpoint} not understood: "
+                                   f"{type(exc).__name__}: {exc}")
+
+    def _complain(self, message: str) -> None:
+        """Log a bad message at most every `COMPLAIN_EVERY_S`, with the count since."""
+        now = time.monotonic()
+        self._complaints += 1
+        if now - self._complained_at >= COMPLAIN_EVERY_S:
+            more = f" ({self._complaints - 1} more since the last report)" \
+                if self._complaints > 1 else ""
+            _log(message + more)
+            self._complained_at = now
+            self._complaints = 0
 
     def close(self) -> None:
         for sock in [*self.monitor_socks, self.frame_sock]:
@@ -661,6 +681,8 @@ class ViewServer:
         with self.state.lock:
             snap = self.state.snapshot(time.monotonic())
             snap["events"] = list(self.state.events)
+        snap["pages"] = [{"pictures_dropped": p.pictures_dropped, "busy": p.busy}
+                         for p in self.pages]
         return web.json_response(snap)
 
     async def api_history(self, request: web.Request) -> web.StreamResponse:
@@ -681,6 +703,10 @@ class ViewServer:
             raise web.HTTPServiceUnavailable(text=f"at most {MAX_PAGES} pages at once")
         ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=4096)
         await ws.prepare(request)
+        raw = request.transport.get_extra_info("socket") if request.transport else None
+        if raw is not None:
+            # bounds what a page that stopped reading holds (and how soon it shows as busy)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAGE_SEND_BUFFER)
         page = Page(ws)
         self.pages.add(page)
         try:
