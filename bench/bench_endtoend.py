@@ -50,7 +50,8 @@ def test_endtoend_with_view_attached(benchmark, bench_set):
     result = benchmark.pedantic(run_view_cost, args=("ipc", SECONDS, data, model),
                                 rounds=1, iterations=1)
     benchmark.extra_info.update(result)
-    assert result["without"]["frames"] > SECONDS * 1000 * 0.5
-    assert result["with"]["frames"] > SECONDS * 1000 * 0.5
+    # each side: two segments of SECONDS / 2 less their edge margins, at 1000 frames/s
+    assert result["without"]["frames"] > SECONDS * 1000 * 0.3
+    assert result["with"]["frames"] > SECONDS * 1000 * 0.3
     assert check_view_cost(result) == []
     assert result["view"]["states_per_s"] >= 2  # tables, strips and paths, ~4/s

@@ -248,6 +248,17 @@ class Run:
             raise BenchError(f"monitor wrote no latency log:\n{self.monitor.text()[-2000:]}")
         return np.load(self.latency_log, allow_pickle=False)
 
+    def finish(self) -> tuple[int, dict[str, float] | None, np.ndarray, dict]:
+        """Stop the replay, let the monitor handle what was sent, stop it: (frames sent,
+        replay jitter, every frame's handling latency in us, the last status)."""
+        assert self.replay is not None
+        self.replay.stop()
+        sent, jitter, _ = parse_replay(self.replay.text())
+        self.drain_until_processed(sent)
+        self.monitor.stop()
+        self.pump_for(0.2)
+        return sent, jitter, self.latencies(), self.last_status()
+
     def attach_view(self, timeout: float = 60.0) -> None:
         """Start `lhtstream view` on the monitor and the frames, and a page reading it;
         returns once the page got its first picture."""
@@ -368,13 +379,7 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
         assert run.replay is not None
         run.replay.wait_for(r"replay: frame subscriber joined", 60)
         run.pump_for(seconds)
-        run.replay.stop()
-        sent, jitter, _ = parse_replay(run.replay.text())
-        run.drain_until_processed(sent)
-        run.monitor.stop()
-        run.pump_for(0.2)
-        lat = run.latencies()
-        final = run.last_status()
+        sent, jitter, lat, final = run.finish()
         processed = int(lat.size)
         dropped = int(final.get("dropped", 0))
         return {
@@ -447,13 +452,8 @@ def run_view_cost(transport: str = "ipc", seconds: float = 60.0, data: Path | No
             sides["with" if attached else "without"].append(
                 _frames_between(run.statuses, t0 + int(_SEGMENT_MARGIN_S * 1e9),
                                 t1 - int(_SEGMENT_MARGIN_S * 1e9)))
-        run.replay.stop()
-        sent, _, _ = parse_replay(run.replay.text())
-        run.drain_until_processed(sent)
-        run.monitor.stop()
-        run.pump_for(0.2)
-        lat = run.latencies()
-        dropped = int(run.last_status().get("dropped", 0))
+        sent, _, lat, final = run.finish()
+        dropped = int(final.get("dropped", 0))
     out: dict[str, Any] = {"transport": transport, "segment_s": part,
                            "segments": VIEW_SEGMENTS, "frames_sent": sent,
                            "frames_lost": max(sent - int(lat.size), 0) + dropped}

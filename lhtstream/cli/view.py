@@ -452,45 +452,37 @@ class Receiver(threading.Thread):
         finally:
             self.close()
 
-    def _drain_frames(self, sock: Any) -> None:
-        state = self.state
+    def _messages(self, sock: Any, endpoint: str) -> Iterable[Any]:
+        """The valid messages queued on ``sock`` (at most `_DRAIN`); bad ones are counted."""
         for _ in range(_DRAIN):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                message = protocol.decode(parts)
-            except protocol.ProtocolError:
-                state.malformed += 1
-                continue
-            if message.topic != "frame":
-                continue
-            with state.lock:
-                state.on_frame(message.header, message.payload, time.monotonic())
+                yield protocol.decode(parts)
+            except protocol.ProtocolError as exc:
+                self.state.malformed += 1
+                self._complain(f"malformed message from {endpoint} ignored: {exc}")
+
+    def _drain_frames(self, sock: Any) -> None:
+        state = self.state
+        for message in self._messages(sock, "the frame endpoints"):
+            if message.topic == "frame":
+                with state.lock:
+                    state.on_frame(message.header, message.payload, time.monotonic())
 
     def _drain_monitor(self, sock: Any, endpoint: str) -> None:
         state = self.state
-        for _ in range(_DRAIN):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = protocol.decode(parts)
-            except protocol.ProtocolError as exc:
-                state.malformed += 1
-                self._complain(f"malformed message from {endpoint} ignored: {exc}")
+        handlers = {"status": lambda h, now: state.on_status(endpoint, h, now),
+                    "alarm": state.on_alarm, "verdict": state.on_verdict}
+        for message in self._messages(sock, endpoint):
+            handler = handlers.get(message.topic)
+            if handler is None:
                 continue
-            now = time.monotonic()
             with state.lock:
                 try:
-                    if message.topic == "status":
-                        state.on_status(endpoint, message.header, now)
-                    elif message.topic == "alarm":
-                        state.on_alarm(message.header, now)
-                    elif message.topic == "verdict":
-                        state.on_verdict(message.header, now)
+                    handler(message.header, time.monotonic())
                 except Exception as exc:  # a field we did not expect must not stop the view
                     state.malformed += 1
                     self._complain(f"{message.topic} message from {endpoint} not understood: "
