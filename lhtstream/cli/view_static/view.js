@@ -29,6 +29,15 @@ const LUT = (() => {
   return lut;
 })();
 
+// Panels scrolled out of sight are not drawn (a plant has many streams; the browser's
+// time goes to the ones on screen). Their logs are still kept.
+const visibility = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    const p = panels.get(entry.target.dataset.stream);
+    if (p) { p.visible = entry.isIntersecting; if (p.visible) p.pathKey = null; }
+  }
+});
+
 let kinds = [];
 const panels = new Map();
 let run = null, lastEvent = 0;  // events already logged (a reconnect resends the recent ones)
@@ -66,8 +75,9 @@ function panelFor(name) {
     el("div", { class: "log" }, el("table", { class: "alarm-log" }, logBody)));
   document.getElementById("panels").append(root);
   p = { root, canvas, ctx: canvas.getContext("2d"), badge, info, caption, path, evidence,
-        logBody, scale: 64, image: null, pathKey: null, plotted: false };
+        logBody, scale: 64, image: null, pathKey: null, visible: true };
   panels.set(name, p);
+  visibility.observe(root);
   return p;
 }
 
@@ -82,6 +92,7 @@ function drawPicture(buffer) {
   const rows = view.getUint16(off + 4, true), cols = view.getUint16(off + 6, true);
   const pixels = new Uint16Array(buffer.slice(off + 8, off + 8 + rows * cols * 2));
   const p = panelFor(name);
+  if (!p.visible || document.hidden) return;
   if (p.canvas.width !== cols || p.canvas.height !== rows || !p.image) {
     p.canvas.width = cols; p.canvas.height = rows;
     p.image = p.ctx.createImageData(cols, rows);
@@ -206,8 +217,10 @@ function drawState(msg) {
     p.badge.textContent = s.word;
     p.root.classList.toggle("alarm", s.state === "alarm");
     p.info.textContent = s.video ? `Type${s.type}/${s.video}, frame ${num(s.frame)}` : "";
-    drawPath(p, s);
-    drawEvidence(p, s);
+    if (p.visible && !document.hidden) {
+      drawPath(p, s);
+      drawEvidence(p, s);
+    }
   }
   if (state.run !== run) { run = state.run; lastEvent = 0; }
   for (const e of msg.events) if (e.id > lastEvent) { logEvent(e); lastEvent = e.id; }
