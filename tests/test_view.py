@@ -325,3 +325,56 @@ def test_a_page_that_stops_reading_drops_pictures_and_holds_up_no_other_page(liv
     assert len(pages) == 2
     assert max(p["pictures_dropped"] for p in pages) > 25  # the stalled page is skipped ...
     assert min(p["pictures_dropped"] for p in pages) < 10  # ... the reading one is not
+
+
+def test_bad_messages_from_a_monitor_are_counted_and_the_view_keeps_serving(tmp_path):
+    """A peer on the monitor endpoint sends garbage, and valid messages with fields of
+    the wrong type or size: the view counts what it cannot use and keeps serving."""
+    import zmq
+
+    from lhtstream.io.protocol import encode
+
+    endpoint = ipc_endpoint(tmp_path, "fake-monitor")
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(endpoint)
+    status = {"stream": "*", "t_ns": 1, "frames": 10, "dropped": 0, "malformed": 0,
+              "latency_us": {"p50": 1.0, "p99": 2.0, "p999": 3.0, "max": 4.0}, "uptime_s": 1.0,
+              "model": "x" * 5000,
+              "streams": {"ws9": {"frames": "many", "video": 7, "latency_us": [],
+                                  "pipeline": {"mode": "scoring", "alarms_active": ["k"] * 500,
+                                               "evidence": {"stall": "high", "sensor": 0.5,
+                                                            "made_up": 2.0}}}}}
+    alarm = {"stream": "ws9", "video": "v" * 3000, "type": 1, "frame": 5, "seq": 1,
+             "t_frame_ns": 1, "t_alarm_ns": 2, "kind": "no_such_kind", "state": "raise",
+             "score": float("nan"), "threshold": 1.0, "features": {}}
+    try:
+        with ProcessGroup() as procs:
+            view = procs.cli("view", "--monitor", endpoint, "--port", "0")
+            port = int(view.wait_for_stderr(r"serving http://127\.0\.0\.1:(\d+)/", 60).group(1))
+            base = f"http://127.0.0.1:{port}"
+
+            def send_all():
+                pub.send_multipart([b"status", b"\xc1not msgpack"])
+                pub.send_multipart([b"nonsense", b"\x80"])
+                pub.send_multipart(encode("status", status))
+                pub.send_multipart(encode("alarm", alarm))
+                return state(base)["streams"]
+
+            streams = wait_until(send_all, 20, interval=0.3)
+            s = state(base)
+            assert s["malformed"] >= 2 and view.returncode is None
+            (ws9,) = streams
+            assert ws9["frames"] is None and ws9["video"] is None  # wrong types: not shown
+            assert ws9["word"] == "ALARM other"  # an unknown kind, kept as "other"
+            assert len(s["monitors"][0]["model"]) <= 200
+            e = wait_until(lambda: [x for x in state(base)["events"] if x["topic"] == "alarm"], 5)
+            assert e[0]["kind"] == "other" and e[0]["score"] is None
+            assert len(e[0]["video"]) <= 200
+            ev = state(base)["streams"][0]["evidence"]["kinds"]
+            assert "made_up" not in ev and ev["sensor"][-1] == 0.5 and ev["stall"][-1] is None
+            text = get(base + "/metrics").decode()
+            assert 'lhtstream_monitor_up{monitor="' in text
+            assert 'lhtstream_frames_total{stream="ws9"}' not in text  # "many" is no count
+    finally:
+        pub.close(0)

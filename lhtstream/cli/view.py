@@ -108,6 +108,12 @@ def _text(value: Any, limit: int = 200) -> str | None:
     return value[:limit] if isinstance(value, str) else None
 
 
+def _kind(value: Any) -> str:
+    """An alarm kind as the view keeps it: one it knows, else ``other`` (so what a peer
+    sends cannot grow the view's per-stream tables)."""
+    return value if value in ALARM_KINDS else "other"
+
+
 def _int(value: Any) -> int | None:
     return value if type(value) is int else None
 
@@ -290,20 +296,20 @@ class ViewState:
         active = pipeline.get("alarms_active")
         if sv.alarm_at < previous and isinstance(active, list):
             # no alarm message since the last status: the status is the newer word
-            sv.active = {a for a in active if isinstance(a, str)}
+            sv.active = {_kind(a) for a in active[:len(ALARM_KINDS)]}
         if pipeline.get("mode") != "scoring":
             sv.active.clear()
         evidence = pipeline.get("evidence")
         if isinstance(evidence, dict):
-            values = {k: v for k, v in ((k, _finite(v)) for k, v in evidence.items())
-                      if isinstance(k, str) and v is not None}
+            values = {k: v for k, v in ((k, _finite(evidence.get(k))) for k in ALARM_KINDS)
+                      if v is not None}
             sv.evidence.append((now, values))
 
     def on_alarm(self, header: dict[str, Any], now: float) -> None:
         sv = self.stream(header["stream"])
         if sv is None:
             return
-        kind = header["kind"]
+        kind = _kind(header["kind"])
         sv.alarm_at = now
         if header["state"] == "raise":
             sv.active.add(kind)
@@ -312,7 +318,7 @@ class ViewState:
             sv.active.discard(kind)
         self._event({
             "topic": "alarm", "stream": sv.name, "video": _text(header["video"]),
-            "type": header["type"], "frame": header["frame"], "kind": _text(kind, 40),
+            "type": header["type"], "frame": header["frame"], "kind": kind,
             "state": header["state"], "score": _finite(header["score"]),
             "threshold": _finite(header["threshold"]), "seq": header["seq"],
         })
@@ -328,7 +334,8 @@ class ViewState:
             "type": header["type"], "frames": header["frames"],
             "score": _finite(header["score"]), "anomalous": header["anomalous"],
             "alarms": header["alarms"],
-            "kinds": [_text(k, 40) for k in kinds[:16]] if isinstance(kinds, list) else [],
+            "kinds": [_text(k, 40) for k in kinds[:len(ALARM_KINDS) + 1]]
+                     if isinstance(kinds, list) else [],
         })
 
     def _event(self, event: dict[str, Any]) -> None:
