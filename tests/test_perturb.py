@@ -192,5 +192,35 @@ def test_evaluate_reports_each_perturbation_with_its_family(perturbed, tmp_path,
         assert k["videos"] == sum(r["kind"] == kind for r in rows)
         assert k["types"] == 2 and k["expected_alarm_kind"] is None
         assert 0.0 <= k["detected_any_kind_fraction"] <= 1.0
+        assert k["quiet_source_videos"] <= k["videos"]  # paired with their sources
     # a camera that loses 2 % of its frames makes the spot jump: every copy is alarmed
     assert per_kind["dropped_frames"]["detected_any_kind_fraction"] == 1.0
+
+
+def test_scale_multiplies_the_magnitudes(perturbed, tmp_path):
+    src, _ = perturbed
+    out = tmp_path / "half"
+    assert main(["perturb", str(src), str(out), "--kinds", "blur,gain_drift", "--scale",
+                 "0.5"]) == 0
+    mags = {lab.kind: lab.magnitude for lab in read_labels(out).values() if lab.kind != "normal"}
+    assert mags == {"blur": 0.5 * PERTURBATIONS["blur"].magnitude,
+                    "gain_drift": 0.5 * PERTURBATIONS["gain_drift"].magnitude}
+    assert main(["perturb", str(src), str(tmp_path / "bad"), "--scale", "0"]) == 2
+
+
+def test_a_false_alarm_the_source_already_had_is_not_a_detection():
+    from lhtstream.service.evaluate import VideoResult, summarise
+
+    def vr(name, kind, raises, onset=None):
+        return VideoResult(type=4, name=name, kind=kind, onset=onset, end=None if onset is None
+                           else 9999, frames=10000, score=0.0, anomalous=False, raises=raises)
+
+    results = [vr("0001", "normal", [(7000, "frequency")]), vr("0002", "normal", []),
+               vr("0003", "blur", [(7000, "frequency")], onset=3000),  # the source's own alarm
+               vr("0004", "blur", [(3005, "spot_size")], onset=3000)]
+    sources = {(4, "0003"): "0001", (4, "0004"): "0002"}
+    k = summarise(results, sources)["per_kind"]["blur"]
+    assert k["detected_any_kind_fraction"] == 1.0  # counting every raise in the window
+    assert k["quiet_source_videos"] == 1 and k["alarmed_quiet_source_fraction"] == 1.0
+    assert k["delay_quiet_source_median"] == 5
+    assert "quiet_source_videos" not in summarise(results)["per_kind"]["blur"]

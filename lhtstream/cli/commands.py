@@ -63,7 +63,7 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     progress = Progress()
     summary = perturb_dataset(args.src, args.out, kinds=parse_names(args.kinds),
                               types=parse_types(args.types), videos=parse_names(args.videos),
-                              seed=args.seed, progress=progress)
+                              seed=args.seed, scale=args.scale, progress=progress)
     progress.done("perturb: done")
     print(summary)
     return 0
@@ -255,16 +255,22 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{_f(k['alarmed_before_ramp_end_fraction'], '.2f'):>25}"
                          f"{_f(k['delay_before_ramp_end_median'], '.0f'):>11}")
     if unseen:
+        paired = all("quiet_source_videos" in k for k in unseen.values())
         lines += ["", "unseen faults (frame perturbations, `lhtstream perturb`; alarmed = an alarm "
-                      "of any kind raised in [onset, end + 100]):",
+                      "of any kind raised in [onset, end + 100]"
+                  + ("; counted on copies whose normal source raised nothing there" if paired
+                     else "") + "):",
                   f"{'perturbation':<20}{'family':<13}{'videos':>7}{'types':>6}{'alarmed':>9}"
                   f"{'delay med':>11}{'delay p95':>11}{'auc':>7}  kinds raised"]
         for kind, k in unseen.items():
+            n, frac, med, p95 = ((k["quiet_source_videos"], k["alarmed_quiet_source_fraction"],
+                                  k["delay_quiet_source_median"], k["delay_quiet_source_p95"])
+                                 if paired else
+                                 (k["videos"], k["detected_any_kind_fraction"],
+                                  k["delay_any_kind_median"], k["delay_any_kind_p95"]))
             lines.append(
-                f"{kind:<20}{k['family']:<13}{k['videos']:>7}{k['types']:>6}"
-                f"{_f(k['detected_any_kind_fraction'], '.2f'):>9}"
-                f"{_f(k['delay_any_kind_median'], '.0f'):>11}"
-                f"{_f(k['delay_any_kind_p95'], '.0f'):>11}{_f(k['auc_vs_normal'], '.3f'):>7}  "
+                f"{kind:<20}{k['family']:<13}{n:>7}{k['types']:>6}{_f(frac, '.2f'):>9}"
+                f"{_f(med, '.0f'):>11}{_f(p95, '.0f'):>11}{_f(k['auc_vs_normal'], '.3f'):>7}  "
                 + ",".join(k["alarm_kinds_in_window"]))
     lines += [
         "",

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", default=None, help="types to use, e.g. 1,5,20-36 (default: all)")
     p.add_argument("--videos", default=None, help="source video names, e.g. 0001,0002")
     p.add_argument("--seed", type=int, default=0, help="random seed (onsets, placements)")
+    p.add_argument(
+        "--scale", type=float, default=1.0,
+        help="multiply every default magnitude by this (e.g. 0.5: how small a fault is caught)",
+    )
     p.add_argument("--list", action="store_true", help="list the perturbations and exit")
     p.set_defaults(command="perturb")
 

@@ -204,7 +204,7 @@ def _hot_pixels(f, m, rng, ctx):
     """`m` blinking (random-telegraph) pixels: each frame each shows a 30-150 count spike
     with probability 0.3."""
     n, rows, cols = f.shape
-    k = int(m)
+    k = max(1, round(m))
     idx = rng.choice(rows * cols, size=k, replace=False)
     out = f.reshape(n, rows * cols).copy()
     spikes = np.where(rng.random((n, k)) < 0.3, rng.uniform(30, 150, (n, k)), 0.0)
@@ -215,7 +215,7 @@ def _hot_pixels(f, m, rng, ctx):
 def _dead_pixels(f, m, rng, ctx):
     """An `m` x `m` block of dead pixels (read 0) where the pattern runs."""
     _, rows, cols = f.shape
-    k = int(m)
+    k = max(1, round(m))
     cr, cc = _central_point(rng, rows, cols)
     r0, c0 = int(round(cr)) - k // 2, int(round(cc)) - k // 2
     out = f.copy()
@@ -404,7 +404,7 @@ def perturbation_rng(seed: int, type_id: int, source: str, kind: str) -> np.rand
 
 def perturb_dataset(src: str | os.PathLike, out: str | os.PathLike,
                     kinds: list[str] | None = None, types: list[int] | None = None,
-                    videos: list[str] | None = None, seed: int = 0,
+                    videos: list[str] | None = None, seed: int = 0, scale: float = 1.0,
                     progress: Callable[[str], None] | None = None) -> str:
     """Write to `out` a copy of `src`'s normal videos plus, for each of them and each kind,
     a perturbed copy (onset drawn in 20-55 % of the video, perturbed to its end).
@@ -412,8 +412,11 @@ def perturb_dataset(src: str | os.PathLike, out: str | os.PathLike,
     `out` gets the published format plus ``labels.csv`` (kind = perturbation name, onset,
     end = last frame, magnitude) and ``perturbations.csv`` (which source each copy came
     from). Normal copies keep their names; perturbed copies are numbered after the
-    type's highest source number. Returns a one-line summary.
+    type's highest source number. ``scale`` multiplies every default magnitude (a
+    sensitivity sweep: how small a fault is still caught). Returns a one-line summary.
     """
+    if not 0 < scale <= 10:
+        raise PerturbError(f"scale must be in (0, 10], got {scale}")
     kinds = list(PERTURBATIONS) if kinds is None else list(kinds)
     bad = [k for k in kinds if k not in PERTURBATIONS]
     if bad or not kinds:
@@ -453,7 +456,8 @@ def perturb_dataset(src: str | os.PathLike, out: str | os.PathLike,
                 rng = perturbation_rng(seed, type_id, v.name, kind)
                 onset = max(1, min(int(rng.uniform(*ONSET_RANGE) * n), n - 1))
                 p = PERTURBATIONS[kind]
-                img, obs = perturb_video(image, kind, onset, rng, obstacles=states)
+                magnitude = scale * p.magnitude
+                img, obs = perturb_video(image, kind, onset, rng, magnitude, obstacles=states)
                 number += 1
                 name = f"{number:0{width}d}"
                 write_npz(tdir / f"{name}.npz", {"image": img})
@@ -465,9 +469,9 @@ def perturb_dataset(src: str | os.PathLike, out: str | os.PathLike,
                     meta[f"KeyfIniObstacle{k}"], meta[f"KeyfEndObstacle{k}"] = ini, end
                 metadata[name] = meta
                 end_frame = int(img.shape[0]) - 1
-                new_labels.append(Label(type_id, name, kind, onset, end_frame, p.magnitude))
+                new_labels.append(Label(type_id, name, kind, onset, end_frame, magnitude))
                 manifest.append((type_id, name, v.name, kind, p.family, onset, end_frame,
-                                 repr(float(p.magnitude)), int(img.shape[0])))
+                                 repr(float(magnitude)), int(img.shape[0])))
                 written += 1
                 if progress:
                     rate = written / max(time.perf_counter() - t0, 1e-9)

@@ -40,7 +40,7 @@ import numpy as np
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.stats import poisson_upper, roc_auc
 from lhtstream.io.dataset import Dataset, read_labels
-from lhtstream.io.perturb import PERTURBATIONS
+from lhtstream.io.perturb import PERTURBATIONS, read_manifest
 from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
 from lhtstream.model.kdeamd import NOISE_VARIANCE
 from lhtstream.model.normality import NormalityModel
@@ -186,8 +186,22 @@ def detection(result: VideoResult, expected: str | None,
     return out
 
 
-def summarise(results: Sequence[VideoResult]) -> dict[str, Any]:
-    """The monitor-path metrics (auc_videos, per_kind, false alarms, verdicts, cost)."""
+def _raised_in(result: VideoResult, onset: int | None, end: int | None) -> bool:
+    """Whether `result` raised an alarm in [onset, end + DETECTION_SLACK]."""
+    last = (end if end is not None else result.frames - 1) + DETECTION_SLACK
+    return any(onset is not None and onset <= f <= last for f, _ in result.raises)
+
+
+def summarise(results: Sequence[VideoResult],
+              sources: dict[tuple[int, str], str] | None = None) -> dict[str, Any]:
+    """The monitor-path metrics (auc_videos, per_kind, false alarms, verdicts, cost).
+
+    ``sources`` maps a perturbed copy (type, name) to its normal source's name in the
+    same results (`lhtstream perturb`'s manifest); per kind it adds the share alarmed
+    among copies whose source raised nothing in the same window, so a false alarm the
+    source already had is not counted as detecting the perturbation.
+    """
+    by_key = {(r.type, r.name): r for r in results}
 
     normal = [r for r in results if r.kind == "normal"]
     anomalous = [r for r in results if r.kind != "normal"]
@@ -229,6 +243,15 @@ def summarise(results: Sequence[VideoResult]) -> dict[str, Any]:
             "verdict_anomalous_fraction": _frac(sum(r.anomalous for r in rs), len(rs)),
             "auc_vs_normal": roc_auc(neg, [r.score for r in rs]),
         }
+        quiet = [d for r, d in zip(rs, dets, strict=True)
+                 if (src := by_key.get((r.type, (sources or {}).get((r.type, r.name), ""))))
+                 is not None and not _raised_in(src, r.onset, r.end)]
+        if sources and quiet:
+            delays = [d["any"] for d in quiet if d["any"] is not None]
+            per_kind[kind]["quiet_source_videos"] = len(quiet)
+            per_kind[kind]["alarmed_quiet_source_fraction"] = _frac(len(delays), len(quiet))
+            per_kind[kind]["delay_quiet_source_median"] = _median(delays)
+            per_kind[kind]["delay_quiet_source_p95"] = _p95(delays)
         ramped = [(r, d) for r, d in zip(rs, dets, strict=True) if r.ramp_frames > 0]
         if ramped:
             # a slowly developing fault must be alarmed before it is complete
@@ -311,7 +334,8 @@ def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
         progress(f"monitor path: video {i + 1}/{len(videos)} Type{v.type}/{v.name}")
         results.append(score_video(model, v, labels.get((v.type, v.name)), timelines=timelines))
     monitor_s = time.perf_counter() - t0
-    report = summarise(results)
+    sources = {key: row["source"] for key, row in read_manifest(ds.root).items()}
+    report = summarise(results, sources)
     report["monitor_path_seconds"] = monitor_s
     report["data"] = str(data)
     report["model"] = dict(model.training)
