@@ -63,8 +63,9 @@ def decode(parts):
     return protocol.decode(parts)
 
 
-def wait_status(sub: Subscriber, predicate, timeout: float = 30.0) -> dict:
-    """Read messages until a status satisfies predicate; returns that status header."""
+def wait_status(sub: Subscriber, predicate, timeout: float = 30.0, stream: str = "*") -> dict:
+    """Read messages until a status of ``stream`` (default: the whole monitor) satisfies
+    predicate; returns that status header."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -72,7 +73,7 @@ def wait_status(sub: Subscriber, predicate, timeout: float = 30.0) -> dict:
             msg = decode(sub.recv(timeout=max(0.05, deadline - time.monotonic())))
         except TimeoutError:
             break
-        if msg.topic == "status":
+        if msg.topic == "status" and msg.header["stream"] == stream:
             last = msg.header
             if predicate(last):
                 return last
@@ -107,8 +108,10 @@ def test_every_frame_arrives_and_streamed_features_equal_batch(procs, data, tmp_
         assert replay.wait(timeout=30) == 0, replay.stderr
         assert status["frames"] == FRAMES and status["dropped"] == 0
         assert status["malformed"] == 0 and status["errors"] == 0
-        (stream,) = status["streams"]
-        assert status["streams"][stream]["frames"] == FRAMES
+        assert status["streams"] == 1
+        stream = "ws1"
+        detail = wait_status(sub, lambda s: s["frames"] == FRAMES, stream=stream)
+        assert detail["video"] is None and detail["videos"] == 1 and not detail["evicted"]
         lat = status["latency_us"]
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
         last = final_status(mon, sub)
@@ -129,9 +132,10 @@ def test_two_streams_are_kept_apart(procs, data, tmp_path):
         status = wait_status(sub, lambda s: s["frames"] >= 4 * FRAMES)
         assert replay.wait(timeout=30) == 0, replay.stderr
         assert status["dropped"] == 0 and status["malformed"] == 0
-        assert sorted(status["streams"]) == ["ws1", "ws2"]
-        for detail in status["streams"].values():
-            assert (detail["frames"], detail["dropped"], detail["videos"]) == (2 * FRAMES, 0, 2)
+        assert status["streams"] == 2
+        for name in ("ws1", "ws2"):
+            detail = wait_status(sub, lambda s: s["frames"] == 2 * FRAMES, stream=name)
+            assert (detail["dropped"], detail["videos"]) == (0, 2)
         final_status(mon, sub)
     # interleaving must not mix state: each stream equals its own videos in batch, in order
     a, b = batch_features(data, "0001"), batch_features(data, "0002")
@@ -179,7 +183,8 @@ def test_max_rate_replay_exiting_with_frames_queued_loses_nothing(
             assert (status["frames"], status["dropped"]) == (sent, 0), status
             assert status["malformed"] == 0 and status["errors"] == 0
             assert status["reconnects"] == 0  # an ordinary disconnect is libzmq's business
-            assert status["streams"]["ws1"]["videos"] == 2 * (_round + 1)
+            detail = wait_status(sub, lambda s: True, stream="ws1")
+            assert detail["videos"] == 2 * (_round + 1)
         assert sent == 2 * 2 * BURST
         last = final_status(mon, sub)
     assert last["frames"] == sent
@@ -192,33 +197,43 @@ def _frame_parts(seq: int, index: int, **override) -> list[bytes]:
     pixels = np.zeros((16, 22), dtype=np.uint16)
     pixels[5 + index % 5, 3 + index % 11] = 200
     header = {
-        "v": 1, "stream": "bad", "video": "0001", "type": 1, "seq": seq, "frame": index,
+        "v": protocol.SCHEMA_VERSION, "stream": "bad", "video": "0001", "type": 1, "seq": seq,
+        "frame": index,
         "t_ns": time.monotonic_ns(), "shape": [16, 22], "dtype": "<u2", "obstacle": 0,
     }  # fmt: skip
     header.update(override)
-    return [b"frame", msgpack.packb(header), pixels.tobytes()]
+    return [b"frame/bad/", msgpack.packb(header), pixels.tobytes()]
 
 
 def malformed_corpus() -> list[tuple[str, list[bytes]]]:
     good = _frame_parts(5, 5)
     return [
-        ("one part", [b"frame"]),
+        ("one part", [b"frame/bad/"]),
         ("four parts", good + [b"extra"]),
-        ("unknown topic", [b"frames", good[1], good[2]]),
-        ("not msgpack", [b"frame", b"\xc1\xc1\xc1", good[2]]),
-        ("not a map", [b"frame", msgpack.packb([1, 2, 3]), good[2]]),
-        ("missing seq", [b"frame", msgpack.packb({"v": 1, "stream": "bad"}), good[2]]),
+        # (an unknown topic such as b"frames/bad/" never arrives: the monitor subscribes to
+        # b"frame/" and b"video/", and ZeroMQ drops everything else before Python sees it)
+        ("stream not the topic's", [b"frame/bad/", _frame_parts(6, 6, stream="other")[1],
+                                    good[2]]),
+        ("not msgpack", [b"frame/bad/", b"\xc1\xc1\xc1", good[2]]),
+        ("not a map", [b"frame/bad/", msgpack.packb([1, 2, 3]), good[2]]),
+        ("missing seq", [b"frame/bad/", msgpack.packb({"v": 2, "stream": "bad"}), good[2]]),
         ("mistyped seq", _frame_parts("6", 6)),
         ("unknown v", _frame_parts(6, 6, v=99)),
-        ("payload size", [b"frame", good[1], good[2][:-2]]),
+        ("16 KB video name", _frame_parts(6, 6, video="x" * 16_384)),
+        ("t_ns beyond int64", _frame_parts(6, 6, t_ns=2**64 - 1)),
+        ("frame beyond int64", _frame_parts(6, 6, frame=2**63 + 1)),
+        ("type beyond int64", _frame_parts(6, 6, type=2**63 + 1)),
+        ("type -5", _frame_parts(6, 6, type=-5)),
+        ("type 10^6", _frame_parts(6, 6, type=10**6)),
+        ("payload size", [b"frame/bad/", good[1], good[2][:-2]]),
         ("absurd shape", _frame_parts(6, 6, shape=[100_000, 100_000])),
         ("negative shape", _frame_parts(6, 6, shape=[-16, -22])),
         ("bad dtype", _frame_parts(6, 6, dtype="<f8")),
         ("seq backwards", _frame_parts(2, 2)),
         ("duplicate seq", _frame_parts(4, 4)),
-        ("video bad event", [b"video", msgpack.packb({"v": 1, "stream": "bad", "video": "0001",
-                                                       "type": 1, "event": "pause",
-                                                       "metadata": {}})]),
+        ("video bad event", [b"video/bad/", msgpack.packb({
+            "v": 2, "stream": "bad", "video": "0001", "type": 1, "event": "pause",
+            "metadata": {}})]),
     ]
 
 
@@ -248,7 +263,7 @@ def test_malformed_messages_are_counted_and_the_next_frame_is_processed(procs, t
             assert mon.returncode is None
             # oversize: ZeroMQ (MAXMSGSIZE) cuts the peer off; the monitor reconnects and
             # carries on with the following frames
-            pub.send_multipart([b"frame", b"x" * (protocol.MAX_MESSAGE_BYTES + 1), b""])
+            pub.send_multipart([b"frame/bad/", b"x" * (protocol.MAX_MESSAGE_BYTES + 1), b""])
             seq = 6
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
@@ -319,7 +334,7 @@ def test_publisher_restart_without_video_start_is_followed_after_100_frames(proc
             pub.frames(range(150, 160))  # continuing after the restart: no gap
             status = wait_status(sub, lambda s: s["frames"] + s["malformed"] >= 590)
             assert (status["frames"], status["malformed"], status["dropped"]) == (321, 269, 0)
-            detail = status["streams"]["ws1"]
+            detail = wait_status(sub, lambda s: s["frames"] == 321, stream="ws1")
             assert (detail["frames"], detail["malformed"], detail["dropped"]) == (321, 269, 0)
             assert status["errors"] == 0 and mon.returncode is None
             final_status(mon, sub)
@@ -339,13 +354,16 @@ def test_status_latency_is_each_frames_age_in_us_per_interval(procs, tmp_path):
             for seq in range(20):
                 pub.frames([seq], t_ns=time.monotonic_ns() - age_us * 1000)
             status = wait_status(sub, lambda s: s["frames"] == 20 and s["latency_us"]["max"])
-            for lat in (status["latency_us"], status["streams"]["ws1"]["latency_us"]):
+            detail = wait_status(sub, lambda s: s["frames"] == 20 and s["latency_us"]["max"],
+                                 stream="ws1")
+            for lat in (status["latency_us"], detail["latency_us"]):
                 assert age_us <= lat["p50"] <= lat["max"] < age_us + 100_000, lat
             assert status["service_us"]["p50"] < 10_000, status["service_us"]
             idle = wait_status(sub, lambda s: s["latency_us"]["p50"] is None, timeout=5)
             assert idle["frames"] == 20
-            assert idle["streams"]["ws1"]["latency_us"] == {
-                "p50": None, "p99": None, "p999": None, "max": None}
+            idle = wait_status(sub, lambda s: s["latency_us"]["p50"] is None, timeout=5,
+                               stream="ws1")
+            assert idle["frames"] == 20
             assert mon.returncode is None
             final_status(mon, sub)
 
@@ -355,24 +373,27 @@ def test_latency_recorder_against_known_values():
 
     rec = LatencyRecorder(capacity=16)
     for micros in (40.0, 10.0, 30.0, 20.0):
-        rec.record(micros)
+        rec.record(micros, micros / 10)  # (total, service): one record per frame
     # linear between ranks of 10, 20, 30, 40: p50 at rank 1.5, p99 at 2.97, p99.9 at 2.997
-    assert rec.summary() == {"p50": 25.0, "p99": 39.7, "p999": 40.0, "max": 40.0}
-    assert rec.summary() == {"p50": None, "p99": None, "p999": None, "max": None}  # reset
-    rec.record(5.0)  # the 40 of the last interval is no longer its maximum
-    assert rec.summary() == {"p50": 5.0, "p99": 5.0, "p999": 5.0, "max": 5.0}
+    total, service = rec.summary()
+    assert total == {"p50": 25.0, "p99": 39.7, "p999": 40.0, "max": 40.0}
+    assert service == {"p50": 2.5, "p99": 4.0, "p999": 4.0, "max": 4.0}
+    empty = {"p50": None, "p99": None, "p999": None, "max": None}
+    assert rec.summary() == (empty, empty)  # reset
+    rec.record(5.0, 1.0)  # the 40 of the last interval is no longer its maximum
+    assert rec.summary()[0] == {"p50": 5.0, "p99": 5.0, "p999": 5.0, "max": 5.0}
     rng = np.random.default_rng(3)
     values = rng.gamma(2.0, 60.0, 5000)
     for micros in values:
-        rec.record(float(micros))
-    got = rec.summary(reset=False)
+        rec.record(float(micros), 0.0)
+    got = rec.summary(reset=False)[0]
     want = np.percentile(values[-16:], [50.0, 99.0, 99.9])  # the last `capacity` samples
     assert [got["p50"], got["p99"], got["p999"]] == pytest.approx(want, abs=0.051)
     assert got["max"] == round(float(values.max()), 1)  # the maximum over all, exactly
     big = LatencyRecorder()
     for micros in values:
-        big.record(float(micros))
-    got = big.summary()
+        big.record(float(micros), 0.0)
+    got = big.summary()[0]
     want = np.percentile(values, [50.0, 99.0, 99.9])
     assert [got["p50"], got["p99"], got["p999"]] == pytest.approx(want, abs=0.051)
 
@@ -673,3 +694,79 @@ def test_warm_up_leaves_nothing_to_compile_on_the_live_frame_path(model_file, wi
     """
     new = new_specialisations(setup, _LIVE_PATH, *([str(model_file)] if with_model else []))
     assert new == {}
+# ---------------------------------------------------------------- bounds (issue 11)
+
+
+def _in_process_monitor(journal, **kw):
+    from lhtstream.service.monitor import Monitor
+    from lhtstream.service.pipeline import StreamPipeline
+
+    pub = _CapturePub()
+    monitor = Monitor(make_pipeline=lambda name: StreamPipeline(name, calibration_frames=300),
+                      journal=journal, publish=pub, subscribe=None, **kw)
+    return monitor, pub
+
+
+def _feed(monitor, stream: str, seqs, video: str = "0001") -> None:
+    pixels = np.zeros((16, 22), dtype=np.uint16)
+    for seq in seqs:
+        pixels[:] = 0
+        pixels[5 + seq % 5, 3 + seq % 11] = 200
+        monitor._t_recv = time.monotonic_ns()
+        monitor.handle(protocol.encode_frame(pixels, stream=stream, video=video, type=1,
+                                             seq=seq, index=seq))
+
+
+def _flush_status(monitor, pub) -> list[dict]:
+    """Publish one status round (monitor + every stream); the headers, all re-decoded."""
+    start = len(pub.sent)
+    monitor.publish_status(time.monotonic_ns())
+    while monitor._status_due:
+        monitor._publish_stream_status(monitor._status_due.popleft(), time.monotonic_ns())
+    return [m.header for m in pub.sent[start:] if m.topic == "status"]
+
+
+def test_status_stays_small_with_300_streams_and_extra_streams_are_refused(tmp_path):
+    """Before: 300 streams made one 88 KB status that the encoder refused, stopping the
+    monitor. Now the monitor's status carries counts, each stream has its own small status,
+    and streams beyond max_streams are refused (counted), not served."""
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        monitor, pub = _in_process_monitor(journal, max_streams=40)
+        for s in range(300):
+            _feed(monitor, f"stream{s:03d}", range(3))
+        statuses = _flush_status(monitor, pub)
+    whole = statuses[0]
+    assert whole["stream"] == "*" and whole["streams"] == 40
+    assert whole["frames"] == 40 * 3 and whole["refused"] == 260 * 3
+    assert whole["malformed"] == 0 and whole["errors"] == 0
+    assert sorted(s["stream"] for s in statuses[1:]) == [f"stream{s:03d}" for s in range(40)]
+    sizes = [len(protocol.encode("status", s)[1]) for s in statuses]
+    assert max(sizes) < 2048  # far below MAX_HEADER_BYTES whatever the number of streams
+
+
+def test_idle_stream_is_evicted_with_a_partial_verdict(tmp_path):
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        monitor, pub = _in_process_monitor(journal, idle_seconds=5.0)
+        _feed(monitor, "quiet", range(50))
+        _feed(monitor, "busy", range(50))
+        now = time.monotonic_ns()
+        monitor.streams["quiet"].seen_ns = now - 6_000_000_000  # silent for 6 s
+        monitor._evict_idle(now)
+        assert sorted(monitor.streams) == ["busy"] and monitor.evicted == 1
+        (verdict,) = [m.header for m in pub.sent if m.topic == "verdict"]
+        assert (verdict["stream"], verdict["video"], verdict["partial"]) == ("quiet", "0001",
+                                                                             True)
+        (last,) = [m.header for m in pub.sent if m.topic == "status"]
+        assert (last["stream"], last["evicted"], last["frames"]) == ("quiet", True, 50)
+        assert journal.verdicts()[0]["video"] == "0001"
+        # it comes back as a new stream
+        _feed(monitor, "quiet", range(50, 60), video="0002")
+        assert monitor.streams["quiet"].frames == 10
+
+
+def test_latency_log_keeps_every_frame(tmp_path):
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        monitor, _pub = _in_process_monitor(journal, latency_log=np.zeros(5))
+        _feed(monitor, "ws1", range(8))
+    assert monitor.latency_logged == 8
+    assert np.all(monitor.latency_log > 0)  # the first 5, in µs; the rest counted only

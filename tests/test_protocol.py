@@ -55,14 +55,21 @@ VERDICT = {"stream": "ws1", "video": "0001", "type": 1, "frames": 500, "score": 
 def frame_parts(**overrides) -> list[bytes]:
     """Valid frame parts with header fields replaced (None deletes a field)."""
     frame = sample_frame(4, 5)
-    header = {"v": 1, "stream": "ws1", "video": "0001", "type": 1, "seq": 0, "frame": 0,
-              "t_ns": 1, "shape": [4, 5], "dtype": "<u2", "obstacle": 0}
+    header = {"v": SCHEMA_VERSION, "stream": "ws1", "video": "0001", "type": 1, "seq": 0,
+              "frame": 0, "t_ns": 1, "shape": [4, 5], "dtype": "<u2", "obstacle": 0}
     for key, value in overrides.items():
         if value is None:
             header.pop(key)
         else:
             header[key] = value
-    return [b"frame", msgpack.packb(header), frame.tobytes()]
+    return [b"frame/ws1/", msgpack.packb(header), frame.tobytes()]
+
+
+def header_parts(topic: str, header: dict, **overrides) -> list[bytes]:
+    """[topic part, packed header] of a header topic with fields replaced (None deletes)."""
+    h = {"v": SCHEMA_VERSION, **header, **overrides}
+    h = {k: v for k, v in h.items() if v is not None}
+    return [f"{topic}/{header['stream']}/".encode(), msgpack.packb(h)]
 
 
 # ---------------------------------------------------------------- round trips
@@ -117,7 +124,7 @@ def test_encode_frame_converts_integer_arrays_and_rejects_floats():
                                           ("alarm", ALARM), ("verdict", VERDICT)])
 def test_header_topics_round_trip(topic, header):
     parts = encode(topic, header)
-    assert len(parts) == 2 and parts[0] == topic.encode()
+    assert len(parts) == 2 and parts[0] == f"{topic}/{header['stream']}/".encode()
     message = decode(parts)
     assert message == Message(topic, {"v": SCHEMA_VERSION, **header}, None)
 
@@ -139,21 +146,21 @@ def test_status_latency_may_be_null_when_no_frame_arrived():
 # ---------------------------------------------------------------- malformed input
 
 MALFORMED = [
-    ([b"frame"], "2 or 3 parts"),
+    ([b"frame/ws1/"], "2 or 3 parts"),
     (frame_parts() + [b"x"], "2 or 3 parts"),
-    ([b"frames", msgpack.packb({}), b""], "unknown topic"),
+    ([b"frames/ws1/", msgpack.packb({}), b""], "unknown topic"),
     ([b"", msgpack.packb({})], "unknown topic"),
-    ([b"frame", b"\xc1\xc1\xc1", b""], "not msgpack"),
-    ([b"frame", msgpack.packb({"v": 1}) + b"\x00", b""], "not msgpack"),  # trailing bytes
-    ([b"frame", msgpack.packb([1, 2]), b""], "not a map"),
-    ([b"status", msgpack.packb("hello")], "not a map"),
-    ([b"frame", b"\x00" * 40_000, b""], "exceeds"),
+    ([b"frame/ws1/", b"\xc1\xc1\xc1", b""], "not msgpack"),
+    ([b"frame/ws1/", msgpack.packb({"v": 2}) + b"\x00", b""], "not msgpack"),  # trailing bytes
+    ([b"frame/ws1/", msgpack.packb([1, 2]), b""], "not a map"),
+    ([b"status/*/", msgpack.packb("hello")], "not a map"),
+    ([b"frame/ws1/", b"\x00" * 40_000, b""], "exceeds"),
     (frame_parts(seq=None), "'seq' missing"),
     (frame_parts(seq="1"), "'seq': expected int"),
     (frame_parts(seq=True), "'seq': expected int"),
     (frame_parts(stream=5), "'stream': expected str"),
     (frame_parts(t_ns=1.5), "'t_ns': expected int"),
-    (frame_parts(v=2), "unknown schema version"),
+    (frame_parts(v=1), "schema version 1"),
     (frame_parts(v=None), "'v' missing"),
     (frame_parts(shape=[4]), "'shape'"),
     (frame_parts(shape=[4, "5"]), "'shape'"),
@@ -167,17 +174,46 @@ MALFORMED = [
     (frame_parts(shape=[5, 5]), "payload: 40 bytes"),
     (frame_parts()[:2], "expected 3 parts"),
     (frame_parts()[:2] + [b"\x00" * 39], "payload: 39 bytes"),
-    ([b"status", encode("status", STATUS)[1], b"extra"], "expected 2 parts"),
-    ([b"status", msgpack.packb(dict(STATUS, v=1, latency_us={"p50": 1}))], "'latency_us'"),
-    ([b"status", msgpack.packb(dict(STATUS, v=1, latency_us={"p50": 1, "p99": "x", "p999": 1,
-                                                        "max": 1}))], "'latency_us'"),
-    ([b"video", msgpack.packb(dict(VIDEO, v=1, event="middle"))], "'event'"),
-    ([b"video", msgpack.packb(dict(VIDEO, v=1, metadata=[1]))], "'metadata'"),
-    ([b"alarm", msgpack.packb(dict(ALARM, v=1, state="up"))], "'state'"),
-    ([b"alarm", msgpack.packb(dict(ALARM, v=1, score="high"))], "'score'"),
-    ([b"verdict", msgpack.packb(dict(VERDICT, v=1, anomalous=1))], "'anomalous'"),
-    ([b"verdict", msgpack.packb({k: v for k, v in dict(VERDICT, v=1).items()
-                                 if k != "alarms"})], "'alarms' missing"),
+    # bounds (issue 11): names, int64, ranges
+    (frame_parts(video="x" * 16_384), "'video': video name 'xxxx"),
+    (frame_parts(video="x" * 65), "need 1..64 characters"),
+    (frame_parts(video=""), "need 1..64 characters"),
+    (frame_parts(video="a/b"), "need 1..64 characters"),
+    (frame_parts(video="caf\u00e9"), "need 1..64 characters"),
+    (frame_parts(t_ns=2**64 - 1), "'t_ns': 18446744073709551615 outside"),
+    (frame_parts(frame=2**63 + 1), "'frame': 9223372036854775809 outside"),
+    (frame_parts(seq=2**63), "'seq': 9223372036854775808 outside"),
+    (frame_parts(type=2**63 + 1), "'type': 9223372036854775809 outside 1..36"),
+    (frame_parts(type=-5), "'type': -5 outside 1..36"),
+    (frame_parts(type=10**6), "'type': 1000000 outside 1..36"),
+    (frame_parts(type=0), "'type': 0 outside 1..36"),
+    (frame_parts(stream="ws2"), "'stream': 'ws2' but the topic says 'ws1'"),
+    # topics: the stream is part of them
+    ([b"frame"] + frame_parts()[1:], "is not 'frame/<stream>/'"),
+    ([b"frame/ws1"] + frame_parts()[1:], "is not 'frame/<stream>/'"),
+    ([b"frame//"] + frame_parts()[1:], "stream b'/' in the topic"),
+    ([b"frame/a b/"] + frame_parts()[1:], "in the topic"),
+    ([b"frame/*/"] + frame_parts()[1:], "in the topic"),  # '*' is the monitor's own status
+    ([b"frame/" + b"x" * 65 + b"/"] + frame_parts()[1:], "in the topic"),
+    ([b"status/*/", encode("status", STATUS)[1], b"extra"], "expected 2 parts"),
+    (header_parts("status", STATUS, latency_us={"p50": 1}), "'latency_us'"),
+    (header_parts("status", STATUS, latency_us={"p50": 1, "p99": "x", "p999": 1, "max": 1}),
+     "'latency_us'"),
+    (header_parts("status", STATUS, frames=-1), "'frames': -1 outside"),
+    (header_parts("video", VIDEO, event="middle"), "'event'"),
+    (header_parts("video", VIDEO, metadata=[1]), "'metadata'"),
+    (header_parts("video", VIDEO, metadata={f"k{i}": i for i in range(65)}), "65 entries"),
+    (header_parts("video", VIDEO, metadata={"Index": "x" * 65}), "'Index' must be"),
+    (header_parts("video", VIDEO, metadata={"k" * 65: 1}), "key of 65 characters"),
+    (header_parts("video", VIDEO, metadata={"Index": [1, 2]}), "'Index' must be"),
+    (header_parts("video", VIDEO, type=37), "'type': 37 outside 1..36"),
+    (header_parts("alarm", ALARM, state="up"), "'state'"),
+    (header_parts("alarm", ALARM, score="high"), "'score'"),
+    (header_parts("alarm", ALARM, kind="k" * 100), "'kind': kind name"),
+    (header_parts("alarm", ALARM, seq=2**64 - 1), "'seq'"),
+    (header_parts("verdict", VERDICT, anomalous=1), "'anomalous'"),
+    (header_parts("verdict", VERDICT, alarms=None), "'alarms' missing"),
+    (header_parts("verdict", VERDICT, video="v" * 16_384), "video name"),
 ]
 
 
@@ -207,7 +243,7 @@ def test_subscriber_bound_cuts_off_oversize_messages_over_tcp():
         configure_subscriber(sub, ["status"])
         sub.connect(endpoint)
         good = encode("status", STATUS)
-        huge = [b"status", b"\x00" * (MAX_MESSAGE_BYTES + 1)]
+        huge = [b"status/*/", b"\x00" * (MAX_MESSAGE_BYTES + 1)]
         # slow joiner: publish until the subscription is in place
         deadline = time.monotonic() + 10
         while not sub.poll(20):
@@ -264,7 +300,7 @@ def test_tap_json_count_prints_n_valid_json_lines_and_warns_on_malformed(procs):
     frame = sample_frame(16, 22)
     messages = [
         encode("status", STATUS),
-        [b"status", b"\xc1 not msgpack"],
+        [b"status/*/", b"\xc1 not msgpack"],
         encode_frame(frame, **FRAME_FIELDS),
     ]
     publish_until_exit(tap, endpoint, messages)
@@ -309,3 +345,52 @@ def test_tap_timeout_and_sigterm_exit_zero(procs):
     assert endless.returncode is None
     assert endless.terminate(timeout=10) == 0
     assert "Traceback" not in endless.stderr
+
+
+# ---------------------------------------------------------------- stream selection
+
+
+def test_stream_selection_lets_zeromq_drop_other_streams():
+    """Prefix subscriptions from StreamSelection over a real socket: names are exact (ws1
+    does not take ws10), a trailing-* pattern is exact too, other patterns are filtered
+    by their literal prefix and finished by ``matches``."""
+    from lhtstream.io.protocol import StreamSelection
+
+    selection = StreamSelection("ws1,line2-*,ab?d")
+    assert not selection.exact  # 'ab?d' needs the receiver's check
+    names = ["ws1", "ws10", "ws2", "line2-a", "line2-bb", "line3-a", "abcd", "abxyd", "xabcd"]
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    sub = context.socket(zmq.SUB)
+    try:
+        pub.bind("inproc://selection")
+        configure_subscriber(sub, ["frame"], selection)
+        sub.connect("inproc://selection")
+        frame = sample_frame(2, 2)
+        got: set[str] = set()
+        deadline = time.monotonic() + 10
+        while "ws1" not in got:  # slow joiner: repeat until the subscription is in place
+            for name in names:
+                pub.send_multipart(encode_frame(frame, stream=name, video="v", type=1, seq=0,
+                                                index=0))
+            while sub.poll(20):
+                got.add(decode(sub.recv_multipart()).header["stream"])
+            assert time.monotonic() < deadline
+    finally:
+        pub.close(0)
+        sub.close(0)
+    # what ZeroMQ let through: exact names, the line2- family, and everything under 'ab'
+    assert got == {"ws1", "line2-a", "line2-bb", "abcd", "abxyd"}
+    assert {n for n in got if selection.matches(n)} == {"ws1", "line2-a", "line2-bb", "abcd"}
+    assert StreamSelection("ws1,ws2").exact and StreamSelection("line*").exact
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("a b", "stream name 'a b'"), (",", "names no stream"), ("x" * 65, "1..64 characters"),
+    ("a/b*", "literal part 'a/b'"),
+])
+def test_stream_selection_rejects_what_no_topic_can_carry(text, reason):
+    from lhtstream.io.protocol import StreamSelection
+
+    with pytest.raises(ProtocolError, match=reason):
+        StreamSelection(text)

@@ -153,10 +153,10 @@ def short_tempdir(prefix: str) -> Path:
 def monitor_args(frames: str | Sequence[str], publish: str, model: Path | None, journal: Path,
                  latency_log: Path | None, status_interval: float = 0.5) -> list[str]:
     """argv (after the interpreter) of a monitor child, with the latency log when asked."""
-    head = (["-m", "lhtstream.cli.bench", "monitor", "--latency-log", str(latency_log)]
-            if latency_log is not None else ["-m", "lhtstream.cli", "monitor"])
-    args = [*head, "--publish", publish, "--journal", str(journal),
+    args = ["-m", "lhtstream.cli", "monitor", "--publish", publish, "--journal", str(journal),
             "--status-interval", str(status_interval)]
+    if latency_log is not None:
+        args += ["--latency-log", str(latency_log)]
     for f in [frames] if isinstance(frames, str) else frames:
         args += ["--frames", f]
     if model is not None:

@@ -89,7 +89,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         journal=args.journal,
         status_interval=args.status_interval,
         calibration_seconds=args.calibration_seconds,
-        dump_features=getattr(args, "dump_features", None),
+        dump_features=args.dump_features,
+        streams=args.streams,
+        max_streams=args.max_streams,
+        idle_seconds=args.idle_seconds,
+        latency_log=args.latency_log,
     )
 
 
@@ -145,7 +149,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         stats = replay(
             args.data, args.endpoint, rate=rate, loop=args.loop, types=parse_types(args.types),
             videos=parse_names(args.videos), streams=args.streams,
-            wait_subscribers=args.wait_subscribers, skip=parse_skip(args.skip), stop=stop,
+            wait_subscribers=args.wait_subscribers, stream_prefix=args.stream_prefix,
+            skip=parse_skip(args.skip), stop=stop,
         )
     finally:
         for s, handler in previous.items():

@@ -367,7 +367,8 @@ def run_demo(args: Any) -> int:
     tty = sys.stdout.isatty()
     alarms: list[dict] = []
     verdicts: list[dict] = []
-    status: dict = {}
+    status: dict = {}  # the whole monitor's latest
+    stream_status: dict = {}  # stream -> its latest status
     interrupted = False
     streaming = False
     codes: dict[str, int | None] = {}
@@ -405,7 +406,8 @@ def run_demo(args: Any) -> int:
                     except zmq.Again:
                         break
                     header = msgpack.unpackb(parts[1], raw=False)
-                    if parts[0] == b"alarm":
+                    topic = parts[0].split(b"/", 1)[0]  # b"alarm/ws1/" -> b"alarm"
+                    if topic == b"alarm":
                         alarms.append(header)
                         if tty:
                             print("\r\033[K", end="")
@@ -413,9 +415,11 @@ def run_demo(args: Any) -> int:
                               f"Type{header['type']}/{header['video']} frame {header['frame']} "
                               f"score {header['score']:.3g} (threshold "
                               f"{header['threshold']:.3g})", flush=True)
-                    elif parts[0] == b"verdict":
+                    elif topic == b"verdict":
                         verdicts.append(header)
-                    elif parts[0] == b"status":
+                    elif topic == b"status" and header.get("stream") != "*":
+                        stream_status[header.get("stream")] = header
+                    elif topic == b"status":
                         status = header
                         if not streaming and status.get("frames", 0) > 0:
                             streaming = True
@@ -480,7 +484,7 @@ def run_demo(args: Any) -> int:
     # With --seconds or after Ctrl-C only the videos that were (partly) streamed
     # are summarised.
     seen = {(v["type"], v["video"]) for v in verdicts} | {(a["type"], a["video"]) for a in alarms}
-    for st in (status.get("streams") or {}).values():
+    for st in stream_status.values():
         if st.get("video") is not None:
             seen.add((st.get("type"), st.get("video")))
     shown = {k: v for k, v in labels.items() if k in seen} if (seconds or interrupted) else labels

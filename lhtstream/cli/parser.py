@@ -9,20 +9,95 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import zmq
 
 from lhtstream import __version__
 from lhtstream.base.errors import LhtstreamError
-from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT, DEFAULT_PUBLISH_ENDPOINT
+from lhtstream.base.selection import parse_types
+from lhtstream.io.protocol import (
+    DEFAULT_FRAME_ENDPOINT,
+    DEFAULT_PUBLISH_ENDPOINT,
+    StreamSelection,
+)
+
+# ---------------------------------------------------------------- option values
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (and exit 2), not usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None) -> Any:
+    """An argparse ``type`` accepting ``kind`` (int or float) within lo..hi (None: open)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            fmt = "d" if kind is int else "g"
+            bounds = (f"{lo:{fmt}}..{hi:{fmt}}" if lo is not None and hi is not None
+                      else f">= {lo:{fmt}}" if lo is not None else f"<= {hi:{fmt}}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range (allowed: {bounds})")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _rate(text: str) -> str:
+    if text.strip().lower() == "max":
+        return "max"
+    _number(float, 0.001, MAX_RATE)(text)
+    return text
+
+
+def _types(text: str) -> str:
+    try:
+        parse_types(text)
+    except LhtstreamError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _streams(text: str) -> str:
+    try:
+        StreamSelection(text)
+    except LhtstreamError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _endpoint(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)")
+    return text
+
+
+MAX_RATE = 1_000_000.0  #: frames/s per stream a replay is asked for at most
+_SECONDS = _number(float, 0.001, 7 * 24 * 3600.0)  # timeouts, durations: up to a week
+_COUNT = _number(int, 1)
+
 
 # ---------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lhtstream",
         description=(
             "Real-time monitor for laser surface heat treatment: replay 1000 fps thermal "
@@ -45,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seconds",
-        type=float,
+        type=_SECONDS,
         default=None,
         help="seconds of footage to stream (default: the demo set)",
     )
@@ -61,21 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic data set in the published format")
     p.add_argument("out", help="output folder (created); TypeN/ folders and labels.csv go inside")
     p.add_argument(
-        "--types", default=None, help="types to generate, e.g. 1,5,20-36 (default: all 36)"
+        "--types", type=_types, default=None,
+        help="types to generate, e.g. 1,5,20-36 (default: all 36)",
     )
     p.add_argument(
-        "--videos-per-type", type=int, default=None, help="videos per type (default: small set)"
+        "--videos-per-type", type=_number(int, 1, 10_000), default=None,
+        help="videos per type, 1..10000 (default: small set)",
     )
-    p.add_argument("--frames", type=int, default=None, help="frames per video (1 frame = 1 ms)")
+    p.add_argument("--frames", type=_number(int, 1, 1_000_000), default=None,
+                   help="frames per video, 1..1000000 (1 frame = 1 ms)")
     p.add_argument(
-        "--anomaly-rate", type=float, default=0.0, help="fraction of videos with an injected fault"
+        "--anomaly-rate", type=_number(float, 0.0, 1.0), default=0.0,
+        help="fraction of videos with an injected fault, 0..1",
     )
     p.add_argument(
         "--anomalies", default=None, help="fault kinds to draw from, comma-separated (default: all)"
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_number(int, 0, 2**32 - 1),
         default=0,
         help="random seed; same arguments and seed give identical files",
     )
@@ -127,28 +206,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="data-set root or one TypeN folder")
     p.add_argument(
         "--endpoint",
+        type=_endpoint,
         default=DEFAULT_FRAME_ENDPOINT,
         help="PUB endpoint to bind (default: %(default)s)",
     )
     p.add_argument(
-        "--rate", default="1000", help="frames/s per stream, or 'max' (default: %(default)s)"
+        "--rate", type=_rate, default="1000",
+        help="frames/s per stream, or 'max' (default: %(default)s)",
     )
     p.add_argument(
         "--loop", action="store_true", help="start again from the first video after the last"
     )
-    p.add_argument("--types", default=None, help="types to replay, e.g. 1,5,20-36")
+    p.add_argument("--types", type=_types, default=None, help="types to replay, e.g. 1,5,20-36")
     p.add_argument("--videos", default=None, help="video names to replay, e.g. 0001,0002")
     p.add_argument(
         "--streams",
-        type=int,
+        type=_number(int, 1, 1024),
         default=1,
-        help="independent streams (workstations), each at the full rate",
+        help="independent streams (workstations), each at the full rate, 1..1024",
+    )
+    p.add_argument(
+        "--stream-prefix",
+        default="ws",
+        help="streams are named PREFIX1..PREFIXK (default: %(default)s)",
     )
     p.add_argument(
         "--wait-subscribers",
-        type=int,
+        type=_number(int, 0, 1000),
         default=1,
-        help="hold the first frame until N subscribers joined (0: start at once)",
+        help="hold the first frame until every stream has N frame subscribers (0: start at "
+        "once; default %(default)s)",
     )
     p.add_argument(
         "--skip", default=None, help=argparse.SUPPRESS
@@ -161,13 +248,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--frames",
         action="append",
+        type=_endpoint,
         default=None,
         help=f"frame endpoint to connect (repeatable; default {DEFAULT_FRAME_ENDPOINT})",
     )
     p.add_argument(
         "--publish",
+        type=_endpoint,
         default=DEFAULT_PUBLISH_ENDPOINT,
         help="PUB endpoint to bind (default: %(default)s)",
+    )
+    p.add_argument(
+        "--streams",
+        type=_streams,
+        default=None,
+        help="serve only these streams: comma-separated names or shell-style patterns "
+        "(ws1,ws2,line2-*); ZeroMQ filters the others out by topic prefix (default: all)",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=_number(int, 1, 4096),
+        default=64,
+        help="streams served at once; messages of further streams are refused and counted "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--idle-seconds",
+        type=_number(float, 1.0, 7 * 24 * 3600.0),
+        default=300.0,
+        help="evict a stream after this long without a message (default: %(default)s)",
     )
     p.add_argument(
         "--model",
@@ -181,24 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--status-interval",
-        type=float,
+        type=_number(float, 0.05, 3600.0),
         default=1.0,
-        help="seconds between status messages (default: %(default)s)",
+        help="seconds between status messages, 0.05..3600 (default: %(default)s)",
     )
     p.add_argument(
         "--calibration-seconds",
-        type=float,
+        type=_number(float, 0.2, 120.0),
         default=None,
-        help="seconds of footage to self-calibrate on when there is no model",
+        help="seconds of footage to self-calibrate on when there is no model, 0.2..120 "
+        "(default: 10)",
     )
     p.add_argument(
         "--dump-features", default=None, help=argparse.SUPPRESS
     )  # test hook: DIR/<stream>.npy of streamed feature rows at exit
+    p.add_argument(
+        "--latency-log", default=None, help=argparse.SUPPRESS
+    )  # benchmark hook: every frame's latency (µs) as a float64 .npy at exit
     p.set_defaults(command="monitor")
 
     p = sub.add_parser("tap", help="print messages from a PUB endpoint")
     p.add_argument(
         "--endpoint",
+        type=_endpoint,
         default=DEFAULT_PUBLISH_ENDPOINT,
         help="endpoint to connect (default: %(default)s)",
     )
@@ -209,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="topic prefix to subscribe to (repeatable; default: all)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--count", type=int, default=None, help="exit after N messages")
-    p.add_argument("--timeout", type=float, default=None, help="exit after S seconds")
+    p.add_argument("--count", type=_COUNT, default=None, help="exit after N messages")
+    p.add_argument("--timeout", type=_SECONDS, default=None, help="exit after S seconds")
     p.set_defaults(command="tap")
 
     p = sub.add_parser(
@@ -249,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="learn a model of normal operation from normal videos")
     p.add_argument("data", help="data-set root or one TypeN folder")
     p.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
-    p.add_argument("--types", default=None, help="types to train on, e.g. 1,5,20-36")
+    p.add_argument("--types", type=_types, default=None,
+                   help="types to train on, e.g. 1,5,20-36")
     p.set_defaults(command="train")
 
     p = sub.add_parser("alarms", help="show alarms live, or from the journal with --history")
@@ -265,14 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default=None, help="only alarms after this alarm seq, or ISO time")
     p.add_argument("--stream", default=None, help="only this stream")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--count", type=int, default=None, help="exit after N alarms (live)")
-    p.add_argument("--timeout", type=float, default=None, help="exit after S seconds (live)")
+    p.add_argument("--count", type=_COUNT, default=None, help="exit after N alarms (live)")
+    p.add_argument("--timeout", type=_SECONDS, default=None,
+                   help="exit after S seconds (live)")
     p.set_defaults(command="alarms")
 
     p = sub.add_parser("evaluate", help="score a labelled data set through the monitor's code path")
     p.add_argument("data", help="data-set root with labels.csv")
     p.add_argument("--model", required=True, help="model file from `lhtstream train`")
-    p.add_argument("--types", default=None, help="types to evaluate")
+    p.add_argument("--types", type=_types, default=None, help="types to evaluate")
     p.add_argument("--json", default=None, help="write the report as JSON to this file")
     p.add_argument(
         "--plots",
@@ -296,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument(
         "--seconds",
-        type=float,
+        type=_SECONDS,
         default=None,
         help="seconds per end-to-end run (default: 60, or 5 with --quick)",
     )

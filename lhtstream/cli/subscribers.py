@@ -213,7 +213,7 @@ def _run_live(args: argparse.Namespace) -> int:
             if not sub.poll(wait_ms):
                 continue
             parts = sub.recv_multipart()
-            topic = parts[0].decode("ascii", "replace")
+            topic = parts[0].decode("ascii", "replace").split("/", 1)[0]  # "alarm/ws1/"
             if topic not in ("alarm", "verdict") or len(parts) < 2:
                 continue
             try:

@@ -1,21 +1,26 @@
 """The wire protocol: ZeroMQ multipart ``[topic, header, payload?]``.
 
-``topic`` is an ASCII word (so ZeroMQ prefix subscription selects it),
-``header`` a msgpack map, ``payload`` raw bytes (only ``frame`` has one: the
-frame's own ``<u2`` bytes in C order). ``docs/protocol.md`` is the
+``topic`` is ``<kind>/<stream>/`` in ASCII (``frame/ws1/``, ``status/*/``): ZeroMQ's
+prefix subscription then selects a kind (``frame``), one stream of it (``frame/ws1/``,
+the trailing ``/`` keeps ``ws1`` from matching ``ws10``) or a family of streams
+(``frame/line2-``). ``header`` is a msgpack map, ``payload`` raw bytes (only ``frame``
+has one: the frame's own ``<u2`` bytes in C order). ``docs/protocol.md`` is the
 language-neutral contract; this module is its reference implementation.
 
-Decoding sits on the monitor's per-frame hot path, so validation is plain dict
-lookups and exact type checks (a few µs per frame), never a schema library.
-The ``tap`` subcommand (``run_tap``) lives here too: it is the protocol's
-human-readable view.
+Everything that comes from outside is bounded here: names (``stream``, ``video``,
+``kind``) are 1..64 characters of ``A-Z a-z 0-9 _ . -``, integers lie within int64 and
+their field's range (``type`` 1..36, counters and times >= 0), maps and lists are
+short. Decoding sits on the monitor's per-frame hot path, so a valid frame is checked
+with one C-level field fetch, one tuple of exact types and a few comparisons (names
+already seen are looked up in a bounded set), never a schema library.
 """
 
 from __future__ import annotations
 
-import functools
+import fnmatch
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -24,44 +29,55 @@ import numpy as np
 import zmq
 
 from lhtstream.base.errors import LhtstreamError
+from lhtstream.base.selection import N_TYPES
 
 DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"  #: replay binds, monitors connect
 DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5556"  #: the monitor binds, subscribers connect
-SCHEMA_VERSION = 1
-"""Header field ``v``; bumped on any incompatible change."""
+SCHEMA_VERSION = 2
+"""Header field ``v``; bumped on any incompatible change (2: stream in the topic, bounds)."""
 
 TOPICS: tuple[str, ...] = ("frame", "video", "status", "alarm", "verdict")
 
 FRAME_DTYPE = "<u2"
-"""The only pixel type of v1 frames: uint16, little-endian."""
+"""The only pixel type of frames: uint16, little-endian."""
 
 _DTYPE = np.dtype(FRAME_DTYPE)
 
 MAX_FRAME_SIDE = 32
 """The camera is 32x32 pixels; ROI rows and cols must lie in 1..32."""
 
+MAX_NAME = 64
+"""Longest ``stream``, ``video`` or ``kind`` name, in characters."""
+
+NAME_CHARS = "A-Z a-z 0-9 _ . -"
+"""What a name may be made of (documented form of ``_NAME``)."""
+
+_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME}}}")
+
+ALL_STREAMS = "*"
+"""The ``stream`` of a status about the whole monitor (never a stream's own name)."""
+
+INT64_MAX = (1 << 63) - 1
+"""Every integer on the wire fits a signed 64-bit integer (what SQLite and C clients store)."""
+
+MAX_METADATA_ENTRIES = 64
+"""A ``video`` message's ``metadata`` map: at most this many entries (the data set has 10)."""
+
 MAX_HEADER_BYTES = 32 * 1024
-"""Upper bound on a packed header (status with per-stream detail fits easily)."""
+"""Upper bound on a packed header; every header the monitor makes is far below it."""
 
 MAX_MESSAGE_BYTES = 64 * 1024
 """Bound for ZMQ_MAXMSGSIZE on subscribers (per part): a peer sending more is cut off."""
 
-# msgpack limits: a hostile header cannot make the decoder allocate much.
-_UNPACK_LIMITS = dict(
-    raw=False,
-    strict_map_key=True,
-    max_str_len=MAX_HEADER_BYTES,
-    max_bin_len=MAX_HEADER_BYTES,
-    max_array_len=4096,
-    max_map_len=4096,
-    max_ext_len=0,
-)
-
-_unpack = functools.partial(msgpack.unpackb, **_UNPACK_LIMITS)  # no kwargs dict per call
+# msgpack.unpackb bounds every string, list and map by the input's own length, and the
+# input is checked against MAX_HEADER_BYTES first, so a hostile header cannot make the
+# decoder allocate much; passing limits as keywords would only cost ~0.4 µs per frame.
+_unpack = msgpack.unpackb
 
 _MISSING = object()
 _NUMBER = (int, float)
 _OPT_NUMBER = (int, float, type(None))
+_SCALAR = (int, float, bool, type(None), str)
 
 
 class ProtocolError(LhtstreamError):
@@ -107,7 +123,9 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "score": _NUMBER, "anomalous": (bool,), "alarms": (int,),
     },
 }
-_TOPIC_BY_BYTES = {t.encode("ascii"): t for t in TOPICS}
+# Integer fields and their ranges (inclusive); every other integer field is 0..INT64_MAX.
+_INT_RANGE: dict[str, tuple[int, int]] = {"type": (1, N_TYPES), "v": (0, INT64_MAX)}
+_NAME_FIELDS = ("stream", "video", "kind")
 _TOPIC_BYTES = {t: t.encode("ascii") for t in TOPICS}
 _LATENCY_KEYS = ("p50", "p99", "p999", "max")
 _VIDEO_EVENTS = ("start", "end")
@@ -121,12 +139,73 @@ _frame_values = itemgetter(*_FRAME_FIELD_NAMES)
 _FRAME_TYPES = tuple(types[0] for types in _FIELDS["frame"].values())
 assert all(len(types) == 1 for types in _FIELDS["frame"].values())
 
+_KNOWN_CAP = 4096
+# Names and topics seen valid, so a repeated one costs a set/dict lookup, not a regex.
+# Cleared when full: a flood of distinct names costs a regex each, never memory.
+_valid_names: set[str] = set()
+_routes: dict[bytes, tuple[str, str]] = {}
+
+
+def valid_name(name: Any) -> bool:
+    """True for a str of 1..64 characters from ``A-Z a-z 0-9 _ . -``."""
+    if name in _valid_names:
+        return True
+    if type(name) is not str or _NAME.fullmatch(name) is None:
+        return False
+    if len(_valid_names) >= _KNOWN_CAP:
+        _valid_names.clear()
+    _valid_names.add(name)
+    return True
+
+
+def check_name(name: Any, what: str = "stream") -> str:
+    """``name`` if ``valid_name``; else ProtocolError naming ``what`` and the rule."""
+    if not valid_name(name):
+        shown = repr(name[:40]) + ("..." if len(name) > 40 else "") if isinstance(name, str) \
+            else type(name).__name__
+        raise ProtocolError(
+            f"{what} name {shown}: need 1..{MAX_NAME} characters from {NAME_CHARS}"
+        )
+    return name
+
+
+def topic_bytes(topic: str, stream: str) -> bytes:
+    """The topic part ``<topic>/<stream>/`` (``stream`` is a valid name or ``*``)."""
+    return b"%s/%s/" % (_TOPIC_BYTES[topic], stream.encode("ascii"))
+
+
+def _route(raw_topic: bytes) -> tuple[str, str]:
+    """(topic, stream) of a topic part; ProtocolError when it is not ``<topic>/<name>/``."""
+    route = _routes.get(raw_topic)
+    if route is not None:
+        return route
+    kind, sep, rest = raw_topic.partition(b"/")
+    topic = kind.decode("ascii", "replace")
+    if topic not in _TOPIC_BYTES:
+        raise ProtocolError(f"part 0: unknown topic {raw_topic[:40]!r}")
+    if not sep or not rest.endswith(b"/"):
+        raise ProtocolError(
+            f"part 0: topic {raw_topic[:40]!r} is not '{topic}/<stream>/' "
+            f"(a schema 1 publisher? this is schema {SCHEMA_VERSION})", topic
+        )
+    stream = rest[:-1].decode("ascii", "replace")
+    if not (valid_name(stream) or (stream == ALL_STREAMS and topic == "status")):
+        raise ProtocolError(
+            f"part 0: stream {rest[:40]!r} in the topic: need 1..{MAX_NAME} characters "
+            f"from {NAME_CHARS}", topic
+        )
+    if len(_routes) >= _KNOWN_CAP:
+        _routes.clear()
+    route = (topic, stream)
+    _routes[bytes(raw_topic)] = route
+    return route
+
 
 def _type_name(value: Any) -> str:
     return "nil" if value is None else type(value).__name__
 
 
-def _check_fields(topic: str, header: dict) -> None:
+def _check_fields(topic: str, header: dict, stream: str) -> None:
     for name, types in _FIELDS[topic].items():
         value = header.get(name, _MISSING)
         if value is _MISSING:
@@ -136,8 +215,24 @@ def _check_fields(topic: str, header: dict) -> None:
             raise ProtocolError(
                 f"header field {name!r}: expected {expected}, got {_type_name(value)}", topic
             )
+        if type(value) is int:
+            lo, hi = _INT_RANGE.get(name, (0, INT64_MAX))
+            if not lo <= value <= hi:
+                raise ProtocolError(f"header field {name!r}: {value} outside {lo}..{hi}", topic)
     if header["v"] != SCHEMA_VERSION:
-        raise ProtocolError(f"header field 'v': unknown schema version {header['v']}", topic)
+        raise ProtocolError(
+            f"header field 'v': schema version {header['v']}, this is {SCHEMA_VERSION}", topic
+        )
+    for name in _NAME_FIELDS:
+        if name in _FIELDS[topic] and not (name == "stream" and header[name] == stream):
+            try:
+                check_name(header[name], name)
+            except ProtocolError as exc:
+                raise ProtocolError(f"header field {name!r}: {exc.reason}", topic) from None
+    if header["stream"] != stream:
+        raise ProtocolError(
+            f"header field 'stream': {header['stream']!r} but the topic says {stream!r}", topic
+        )
 
 
 def _check_frame(header: dict, payload: Any) -> None:
@@ -151,12 +246,10 @@ def _check_frame(header: dict, payload: Any) -> None:
         )
     if header["dtype"] != FRAME_DTYPE:
         raise ProtocolError(
-            f"header field 'dtype': {header['dtype']!r}, v1 frames are {FRAME_DTYPE!r}", "frame"
+            f"header field 'dtype': {header['dtype']!r}, frames are {FRAME_DTYPE!r}", "frame"
         )
     if header["obstacle"] not in _OBSTACLE_STATES:
         raise ProtocolError(f"header field 'obstacle': {header['obstacle']} not 0/1/2", "frame")
-    if header["seq"] < 0 or header["frame"] < 0:
-        raise ProtocolError("header fields 'seq'/'frame' must be >= 0", "frame")
     size = len(payload)
     if size != rows * cols * 2:
         raise ProtocolError(
@@ -165,10 +258,32 @@ def _check_frame(header: dict, payload: Any) -> None:
         )
 
 
+def _check_metadata(metadata: dict) -> None:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise ProtocolError(
+            f"header field 'metadata': {len(metadata)} entries, at most {MAX_METADATA_ENTRIES}",
+            "video",
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_NAME:
+            raise ProtocolError(
+                f"header field 'metadata': key of {len(key)} characters, at most {MAX_NAME}",
+                "video",
+            )
+        if type(value) not in _SCALAR or (type(value) is str and len(value) > MAX_NAME) or (
+            type(value) is int and not -INT64_MAX - 1 <= value <= INT64_MAX
+        ):
+            raise ProtocolError(
+                f"header field 'metadata': {key!r} must be a number, bool, nil or a string "
+                f"of at most {MAX_NAME} characters", "video",
+            )
+
+
 def _check_other(topic: str, header: dict) -> None:
     if topic == "video":
         if header["event"] not in _VIDEO_EVENTS:
             raise ProtocolError(f"header field 'event': {header['event']!r} not start/end", topic)
+        _check_metadata(header["metadata"])
     elif topic == "status":
         latency = header["latency_us"]
         for key in _LATENCY_KEYS:
@@ -181,7 +296,7 @@ def _check_other(topic: str, header: dict) -> None:
             raise ProtocolError(f"header field 'state': {header['state']!r} not raise/clear", topic)
 
 
-def _valid_frame(header: dict, payload: Any) -> bool:
+def _valid_frame(header: dict, payload: Any, stream: str) -> bool:
     """True when a frame header and payload pass every check (the hot path, ~1 µs)."""
     try:
         values = _frame_values(header)
@@ -189,10 +304,15 @@ def _valid_frame(header: dict, payload: Any) -> bool:
         return False
     if tuple(map(type, values)) != _FRAME_TYPES:
         return False
-    v, _stream, _video, _type, seq, index, _t, shape, dtype, obstacle = values
-    if v != SCHEMA_VERSION or dtype != FRAME_DTYPE or seq < 0 or index < 0:
+    v, stream_, video, type_, seq, index, t_ns, shape, dtype, obstacle = values
+    if v != SCHEMA_VERSION or stream_ != stream or dtype != FRAME_DTYPE:
+        return False
+    if not (0 <= seq <= INT64_MAX and 0 <= index <= INT64_MAX and 0 <= t_ns <= INT64_MAX
+            and 1 <= type_ <= N_TYPES):
         return False
     if obstacle not in _OBSTACLE_STATES or len(shape) != 2:
+        return False
+    if video not in _valid_names and not valid_name(video):
         return False
     rows, cols = shape
     return (
@@ -213,9 +333,7 @@ def decode(parts: Sequence[Any]) -> Message:
     raw_topic = parts[0]
     if type(raw_topic) is not bytes:
         raw_topic = bytes(raw_topic)
-    topic = _TOPIC_BY_BYTES.get(raw_topic)
-    if topic is None:
-        raise ProtocolError(f"part 0: unknown topic {raw_topic[:32]!r}")
+    topic, stream = _route(raw_topic)
     raw_header = parts[1]
     if len(raw_header) > MAX_HEADER_BYTES:
         raise ProtocolError(
@@ -232,9 +350,9 @@ def decode(parts: Sequence[Any]) -> Message:
         payload = parts[2]
         if type(payload) is not bytes:  # zmq.Frame, memoryview: len() must count bytes
             payload = bytes(payload)
-        if _valid_frame(header, payload):
+        if _valid_frame(header, payload, stream):
             return Message(topic, header, payload)
-    _check_fields(topic, header)
+    _check_fields(topic, header, stream)
     if topic == "frame":
         if n != 3:
             raise ProtocolError("expected 3 parts (topic, header, payload), got 2", topic)
@@ -272,22 +390,25 @@ _packer = msgpack.Packer(default=_to_builtin, use_bin_type=True)
 
 
 def encode(topic: str, header: dict[str, Any], payload: Any = None) -> list[bytes]:
-    """Encode a message of any topic; ``v`` is filled in when absent.
+    """Encode a message of any topic (the topic part from ``header["stream"]``); ``v`` is
+    filled in when absent.
 
     The result is decoded again before it is returned, so a producer can never
     send what a consumer would reject (ProtocolError). For frames on the hot
-    path use ``encode_frame``.
+    path use ``FrameEncoder``.
     """
-    topic_bytes = _TOPIC_BYTES.get(topic)
-    if topic_bytes is None:
+    if topic not in _TOPIC_BYTES:
         raise ProtocolError(f"unknown topic {topic!r}")
+    stream = header.get("stream")
+    if not (valid_name(stream) or (stream == ALL_STREAMS and topic == "status")):
+        check_name(stream)  # raises with the reason
     if "v" not in header:
         header = {"v": SCHEMA_VERSION, **header}
     try:
         packed = _packer.pack(header)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"header cannot be encoded: {exc}", topic) from None
-    parts: list[bytes] = [topic_bytes, packed]
+    parts: list[bytes] = [topic_bytes(topic, stream), packed]
     if payload is not None:
         parts.append(bytes(payload))
     decode(parts)
@@ -299,10 +420,12 @@ class FrameEncoder:
 
     The payload part is the array's own buffer (``memoryview``, no copy here;
     ZeroMQ copies the <2 KB into its message on send, which measured as fast
-    as a zero-copy send for frames this small).
+    as a zero-copy send for frames this small). Fields are not validated here
+    (the hot path of a publisher); a receiver rejects what is out of bounds.
     """
 
     def __init__(self, stream: str) -> None:
+        self._topic = topic_bytes("frame", check_name(stream))
         self._packer = msgpack.Packer(use_bin_type=True)
         self._header: dict[str, Any] = {
             "v": SCHEMA_VERSION, "stream": str(stream), "video": "", "type": 0, "seq": 0,
@@ -327,7 +450,7 @@ class FrameEncoder:
         h["t_ns"] = t_ns
         h["shape"] = frame.shape
         h["obstacle"] = obstacle
-        return [b"frame", self._packer.pack(h), frame.data]
+        return [self._topic, self._packer.pack(h), frame.data]
 
 
 def encode_frame(
@@ -343,24 +466,105 @@ def encode_frame(
     if not (1 <= rows <= MAX_FRAME_SIDE and 1 <= cols <= MAX_FRAME_SIDE):
         raise ProtocolError(f"frame array shape {frame.shape} is not 2-D within 1..32", "frame")
     header = {
-        "v": SCHEMA_VERSION, "stream": stream, "video": video, "type": int(type), "seq": int(seq),
-        "frame": int(index), "t_ns": time.monotonic_ns() if t_ns is None else int(t_ns),
+        "v": SCHEMA_VERSION, "stream": check_name(stream), "video": video, "type": int(type),
+        "seq": int(seq), "frame": int(index),
+        "t_ns": time.monotonic_ns() if t_ns is None else int(t_ns),
         "shape": [rows, cols], "dtype": FRAME_DTYPE, "obstacle": int(obstacle),
     }
-    return [b"frame", _packer.pack(header), frame.data]
+    return [topic_bytes("frame", stream), _packer.pack(header), frame.data]
+
+
+# ---------------------------------------------------------------- stream selection
+
+
+_WILDCARDS = re.compile(r"[*?\[]")
+
+
+class StreamSelection:
+    """Which streams a subscriber takes: names and shell-style patterns (``ws1,line2-*``).
+
+    ``prefixes(topic)`` are the ZeroMQ subscriptions that let only matching streams'
+    messages through, as far as a prefix can: an exact name subscribes ``frame/ws1/``
+    (exactly that stream); a pattern subscribes to its literal part before the first
+    wildcard (``line2-*`` -> ``frame/line2-``: exact; ``ws?1`` -> ``frame/ws``: also
+    ``ws22`` gets through). ``exact`` says whether the prefixes alone decide; if not,
+    ``matches`` (cached per name) rejects the rest in the receiver.
+    """
+
+    def __init__(self, text: str | Iterable[str] | None) -> None:
+        items = text.split(",") if isinstance(text, str) else list(text or [])
+        self.names: set[str] = set()
+        self.patterns: list[str] = []
+        for item in (i.strip() for i in items):
+            if not item:
+                continue
+            if _WILDCARDS.search(item):
+                literal = _WILDCARDS.split(item, 1)[0]
+                if literal and not valid_name(literal):
+                    raise ProtocolError(f"stream pattern {item!r}: its literal part "
+                                        f"{literal!r} is no stream name prefix ({NAME_CHARS})")
+                self.patterns.append(item)
+            else:
+                self.names.add(check_name(item))
+        if isinstance(text, str) and not (self.names or self.patterns):
+            raise ProtocolError(f"stream selection {text!r} names no stream")
+        self._cache: dict[str, bool] = {}
+        # A pattern is filtered exactly by its prefix when its only wildcard is a final '*'.
+        self.exact = all(p.endswith("*") and not _WILDCARDS.search(p[:-1])
+                         for p in self.patterns)
+
+    @property
+    def everything(self) -> bool:
+        return not self.names and not self.patterns
+
+    def prefixes(self, topic: str) -> list[bytes]:
+        """ZeroMQ SUBSCRIBE prefixes for ``topic``'s messages of the selected streams."""
+        if self.everything:
+            return [_TOPIC_BYTES[topic] + b"/"]
+        out = {topic_bytes(topic, name) for name in self.names}
+        for pattern in self.patterns:
+            literal = _WILDCARDS.split(pattern, 1)[0]
+            out.add(_TOPIC_BYTES[topic] + b"/" + literal.encode("ascii"))
+        # A prefix that another one contains adds nothing (ZeroMQ would deliver once anyway).
+        return sorted(p for p in out if not any(q != p and p.startswith(q) for q in out))
+
+    def matches(self, stream: str) -> bool:
+        """True when ``stream`` is selected (a dict lookup after the first time)."""
+        hit = self._cache.get(stream)
+        if hit is None:
+            hit = self.everything or stream in self.names or any(
+                fnmatch.fnmatchcase(stream, p) for p in self.patterns)
+            if len(self._cache) >= _KNOWN_CAP:
+                self._cache.clear()
+            self._cache[stream] = hit
+        return hit
+
+    def __str__(self) -> str:
+        return "all streams" if self.everything else ",".join(
+            sorted(self.names) + self.patterns)
 
 
 # ---------------------------------------------------------------- sockets
 
 
-def configure_subscriber(socket: Any, topics: Sequence[str] | None = None) -> None:
-    """Bound message size and queue on a SUB socket and subscribe to topic prefixes.
+def configure_subscriber(
+    socket: Any, topics: Sequence[str] | None = None, streams: StreamSelection | None = None
+) -> None:
+    """Bound message size and queue on a SUB socket and subscribe.
 
-    ``topics`` None or empty subscribes to everything. Call before connect.
+    ``topics`` None or empty subscribes to every topic; ``streams`` (default all) narrows
+    each topic to the selected streams by prefix; an item of ``topics`` that is no topic
+    name is subscribed as a raw prefix (``frame/ws1/``). Call before connect.
     """
-
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     socket.setsockopt(zmq.RCVHWM, 10_000)
     socket.setsockopt(zmq.LINGER, 0)
-    for topic in topics or [""]:
-        socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+    if not topics and (streams is None or streams.everything):
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        return
+    selection = streams or StreamSelection(None)
+    for topic in topics or TOPICS:
+        # a topic name is narrowed to the selected streams; anything else is a raw prefix
+        prefixes = selection.prefixes(topic) if topic in _TOPIC_BYTES else [topic.encode()]
+        for prefix in prefixes:
+            socket.setsockopt(zmq.SUBSCRIBE, prefix)

@@ -8,6 +8,12 @@ One process serves any number of streams (the header's ``stream``). The loop:
 3. per frame: ``protocol.decode`` -> seq check -> ``StreamPipeline.process`` -> events;
    every alarm/verdict is committed to the journal, then published.
 
+A plant splits its streams over monitors with ``streams`` (``--streams ws1,line2-*``):
+the SUB socket subscribes only to those streams' topics, so ZeroMQ drops the others
+before they reach Python (docs/operations.md). Every size is bounded: at most
+``max_streams`` streams at once, a stream silent for ``idle_seconds`` is evicted, and
+status goes out as one small message for the monitor plus one per stream.
+
 Bad input never stops the loop: it is counted (``malformed``, or ``dropped`` for seq
 gaps) and reported on stderr at most once per second per class of problem.
 Per-frame handling latency (done minus the frame's ``t_ns``) goes into a preallocated
@@ -23,6 +29,7 @@ import math
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,11 +47,17 @@ from lhtstream.kernels import features
 from lhtstream.model.normality import NormalityModel
 from lhtstream.service.pipeline import DEFAULT_CALIBRATION_FRAMES, StreamPipeline
 
-LATENCY_CAPACITY = 1 << 17
-"""Latency samples kept per status interval (131 k: > 2 min at 1 kHz); older ones are
-overwritten when a ``--rate max`` burst exceeds it, but ``max`` is tracked exactly."""
+STREAM_LATENCY_CAPACITY = 1 << 16
+"""Latency samples kept per stream and status interval (65 k: > 1 min at 1 kHz); older
+ones are overwritten when a burst exceeds it, but ``max`` is tracked exactly."""
 DRAIN_BUDGET = 2_000
 """Messages handled per wake-up before the loop looks at the clock again (status, signals)."""
+DEFAULT_MAX_STREAMS = 64
+"""Streams one monitor serves at once (each holds a pipeline of ~1-2 MB); more are refused."""
+DEFAULT_IDLE_SECONDS = 300.0
+"""A stream with no message for this long is evicted (its video ends as partial)."""
+_SWEEP_NS = 1_000_000_000
+"""How often the loop looks for idle streams."""
 _POLL_CAP_MS = 100
 """Longest poll: bounds the reaction time to SIGTERM (pyzmq retries polls on EINTR)."""
 SPARE_PIPELINES = 4
@@ -97,46 +110,71 @@ def _interpolate(ranked: np.ndarray, q: float) -> float:
 
 
 class LatencyRecorder:
-    """Per-frame handling times in µs, in a preallocated array; summarised per interval."""
+    """Per-frame times in µs in a preallocated ring; summarised per status interval.
 
-    def __init__(self, capacity: int = LATENCY_CAPACITY) -> None:
-        self._values = np.zeros(capacity, dtype=np.float64)
+    One ``record`` per frame stores both times the monitor reports: ``total`` (done minus
+    the frame's ``t_ns``: transport, queueing and handling) and ``service`` (message
+    received -> done). ``summary`` gives ``{p50, p99, p999, max}`` of each.
+    """
+
+    def __init__(self, capacity: int = STREAM_LATENCY_CAPACITY) -> None:
+        self._total = np.zeros(capacity, dtype=np.float64)
+        self._service = np.zeros(capacity, dtype=np.float64)
         self._n = 0  # samples since the last summary (may exceed capacity: wrap around)
         self._max = 0.0
+        self._service_max = 0.0
 
-    def record(self, micros: float) -> None:
-        self._values[self._n % self._values.shape[0]] = micros
+    def record(self, total_us: float, service_us: float) -> None:
+        i = self._n % self._total.shape[0]
+        self._total[i] = total_us
+        self._service[i] = service_us
         self._n += 1
-        if micros > self._max:
-            self._max = micros
+        if total_us > self._max:
+            self._max = total_us
+        if service_us > self._service_max:
+            self._service_max = service_us
 
-    def summary(self, reset: bool = True) -> dict[str, float | None]:
-        """``{p50, p99, p999, max}`` in µs over the interval (None when no frame came)."""
-        n = min(self._n, self._values.shape[0])
-        if n == 0:
-            out: dict[str, float | None] = {"p50": None, "p99": None, "p999": None, "max": None}
-        else:
-            # np.percentile costs ~25 µs per call on a few hundred values; a sort and
-            # the same linear interpolation by hand costs a few, and this runs inside the
-            # gap between two frames.
-            ranked = np.sort(self._values[:n])
-            p50, p99, p999 = (_interpolate(ranked, q) for q in (0.5, 0.99, 0.999))
-            out = {
-                "p50": round(float(p50), 1),
-                "p99": round(float(p99), 1),
-                "p999": round(float(p999), 1),
-                "max": round(self._max, 1),
-            }
+    def window(self) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """(total, service, max total, max service) of the current interval (views)."""
+        n = min(self._n, self._total.shape[0])
+        return self._total[:n], self._service[:n], self._max, self._service_max
+
+    def reset(self) -> None:
+        self._n = 0
+        self._max = 0.0
+        self._service_max = 0.0
+
+    def summary(self, reset: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(total, service) summaries over the interval, then (by default) a new interval."""
+        total, service, top, service_top = self.window()
+        out = percentile_summary(total, top), percentile_summary(service, service_top)
         if reset:
-            self._n = 0
-            self._max = 0.0
+            self.reset()
         return out
+
+
+def percentile_summary(values: np.ndarray, top: float) -> dict[str, float | None]:
+    """``{p50, p99, p999, max}`` of ``values`` (µs, rounded to 0.1); all None when empty.
+
+    ``top`` is the exact maximum, which a wrapped-around ring may no longer hold.
+    """
+    if values.shape[0] == 0:
+        return {"p50": None, "p99": None, "p999": None, "max": None}
+    # np.percentile costs ~25 µs per call on a few hundred values; a sort and the same
+    # linear interpolation by hand costs a few, and this runs inside the gap between frames.
+    ranked = np.sort(values)
+    return {
+        "p50": round(_interpolate(ranked, 0.5), 1),
+        "p99": round(_interpolate(ranked, 0.99), 1),
+        "p999": round(_interpolate(ranked, 0.999), 1),
+        "max": round(float(top), 1),
+    }
 
 
 class StreamState:
     """What the monitor knows about one stream: its pipeline, counters and position."""
 
-    def __init__(self, name: str, pipeline: Any) -> None:
+    def __init__(self, name: str, pipeline: Any, now_ns: int) -> None:
         self.name = name
         self.pipeline = pipeline
         self.frames = 0
@@ -147,8 +185,12 @@ class StreamState:
         self.type = 0
         self.frame = -1
         self.t_ns = 0  # the last handled frame's t_ns: stamps events that carry no frame time
+        self.seen_ns = now_ns  # monotonic ns of the last message: idle streams are evicted
         self.videos = 0
-        self.latency = LatencyRecorder(1 << 14)
+        # True while the open video did not begin with its `video start` (joined mid-video,
+        # or the start was lost): its verdict covers part of the video only.
+        self.partial = False
+        self.latency = LatencyRecorder()
         # A run of consecutive seqs below last_seq means the publisher restarted
         # (seq starts again at 0): after RESTART_RUN of them the stream is re-based.
         self._restart_next: int | None = None
@@ -183,7 +225,15 @@ def _model_state(pipeline: Any, st: dict[str, Any]) -> str:
 
 
 class Monitor:
-    """The service loop. ``sockets`` come from ``open_sockets``; the rest is plain state."""
+    """The service loop over a SUB (``subscribe``) and a PUB (``publish``) socket.
+
+    ``streams`` selects the streams this monitor serves (the SUB socket's subscriptions
+    must match it: ``protocol.configure_subscriber(sub, ..., streams)``); at most
+    ``max_streams`` are served at once, and one silent for ``idle_seconds`` is evicted.
+    ``latency_log``: a preallocated float64 array that receives every frame's total
+    latency (µs) in arrival order (``latency_logged`` counts them, also past its end);
+    for benchmarks that need exact run-wide percentiles.
+    """
 
     def __init__(
         self,
@@ -195,11 +245,11 @@ class Monitor:
         status_interval: float = 1.0,
         model_note: str = "model",
         dump_features: str | None = None,
+        streams: protocol.StreamSelection | None = None,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        latency_log: np.ndarray | None = None,
     ) -> None:
-
-
-        self._zmq = zmq
-        self._protocol = protocol
         self.make_pipeline = make_pipeline
         self.journal = journal
         self.pub = publish
@@ -207,6 +257,11 @@ class Monitor:
         self.status_interval = status_interval
         self.model_note = model_note
         self.dump_features = dump_features
+        self.selection = streams or protocol.StreamSelection(None)
+        self.max_streams = max_streams
+        self.idle_ns = int(idle_seconds * 1e9)
+        self.latency_log = latency_log
+        self.latency_logged = 0
         self.streams: dict[str, StreamState] = {}
         self.frames = 0
         self.dropped = 0
@@ -214,29 +269,32 @@ class Monitor:
         self.errors = 0
         self.alarms = 0
         self.verdicts = 0
-        self.latency = LatencyRecorder()
-        # the monitor's own share: received -> done (no transport, no queueing)
-        self.service = LatencyRecorder()
+        self.ignored = 0  # messages of streams this monitor does not serve
+        self.refused = 0  # messages of new streams beyond max_streams
+        self.evicted = 0  # streams evicted for silence
         self._t_recv = 0
         self.started_ns = time.monotonic_ns()
         self.stop_requested = False
         self._bad_input = RateLimitedLog()
         self._gaps = RateLimitedLog()
         self._internal = RateLimitedLog()
+        self._refusals = RateLimitedLog()
         self._feature_rows: dict[str, list[np.ndarray]] = {}
         self.frame_endpoints: set[str] = set()
         # Pipelines made ahead of need: one costs 1-2 ms (a private model copy), and four
         # workstations joining at once made their first ~60 frames up to 13 ms late.
-        self._spares = [make_pipeline("spare") for _ in range(SPARE_PIPELINES)]
+        self._spares = [make_pipeline("spare") for _ in range(min(SPARE_PIPELINES, max_streams))]
         self.reconnects = 0
         self.events: Any = None  # PAIR socket of zmq_socket_monitor on `sub`, if watched
         # endpoint -> monotonic ns by which libzmq must have shown it reconnects by itself
         self._dropped_at: dict[str, int] = {}
         self._drained = True  # the last receive found the SUB queue empty
+        # Streams whose per-stream status of this interval is still to be sent: one per
+        # loop turn, so a status round never delays a frame by more than one message.
+        self._status_due: deque[str] = deque()
 
     def watch_connections(self, endpoints: Iterable[str]) -> None:
         """Watch these frame endpoints; reconnect one only when libzmq has given up on it."""
-        zmq = self._zmq
         self.frame_endpoints = set(endpoints)
         self.events = self.sub.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED
@@ -251,18 +309,22 @@ class Monitor:
         Only the SUB socket is polled (one socket, no ``dict()``: ~1 µs less per wake-up
         than polling it with the socket-monitor PAIR, measured in-process); the
         socket-monitor events are read on a timer, as they only start a 0.5 s grace period.
-        Receives copy (``copy=True``): ``copy=False`` made ``recv`` cheaper in isolation
-        but did not lower end-to-end latency at 1 kHz (see docs/operations.md).
+        After a wake-up the queue is drained while ``ZMQ_EVENTS`` says a message is
+        waiting: a blocking receive that cannot block, so no ``zmq.Again`` is raised and
+        caught per wake-up. Receives copy (``copy=True``): ``copy=False`` made ``recv``
+        cheaper in isolation but did not lower end-to-end latency at 1 kHz.
         """
-        zmq = self._zmq
         sub = self.sub
         recv_multipart = sub.recv_multipart
-        nonblock = zmq.NOBLOCK
+        events_of = sub.getsockopt
+        option_events = zmq.EVENTS
+        pollin = zmq.POLLIN
         monotonic_ns = time.monotonic_ns
         handle = self.handle
         interval_ns = int(self.status_interval * 1e9)
         next_status = monotonic_ns() + interval_ns
         next_events = 0
+        next_sweep = monotonic_ns() + _SWEEP_NS
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poll = poller.poll
@@ -274,37 +336,45 @@ class Monitor:
                 # Frames are flowing: let the status wait for the next frame, so it is
                 # built in the idle gap after one instead of delaying one.
                 due_ns += _STATUS_SLACK_NS
-            wait_ms = max(0, min(_POLL_CAP_MS, (due_ns - now) // 1_000_000))
+            wait_ms = 0 if self._status_due else max(
+                0, min(_POLL_CAP_MS, (due_ns - now) // 1_000_000))
             if poll(wait_ms):
                 last_frame_ns = monotonic_ns()
                 # Drain what is queued (bounded, so status and signals still get a turn).
-                self._drained = False
+                drained = False
                 for _ in range(DRAIN_BUDGET):
-                    try:
-                        parts = recv_multipart(nonblock)
-                    except zmq.Again:
-                        self._drained = True
-                        break
+                    parts = recv_multipart()
                     self._t_recv = monotonic_ns()
                     handle(parts)
+                    if not events_of(option_events) & pollin:
+                        drained = True
+                        break
                     if self.stop_requested:
                         break
+                self._drained = drained
             else:
                 self._drained = True
-                if len(self._spares) < SPARE_PIPELINES:  # idle: nothing to delay
-                    self._spares.append(self.make_pipeline("spare"))
+                if len(self._spares) < min(SPARE_PIPELINES, self.max_streams):
+                    self._spares.append(self.make_pipeline("spare"))  # idle: nothing to delay
             now = monotonic_ns()
+            if self._status_due:
+                self._publish_stream_status(self._status_due.popleft(), now)
             if self.events is not None and now >= next_events:
                 next_events = now + _POLL_CAP_MS * 1_000_000
                 self._on_socket_events()
             if self._dropped_at:
                 self._reconnect_abandoned(now)
+            if now >= next_sweep:
+                next_sweep = now + _SWEEP_NS
+                self._evict_idle(now)
             if now >= next_status:
                 self.publish_status(now)
                 next_status += interval_ns
                 if next_status <= now:  # fell behind (suspended?): don't burst statuses
                     next_status = now + interval_ns
         self.publish_status(time.monotonic_ns(), final=True)
+        for name in list(self._status_due):
+            self._publish_stream_status(name, time.monotonic_ns())
 
     def _on_socket_events(self) -> None:
         """Track which frame connections dropped and whether libzmq is reconnecting them.
@@ -315,8 +385,6 @@ class Monitor:
         *protocol* error (e.g. a part above ZMQ_MAXMSGSIZE) does it drop the connection
         for good, and then no retry event follows the DISCONNECTED one.
         """
-
-        zmq = self._zmq
         while True:
             try:
                 event = recv_monitor_message(self.events, zmq.NOBLOCK)
@@ -341,7 +409,6 @@ class Monitor:
         """
         if not self._drained:
             return
-        zmq = self._zmq
         for endpoint, deadline in list(self._dropped_at.items()):
             if now_ns < deadline:
                 continue
@@ -356,20 +423,37 @@ class Monitor:
                 pass
             self.sub.connect(endpoint)
 
+    def _evict_idle(self, now_ns: int) -> None:
+        """Forget streams silent for ``idle_seconds``: their open video ends (partial
+        verdict), a last per-stream status says ``evicted``, their pipeline is freed."""
+        for name, st in list(self.streams.items()):
+            if now_ns - st.seen_ns < self.idle_ns:
+                continue
+            idle_s = (now_ns - st.seen_ns) / 1e9
+            log(f"stream {name!r}: no message for {idle_s:.0f} s: evicted"
+                + (f" (video {st.video!r} left open: partial verdict)" if st.video else ""))
+            if st.video is not None:
+                st.partial = True
+                self._end(st)
+            self.evicted += 1
+            self._publish_stream_status(name, now_ns, evicted=True)
+            del self.streams[name]
+
     # ------------------------------------------------------------ messages
 
     def handle(self, parts: list[bytes]) -> None:
         """Handle one multipart message; never raises on bad input."""
         try:
-            message = self._protocol.decode(parts)
-        except self._protocol.ProtocolError as exc:
+            message = protocol.decode(parts)
+        except protocol.ProtocolError as exc:
             self.malformed += 1
             self._bad_input(f"malformed message ignored: {exc}")
             return
         try:
-            if message.topic == "frame":
+            topic = message.topic
+            if topic == "frame":
                 self._on_frame(message)
-            elif message.topic == "video":
+            elif topic == "video":
                 self._on_video(message.header)
             # status/alarm/verdict from another monitor on the same bus: not ours, ignore
         except Exception as exc:  # a bug in a stage must not take the service down
@@ -379,26 +463,39 @@ class Monitor:
                 f"{message.header.get('stream')!r}: {type(exc).__name__}: {exc}"
             )
 
-    def _stream(self, name: str) -> StreamState:
-        state = self.streams.get(name)
-        if state is None:
-            if self._spares:
-                pipeline = self._spares.pop()
-                pipeline.stream = name
-            else:
-                pipeline = self.make_pipeline(name)
-            state = StreamState(name, pipeline)
-            self.streams[name] = state
-            log(f"stream {name!r}: new, pipeline state: "
-                f"{_model_state(state.pipeline, state.pipeline.status())}")
+    def _stream(self, name: str) -> StreamState | None:
+        """The state of stream ``name``, made on its first message; None when it is not
+        served here (not selected, or ``max_streams`` are served already)."""
+        if not self.selection.matches(name):
+            self.ignored += 1
+            return None
+        if len(self.streams) >= self.max_streams:
+            self.refused += 1
+            self._refusals(f"stream {name!r} refused: already serving --max-streams "
+                           f"{self.max_streams} streams (idle ones are evicted after "
+                           f"{self.idle_ns / 1e9:g} s)")
+            return None
+        if self._spares:
+            pipeline = self._spares.pop()
+            pipeline.stream = name
+        else:
+            pipeline = self.make_pipeline(name)
+        state = StreamState(name, pipeline, self._t_recv or time.monotonic_ns())
+        self.streams[name] = state
+        log(f"stream {name!r}: new, pipeline state: "
+            f"{_model_state(state.pipeline, state.pipeline.status())}")
         return state
 
-    def _start(self, st: StreamState, video: str, type_id: int, metadata: dict) -> None:
+    def _start(self, st: StreamState, video: str, type_id: int, metadata: dict,
+               partial: bool) -> None:
         if st.video is not None:
+            # the open video never got its `video end`: publisher restarted or lost it
+            st.partial = True
             self._end(st)
         st.video = video
         st.type = type_id
         st.videos += 1
+        st.partial = partial
         self._emit(st.pipeline.start_video(video, type_id, metadata), st)
 
     def _end(self, st: StreamState) -> None:
@@ -406,18 +503,26 @@ class Monitor:
         events = st.pipeline.end_video_events()
         st.video = None
         self._emit(events, st)
+        st.partial = False
 
     def _on_video(self, header: dict) -> None:
-        st = self._stream(header["stream"])
+        name = header["stream"]
+        st = self.streams.get(name) or self._stream(name)
+        if st is None:
+            return
+        st.seen_ns = self._t_recv
         if header["event"] == "start":
             st.video_start_seen = True
-            self._start(st, header["video"], header["type"], header["metadata"])
+            self._start(st, header["video"], header["type"], header["metadata"], False)
         elif st.video == header["video"]:
             self._end(st)
 
     def _on_frame(self, message: Any) -> None:
         header = message.header
-        st = self._stream(header["stream"])
+        name = header["stream"]
+        st = self.streams.get(name) or self._stream(name)
+        if st is None:
+            return
         seq = header["seq"]
         last = st.last_seq
         if last is not None and seq != last + 1:
@@ -442,20 +547,23 @@ class Monitor:
         st.video_start_seen = False
         if st.video != header["video"]:
             # Joined mid-stream or lost the `video start`: start from this frame on.
-            self._start(st, header["video"], header["type"], {})
-        frame = self._protocol.frame_array(message)
-        events = st.pipeline.process(frame, header)
+            self._start(st, header["video"], header["type"], {}, header["frame"] != 0)
+        events = st.pipeline.process(protocol.frame_array(message), header)
         if events:
             self._emit(events, st)
         if self.dump_features is not None:
             self._keep_features(st)
         done = time.monotonic_ns()
+        t_recv = self._t_recv
         t_ns = header["t_ns"]
         st.t_ns = t_ns
+        st.seen_ns = t_recv
         micros = (done - t_ns) / 1000.0
-        self.latency.record(micros)
-        st.latency.record(micros)
-        self.service.record((done - self._t_recv) / 1000.0)
+        st.latency.record(micros, (done - t_recv) / 1000.0)
+        if self.latency_log is not None:
+            if self.latency_logged < self.latency_log.shape[0]:
+                self.latency_log[self.latency_logged] = micros
+            self.latency_logged += 1
         st.frames += 1
         st.frame = header["frame"]
         self.frames += 1
@@ -499,6 +607,7 @@ class Monitor:
             for event in events:
                 fields = _event_fields(event)
                 if type(event).__name__ == "Verdict" or "anomalous" in fields:
+                    fields["partial"] = bool(st is not None and st.partial)
                     outgoing.append(("verdict", self._journal_verdict(fields)))
                 else:
                     if not fields.get("t_frame_ns") and st is not None and st.t_ns:
@@ -508,7 +617,7 @@ class Monitor:
                         fields["frame"] = st.frame
                     outgoing.append(("alarm", self._journal_alarm(fields)))
         for topic, header in outgoing:
-            self.pub.send_multipart(self._protocol.encode(topic, header))
+            self.pub.send_multipart(protocol.encode(topic, header))
             if topic == "alarm":
                 self.alarms += 1
             else:
@@ -516,7 +625,7 @@ class Monitor:
 
     def _journal_alarm(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Complete an alarm's fields, append it to the journal; its wire header."""
-        fields["v"] = self._protocol.SCHEMA_VERSION
+        fields["v"] = protocol.SCHEMA_VERSION
         fields.setdefault("t_alarm_ns", time.monotonic_ns())
         features = fields.get("features")
         fields["features"] = {
@@ -530,7 +639,7 @@ class Monitor:
 
     def _journal_verdict(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Complete a verdict's fields, append it to the journal; its wire header."""
-        fields["v"] = self._protocol.SCHEMA_VERSION
+        fields["v"] = protocol.SCHEMA_VERSION
         alarms = fields.get("alarms", 0)
         fields["alarms"] = len(alarms) if isinstance(alarms, (list, tuple)) else int(alarms)
         fields["anomalous"] = bool(fields["anomalous"])
@@ -540,25 +649,16 @@ class Monitor:
         return {name: fields[name] for name in _VERDICT_WIRE if name in fields}
 
     def status(self, now_ns: int, final: bool = False) -> dict[str, Any]:
-        """The ``status`` header (stream "*": totals plus per-stream detail); resets intervals."""
-        streams = {}
-        for name, st in self.streams.items():
-            pipeline_status = st.pipeline.status()
-            streams[name] = {
-                "frames": st.frames,
-                "dropped": st.dropped,
-                "malformed": st.malformed,
-                "video": st.video,
-                "type": st.type,
-                "frame": st.frame,
-                "videos": st.videos,
-                "latency_us": st.latency.summary(),
-                "model": _model_state(st.pipeline, pipeline_status),
-                "pipeline": pipeline_status,
-            }
+        """The ``status`` of the whole monitor (stream ``*``): totals and the latency of
+        every frame of the interval; per-stream detail goes out as ``stream_status``."""
+        windows = [st.latency.window() for st in self.streams.values()]
+        total = np.concatenate([w[0] for w in windows]) if windows else np.zeros(0)
+        service = np.concatenate([w[1] for w in windows]) if windows else np.zeros(0)
+        top = max((w[2] for w in windows), default=0.0)
+        service_top = max((w[3] for w in windows), default=0.0)
         return {
-            "v": self._protocol.SCHEMA_VERSION,
-            "stream": "*",
+            "v": protocol.SCHEMA_VERSION,
+            "stream": protocol.ALL_STREAMS,
             "t_ns": now_ns,
             "frames": self.frames,
             "dropped": self.dropped,
@@ -567,18 +667,68 @@ class Monitor:
             "reconnects": self.reconnects,
             "alarms": self.alarms,
             "verdicts": self.verdicts,
-            "latency_us": self.latency.summary(),
-            "service_us": self.service.summary(),
+            "latency_us": percentile_summary(total, top),
+            "service_us": percentile_summary(service, service_top),
             "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
             "model": self.model_note,
-            "streams": streams,
+            "streams": len(self.streams),
+            "max_streams": self.max_streams,
+            "selection": str(self.selection)[: protocol.MAX_NAME * 8],
+            "ignored": self.ignored,
+            "refused": self.refused,
+            "evicted": self.evicted,
             "final": final,
         }
 
-    def publish_status(self, now_ns: int, final: bool = False) -> dict[str, Any]:
-        header = self.status(now_ns, final)
-        self.pub.send_multipart(self._protocol.encode("status", header))
+    def stream_status(self, name: str, now_ns: int, evicted: bool = False) -> dict[str, Any]:
+        """The ``status`` of one stream (its own topic ``status/<name>/``); starts its next
+        latency interval."""
+        st = self.streams[name]
+        pipeline_status = st.pipeline.status()
+        latency, service = st.latency.summary()
+        return {
+            "v": protocol.SCHEMA_VERSION,
+            "stream": name,
+            "t_ns": now_ns,
+            "frames": st.frames,
+            "dropped": st.dropped,
+            "malformed": st.malformed,
+            "latency_us": latency,
+            "service_us": service,
+            "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
+            "video": st.video,
+            "type": st.type,
+            "frame": st.frame,
+            "videos": st.videos,
+            "idle_s": round(max(0, now_ns - st.seen_ns) / 1e9, 3),
+            "evicted": evicted,
+            "model": _model_state(st.pipeline, pipeline_status),
+            "pipeline": pipeline_status,
+        }
+
+    def publish_status(self, now_ns: int, final: bool = False) -> dict[str, Any] | None:
+        """Publish the monitor's status now and queue every stream's for the next turns."""
+        try:
+            header = self.status(now_ns, final)
+            self.pub.send_multipart(protocol.encode("status", header))
+        except Exception as exc:  # a status that cannot be sent must not stop the service
+            self.errors += 1
+            self._internal(f"status not published: {type(exc).__name__}: {exc}")
+            return None
+        self._status_due.clear()
+        self._status_due.extend(self.streams)
         return header
+
+    def _publish_stream_status(self, name: str, now_ns: int, evicted: bool = False) -> None:
+        if name not in self.streams:
+            return  # evicted since it was queued
+        try:
+            header = self.stream_status(name, now_ns, evicted)
+            self.pub.send_multipart(protocol.encode("status", header))
+        except Exception as exc:
+            self.errors += 1
+            self._internal(f"status of stream {name!r} not published: "
+                           f"{type(exc).__name__}: {exc}")
 
     def write_feature_dump(self) -> None:
         """Test hook: per-stream streamed feature rows as ``DIR/<stream>.npy``."""
@@ -596,10 +746,18 @@ _ALARM_WIRE = (
 )  # fmt: skip
 _VERDICT_WIRE = (
     "v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "kinds", "t_ns",
+    "partial",
 )  # fmt: skip
 
 
 # ---------------------------------------------------------------- start-up
+
+LATENCY_LOG_CAPACITY = 4_000_000
+"""Frames a ``latency_log`` holds (66 min at 1 kHz, 16 min at 4 kHz; 32 MB)."""
+MIN_CALIBRATION_SECONDS = 0.2
+"""Shortest self-calibration: the fit needs a few hundred frames of one type."""
+MAX_CALIBRATION_SECONDS = 120.0
+"""Longest self-calibration (its buffer holds every feature row: 2 min is ~20 MB per stream)."""
 
 
 def _pipeline_factory(
@@ -625,6 +783,11 @@ def _pipeline_factory(
         seconds = calibration_seconds
         if seconds is None:
             seconds = DEFAULT_CALIBRATION_FRAMES / 1000.0
+        if not MIN_CALIBRATION_SECONDS <= seconds <= MAX_CALIBRATION_SECONDS:
+            raise MonitorError(
+                f"calibration of {seconds:g} s: need {MIN_CALIBRATION_SECONDS:g}.."
+                f"{MAX_CALIBRATION_SECONDS:g} s of footage"
+            )
         calibration_frames = int(round(seconds * 1000))
         note = f"NO MODEL: self-calibrating each stream on its first {seconds:g} s"
         log(
@@ -689,14 +852,21 @@ def serve(
     status_interval: float = 1.0,
     calibration_seconds: float | None = None,
     dump_features: str | None = None,
+    streams: str | None = None,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+    idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    latency_log: str | None = None,
 ) -> int:
     """Run the monitor until SIGINT/SIGTERM (then 0): warm up, bind, subscribe, serve.
 
     ``frames``: endpoints to connect for frames; ``publish``: the PUB endpoint to bind;
     ``model``: a model file (None: self-calibrate each stream on ``calibration_seconds``
-    of footage); ``journal``: the SQLite journal path.
+    of footage); ``journal``: the SQLite journal path; ``streams``: names and shell-style
+    patterns of the streams to serve (None: all); ``latency_log``: write every frame's
+    latency (µs, float64 ``.npy``) to this file at exit (benchmarks).
     """
     frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
+    selection = protocol.StreamSelection(streams)  # a bad pattern fails before the warm-up
 
     t0 = time.monotonic()
     monitor: Monitor | None = None
@@ -749,9 +919,13 @@ def serve(
             status_interval=status_interval,
             model_note=note,
             dump_features=dump_features,
+            streams=selection,
+            max_streams=max_streams,
+            idle_seconds=idle_seconds,
+            latency_log=None if latency_log is None else np.zeros(LATENCY_LOG_CAPACITY),
         )
         # Subscribe only after the kernels are warm: nothing queues while we compile.
-        protocol.configure_subscriber(sub, ["frame", "video"])
+        protocol.configure_subscriber(sub, ["frame", "video"], selection)
         for endpoint in frames:
             try:
                 sub.connect(endpoint)
@@ -761,7 +935,7 @@ def serve(
         monitor.watch_connections(frames)
         log(
             f"ready in {time.monotonic() - t0:.2f} s (kernels warm after {t_warm:.2f} s); "
-            f"frames from {', '.join(frames)}, publishing on "
+            f"frames of {selection} from {', '.join(frames)}, publishing on "
             f"{publish}, journal {journal_db.path} (next alarm seq {journal_db.next_seq()}); {note}"
         )
         monitor.run()
@@ -771,6 +945,9 @@ def serve(
             f"errors={s['errors']} alarms={s['alarms']} verdicts={s['verdicts']}"
         )
         monitor.write_feature_dump()
+        if latency_log is not None:
+            n = min(monitor.latency_logged, LATENCY_LOG_CAPACITY)
+            np.save(latency_log, monitor.latency_log[:n])
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)

@@ -6,10 +6,10 @@ ones (no drift; a stall is followed by a catch-up burst). The loop sleeps until
 shortly before the due time and busy-waits the last ``spin_us`` to hit it.
 
 The socket is an XPUB so the publisher can see subscriptions arrive and hold
-the first frame until ``wait_subscribers`` frame subscribers have joined (a PUB
-drops what it sends before that). Videos are loaded one at a time per stream,
-with the next one prefetched on a worker thread so loading does not stall the
-schedule.
+the first frame until every stream has ``wait_subscribers`` frame subscribers (a PUB
+drops what it sends before that; in a plant each stream may go to another monitor).
+Videos are loaded one at a time per stream, with the next one prefetched on a worker
+thread so loading does not stall the schedule.
 """
 
 from __future__ import annotations
@@ -32,9 +32,13 @@ from lhtstream.io.protocol import (
     FRAME_DTYPE,
     MAX_FRAME_SIDE,
     FrameEncoder,
+    check_name,
     encode,
+    topic_bytes,
 )
 
+MAX_STREAMS = 1024
+"""Streams one replay publishes at most (each holds one video in memory)."""
 SEND_HWM = 10_000
 """Frames queued per subscriber before a paced PUB drops (10 s at 1 kHz)."""
 
@@ -195,6 +199,7 @@ def replay(
     videos: Iterable[str] | None = None,
     streams: int = 1,
     wait_subscribers: int = 1,
+    stream_prefix: str = "ws",
     skip: Iterable[int] = (),
     stop: threading.Event | None = None,
     log: TextIO | None = sys.stderr,
@@ -204,13 +209,17 @@ def replay(
     """Publish the selected videos of data set ``data`` on ``endpoint``.
 
     ``rate`` is frames/s per stream (None: as fast as the slowest subscriber
-    takes them, lossless). Stream names are ``ws1..wsK``. ``skip`` lists seq
-    numbers (per stream) not to send, leaving a gap. Returns when every stream
-    has played its playlist (never with ``loop``) or ``stop`` is set.
+    takes them, lossless). Stream names are ``<stream_prefix>1..K`` (``ws1..wsK``).
+    ``skip`` lists seq numbers (per stream) not to send, leaving a gap. Returns when
+    every stream has played its playlist (never with ``loop``) or ``stop`` is set.
     """
 
-    if streams < 1:
-        raise ReplayError(f"--streams must be >= 1, got {streams}")
+    if not 1 <= streams <= MAX_STREAMS:
+        raise ReplayError(f"--streams must be 1..{MAX_STREAMS}, got {streams}")
+    try:
+        check_name(f"{stream_prefix}{streams}")
+    except LhtstreamError as exc:
+        raise ReplayError(f"--stream-prefix {stream_prefix!r}: {exc}") from None
     if rate is not None and not rate > 0:
         raise ReplayError(f"--rate must be > 0 or 'max', got {rate}")
     selection = list(Dataset(data).videos(types=types, names=videos))
@@ -233,17 +242,26 @@ def replay(
         # Lossless max-rate mode: a full subscriber queue blocks us instead of dropping.
         socket.setsockopt(zmq.XPUB_NODROP, 1)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-load")
-    stats = ReplayStats(streams=[f"ws{i + 1}" for i in range(streams)])
-    subscribers = 0
+    stats = ReplayStats(streams=[f"{stream_prefix}{i + 1}" for i in range(streams)])
+    # Frame subscriptions seen so far (XPUB_VERBOSE passes every one, duplicates too). A
+    # subscriber of stream ws1 sent a prefix of b"frame/ws1/" (b"frame", b"frame/ws", ...);
+    # a plant splitting streams over monitors has one such subscriber per stream.
+    prefixes: list[bytes] = []
+    topics = [topic_bytes("frame", name) for name in stats.streams]
+
+    def subscribers() -> int:
+        """Frame subscribers of the least-subscribed stream."""
+        return min(sum(topic.startswith(p) for p in prefixes) for topic in topics)
 
     def drain_subscriptions() -> None:
-        nonlocal subscribers
         while socket.poll(0, zmq.POLLIN):
             msg = socket.recv()
-            # A subscription is b"\x01" + prefix; count those that select frames.
-            if msg[:1] == b"\x01" and b"frame".startswith(msg[1:]):
-                subscribers += 1
-                say(f"replay: frame subscriber joined ({subscribers})")
+            # A subscription is b"\x01" + prefix; keep those that select some frames.
+            prefix = msg[1:]
+            if msg[:1] == b"\x01" and any(t.startswith(prefix) for t in topics):
+                prefixes.append(prefix)
+                say(f"replay: frame subscriber joined ({subscribers()}) on every stream ("
+                    f"prefix {prefix.decode('ascii', 'replace')!r})")
 
     try:
         try:
@@ -257,8 +275,8 @@ def replay(
                  for name, playlist in zip(stats.streams, playlists, strict=True)]
 
         if wait_subscribers > 0:
-            say(f"replay: waiting for {wait_subscribers} frame subscriber(s)")
-            while subscribers < wait_subscribers and not stop.is_set():
+            say(f"replay: waiting for {wait_subscribers} frame subscriber(s) of every stream")
+            while subscribers() < wait_subscribers and not stop.is_set():
                 if socket.poll(100, zmq.POLLIN):
                     drain_subscriptions()
         if stop.is_set():

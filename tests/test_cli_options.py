@@ -1,0 +1,65 @@
+"""Every CLI option is validated: one line on stderr, exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lhtstream.cli.parser import main
+from tests.processes import run_cli
+
+BAD = [
+    (["demo", "--seconds", "0"], "--seconds"),
+    (["demo", "--seconds", "inf"], "finite"),
+    (["synth", "out", "--videos-per-type", "0"], "--videos-per-type"),
+    (["synth", "out", "--frames", "-3"], "--frames"),
+    (["synth", "out", "--frames", "1e9"], "not an integer"),
+    (["synth", "out", "--anomaly-rate", "1.5"], "--anomaly-rate"),
+    (["synth", "out", "--seed", "-1"], "--seed"),
+    (["synth", "out", "--types", "0"], "types are 1..36"),
+    (["synth", "out", "--types", "1-99999999999"], "types are 1..36"),
+    (["replay", "data", "--rate", "0"], "--rate"),
+    (["replay", "data", "--rate", "fast"], "not a number"),
+    (["replay", "data", "--streams", "0"], "--streams"),
+    (["replay", "data", "--streams", "100000"], "--streams"),
+    (["replay", "data", "--wait-subscribers", "-1"], "--wait-subscribers"),
+    (["replay", "data", "--endpoint", "localhost:5555"], "not a ZeroMQ endpoint"),
+    (["monitor", "--calibration-seconds", "0"], "--calibration-seconds"),
+    (["monitor", "--calibration-seconds", "nan"], "finite"),
+    (["monitor", "--status-interval", "0"], "--status-interval"),
+    (["monitor", "--status-interval", "1e9"], "--status-interval"),
+    (["monitor", "--max-streams", "0"], "--max-streams"),
+    (["monitor", "--idle-seconds", "0.1"], "--idle-seconds"),
+    (["monitor", "--streams", "a b"], "stream name 'a b'"),
+    (["monitor", "--streams", ","], "names no stream"),
+    (["monitor", "--frames", "tcp//x"], "not a ZeroMQ endpoint"),
+    (["monitor", "--publish", ""], "not a ZeroMQ endpoint"),
+    (["tap", "--count", "0"], "--count"),
+    (["tap", "--timeout", "-1"], "--timeout"),
+    (["alarms", "--count", "x"], "not an integer"),
+    (["alarms", "--timeout", "0"], "--timeout"),
+    (["train", "data", "-o", "m.npz", "--types", "37"], "types are 1..36"),
+    (["evaluate", "data", "--model", "m.npz", "--types", "x"], "bad type selection"),
+    (["bench", "--seconds", "-5"], "--seconds"),
+]
+
+
+@pytest.mark.parametrize("argv,reason", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_option_gives_one_line_and_exit_2(argv, reason, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lhtstream {argv[0]}: error:"), err
+    assert reason in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_option_as_a_real_process():
+    """The hostile input from issue 11: before, a ZeroDivisionError traceback."""
+    done = run_cli("monitor", "--calibration-seconds", "0", timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "lhtstream monitor: error: argument --calibration-seconds: 0 is out of range "
+        "(allowed: 0.2..120) (see lhtstream monitor --help)"
+    ]
