@@ -202,7 +202,8 @@ def _frame_parts(seq: int, index: int, **override) -> list[bytes]:
         "t_ns": time.monotonic_ns(), "shape": [16, 22], "dtype": "<u2", "obstacle": 0,
     }  # fmt: skip
     header.update(override)
-    return [b"frame/bad/", msgpack.packb(header), pixels.tobytes()]
+    topic = f"frame/{header['stream']}/" if isinstance(header["stream"], str) else "frame/bad/"
+    return [topic.encode(), msgpack.packb(header), pixels.tobytes()]
 
 
 def malformed_corpus() -> list[tuple[str, list[bytes]]]:
