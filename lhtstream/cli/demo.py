@@ -393,8 +393,9 @@ def run_demo(args: Any) -> int:
         n_videos = len(labels)
         print(f"demo: replay pid {replay.pid} streaming {n_videos} videos at 1000 frames/s "
               f"over {frames_ep}", flush=True)
-        # --seconds: stop the replay that long after it starts (it joins within ~1 s)
-        deadline = None if not seconds else time.monotonic() + 1.0 + float(seconds)
+        # --seconds: stop the replay once that much footage has streamed, counted from the
+        # first status with frames (start-up time of replay and view does not count)
+        deadline: float | None = None
         last_line = 0.0
         replay_done_at: float | None = None
         replay_sent: int | None = None
@@ -423,6 +424,9 @@ def run_demo(args: Any) -> int:
                         status = header
                         if not streaming and status.get("frames", 0) > 0:
                             streaming = True
+                            if seconds:
+                                deadline = (time.monotonic() + float(seconds)
+                                            - status["frames"] / 1000.0)
                             if tty:
                                 print("\r\033[K", end="")
                             print("demo: frames are flowing through the monitor "
