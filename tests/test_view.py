@@ -345,7 +345,7 @@ def test_bad_messages_from_a_monitor_are_counted_and_the_view_keeps_serving(tmp_
                                   "pipeline": {"mode": "scoring", "alarms_active": ["k"] * 500,
                                                "evidence": {"stall": "high", "sensor": 0.5,
                                                             "made_up": 2.0}}}}}
-    alarm = {"stream": "ws9", "video": "v" * 3000, "type": 1, "frame": 5, "seq": 1,
+    alarm = {"stream": "ws9", "video": "0001", "type": 1, "frame": 5, "seq": 1,
              "t_frame_ns": 1, "t_alarm_ns": 2, "kind": "no_such_kind", "state": "raise",
              "score": float("nan"), "threshold": 1.0, "features": {}}
     try:
@@ -355,26 +355,34 @@ def test_bad_messages_from_a_monitor_are_counted_and_the_view_keeps_serving(tmp_
             base = f"http://127.0.0.1:{port}"
 
             def send_all():
-                pub.send_multipart([b"status", b"\xc1not msgpack"])
-                pub.send_multipart([b"nonsense", b"\x80"])
+                pub.send_multipart([b"status/*/", b"\xc1not msgpack"])
+                pub.send_multipart([b"status/ws9/", b"\x80"])  # an empty map: no field
                 pub.send_multipart(encode("status", status))
                 pub.send_multipart(encode("alarm", alarm))
+                # a video name beyond the protocol's bound: rejected by decode, counted
+                pub.send_multipart([b"alarm/ws9/", msgpack.packb({**alarm, "v": 2,
+                                                                  "video": "v" * 3000})])
                 return state(base)["streams"]
 
             streams = wait_until(send_all, 20, interval=0.3)
             s = state(base)
-            assert s["malformed"] >= 2 and view.returncode is None
+            assert s["malformed"] >= 3 and view.returncode is None
             (ws9,) = streams
             assert ws9["frames"] is None and ws9["video"] is None  # wrong types: not shown
             assert ws9["word"] == "ALARM other"  # an unknown kind, kept as "other"
             assert len(s["monitors"][0]["model"]) <= 200
             e = wait_until(lambda: [x for x in state(base)["events"] if x["topic"] == "alarm"], 5)
             assert e[0]["kind"] == "other" and e[0]["score"] is None
-            assert len(e[0]["video"]) <= 200
+            assert all(x["video"] == "0001" for x in e)  # the oversized one never got in
             ev = state(base)["streams"][0]["evidence"]["kinds"]
             assert "made_up" not in ev and ev["sensor"][-1] == 0.5 and ev["stall"][-1] is None
             text = get(base + "/metrics").decode()
             assert 'lhtstream_monitor_up{monitor="' in text
             assert 'lhtstream_frames_total{stream="ws9"}' not in text  # "many" is no count
+            # the monitor evicts the silent stream: the view forgets it
+            last = {**status, "stream": "ws9", "evicted": True, "model": "m"}
+            del last["streams"]
+            wait_until(lambda: pub.send_multipart(encode("status", last))
+                       or not state(base)["streams"], 10, interval=0.3)
     finally:
         pub.close(0)

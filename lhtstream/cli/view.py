@@ -277,7 +277,9 @@ class ViewState:
         entry = self.monitors.setdefault(endpoint, {"status": None, "at": -math.inf})
         stream = header.get("stream")
         if stream != "*":  # a status of one stream (a monitor that publishes them apart)
-            if isinstance(stream, str):
+            if header.get("evicted") is True:  # the monitor stopped serving it (silent)
+                self.streams.pop(stream, None)
+            elif isinstance(stream, str):
                 self._stream_status(endpoint, stream, header, now)
             return
         entry["status"] = header

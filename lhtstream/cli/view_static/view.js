@@ -211,6 +211,10 @@ function drawState(msg) {
     el("td", { class: "num" }, num(s.frames)), el("td", { class: "num" }, num(s.dropped)),
     el("td", { class: "num" }, num(s.latency_us.p99)), el("td", {}, s.model || "–"))));
   document.getElementById("no-streams").hidden = state.streams.length > 0;
+  const shown = new Set(state.streams.map(s => s.name));
+  for (const [name, p] of panels) {  // streams the monitor no longer serves
+    if (!shown.has(name)) { visibility.unobserve(p.root); p.root.remove(); panels.delete(name); }
+  }
   for (const s of state.streams) {
     const p = panelFor(s.name);
     p.badge.className = "badge " + s.state;
