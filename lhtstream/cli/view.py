@@ -3,9 +3,9 @@
 A separate process, so it can never slow a monitor: it is one more subscriber of the
 monitors' ``status``/``alarm``/``verdict`` topics and of the frame stream. ZeroMQ PUB
 sockets drop for a subscriber whose queue is full, so a view that falls behind loses
-its own messages, never anyone else's; and the view itself keeps only the newest
-frame of each stream for pictures, plus a short burst of consecutive frames now and
-then for the spot's path, and skips the rest without decoding them.
+its own messages, never anyone else's; and the view itself decodes only the newest
+frame of each stream for pictures, plus a burst of consecutive frames once a second
+for the spot's path, and skips the rest undecoded (the stream is in the topic).
 
 Threads: one receive thread owns every ZeroMQ socket and updates a `ViewState` under
 a lock; the HTTP/WebSocket server (aiohttp) runs an asyncio loop in the main thread and
@@ -63,8 +63,8 @@ EVIDENCE_WINDOW_S = 10.0
 """Seconds of per-kind evidence the strips show."""
 PATH_FRAMES = 200
 """Consecutive frames (20 scan cycles at 1 kHz) measured for one drawn spot path."""
-PATH_EVERY_S = 0.5
-"""Seconds between two such bursts: the view measures ~40 % of the frames at most."""
+PATH_EVERY_S = 1.0
+"""Seconds between two such bursts: the view decodes ~17 % of the frames for paths."""
 STALE_S = 3.0
 """A monitor (or stream) without a status for this long is shown as silent / down."""
 MAX_STREAMS = 256
@@ -231,6 +231,7 @@ class ViewState:
         self.monitors: dict[str, dict[str, Any]] = {
             ep: {"status": None, "at": -math.inf} for ep in monitors}
         self.streams: dict[str, StreamView] = {}
+        self._by_topic: dict[bytes, StreamView] = {}  # frame topic -> its stream (cache)
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.event_id = 0
         self.malformed = 0  # messages the view itself rejected
@@ -249,12 +250,24 @@ class ViewState:
             sv = self.streams[name] = StreamView(name)
         return sv
 
-    def on_frame(self, header: dict[str, Any], payload: bytes, now: float) -> None:
+    def wants(self, topic: bytes, newest: bool, now: float) -> bool:
+        """Whether a frame on ``topic`` is worth decoding: the newest of its stream in this
+        batch (the picture), or one its stream's path burst is collecting."""
+        if newest:
+            return True
+        sv = self._by_topic.get(topic)
+        return sv is None or sv.burst.n > 0 or now >= sv.burst.not_before
+
+    def on_frame(self, topic: bytes, header: dict[str, Any], payload: bytes, now: float,
+                 newest: bool = True) -> None:
         sv = self.stream(header["stream"])
         if sv is None:
             return
-        sv.picture = (header, payload)
-        sv.picture_id += 1
+        if len(self._by_topic) < MAX_STREAMS:
+            self._by_topic[topic] = sv
+        if newest:
+            sv.picture = (header, payload)
+            sv.picture_id += 1
         block = sv.burst.offer(header, payload, now)
         if block is not None:
             self._measure_path(sv, header, block)
@@ -278,7 +291,8 @@ class ViewState:
         stream = header.get("stream")
         if stream != "*":  # a status of one stream (a monitor that publishes them apart)
             if header.get("evicted") is True:  # the monitor stopped serving it (silent)
-                self.streams.pop(stream, None)
+                gone = self.streams.pop(stream, None)
+                self._by_topic = {t: v for t, v in self._by_topic.items() if v is not gone}
             elif isinstance(stream, str):
                 self._stream_status(endpoint, stream, header, now)
             return
@@ -479,11 +493,34 @@ class Receiver(threading.Thread):
                 self._complain(f"malformed message from {endpoint} ignored: {exc}")
 
     def _drain_frames(self, sock: Any) -> None:
+        """Take every queued frame, decode only the ones used: each stream's newest (its
+        picture) and those a path burst collects. The stream is in the topic
+        (``frame/<stream>/``), so the others cost a receive and nothing more."""
+        batch = []
+        for _ in range(_DRAIN):
+            try:
+                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        if not batch:
+            return
+        newest = {parts[0]: i for i, parts in enumerate(batch)}
         state = self.state
-        for message in self._messages(sock, "the frame endpoints"):
-            if message.topic == "frame":
-                with state.lock:
-                    state.on_frame(message.header, message.payload, time.monotonic())
+        now = time.monotonic()
+        with state.lock:
+            for i, parts in enumerate(batch):
+                topic = parts[0]
+                last = newest[topic] == i
+                if not state.wants(topic, last, now):
+                    continue
+                try:
+                    message = protocol.decode(parts)
+                except protocol.ProtocolError as exc:
+                    state.malformed += 1
+                    self._complain(f"malformed frame ignored: {exc}")
+                    continue
+                if message.topic == "frame":
+                    state.on_frame(topic, message.header, message.payload, now, last)
 
     def _drain_monitor(self, sock: Any, endpoint: str) -> None:
         state = self.state
