@@ -40,6 +40,10 @@ BAD = [
     (["train", "data", "-o", "m.npz", "--types", "37"], "types are 1..36"),
     (["evaluate", "data", "--model", "m.npz", "--types", "x"], "bad type selection"),
     (["bench", "--seconds", "-5"], "--seconds"),
+    (["view", "--port", "70000"], "--port"),
+    (["view", "--monitor", "localhost:5556"], "not a ZeroMQ endpoint"),
+    (["view", "--frames", "5555"], "not a ZeroMQ endpoint"),
+    (["demo", "--view-port", "-1"], "--view-port"),
 ]
 
 

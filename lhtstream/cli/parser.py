@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--view-port",
-        type=int,
+        type=_number(int, 0, 65535),
         default=8050,
         help="port of the live view the demo serves on 127.0.0.1 (default: %(default)s; "
         "another free one when taken; 0: any free one)",
@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--monitor",
         action="append",
         default=None,
+        type=_endpoint,
         metavar="EP",
         help=f"monitor endpoint to subscribe to (repeatable; default {DEFAULT_PUBLISH_ENDPOINT})",
     )
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames",
         action="append",
         default=None,
+        type=_endpoint,
         metavar="EP",
         help="frame endpoint (the replay's) for the heat map and the spot path (repeatable; "
         "default: none, no pictures)",
@@ -356,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to serve on (default: %(default)s)"
     )
     p.add_argument(
-        "--port", type=int, default=8050, help="TCP port (default: %(default)s; 0: a free one)"
+        "--port",
+        type=_number(int, 0, 65535),
+        default=8050,
+        help="TCP port (default: %(default)s; 0: a free one)",
     )
     p.set_defaults(command="view")
 

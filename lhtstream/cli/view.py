@@ -826,8 +826,6 @@ class ViewServer:
 
 def run_view(args: argparse.Namespace) -> int:
     """CLI handler for ``lhtstream view``; serves until SIGINT/SIGTERM, then exits 0."""
-    if not 0 <= args.port <= 65535:
-        raise ViewError(f"--port {args.port}: must be 0..65535")
     normal = None
     if args.model:
         normal = NormalPaths(NormalityModel.load(args.model))
