@@ -3,7 +3,9 @@
 Each benchmark times one frame per round (``benchmark.pedantic``, one call per
 round, frames taken in order from a 3000-frame simulated video and wrapping),
 records p50/p99 in µs in ``extra_info`` and asserts p99 < 1 ms, the camera's
-frame period. The KDE-AMD one is reported, not asserted: it is the baseline.
+frame period; the batch one times a whole video per round and reports per frame.
+The KDE-AMD ones are reported, not asserted: they are the baseline (the batch
+benchmark asserts the ratio, measured side by side).
 """
 
 from __future__ import annotations
@@ -45,36 +47,91 @@ def test_feature_push(benchmark, live_video, obstacles):
     record(benchmark, cpu)
 
 
-def test_model_detector(benchmark, live_video, model, obstacles):
-    """Model score + online update + detector for one feature row (what follows features)."""
-    from lhtstream.kernels.features import video_features
-    from lhtstream.model.detector import Detector
-    from lhtstream.model.normality import N_GROUPS
+def test_pipeline_process(benchmark, live_video, model, obstacles):
+    """`StreamPipeline.process` alone (no decode): one compiled call from pixels through
+    features, ring, model score, detector and online update."""
+    from lhtstream.service.pipeline import StreamPipeline
 
-    rows = video_features(np.ascontiguousarray(live_video.image, dtype=np.uint16),
-                          obstacles(live_video))
-    m = model.copy()
-    slot = m.slot(TYPE)
-    det = Detector.for_model(m, TYPE)
-    state, scores, work = m.new_state(), np.zeros(N_GROUPS), np.zeros(32)
-    nxt = _stepper(len(rows))
+    frames = np.ascontiguousarray(live_video.image, dtype=np.uint16)
+    obst = obstacles(live_video).tolist()
+    pipe = StreamPipeline("ws1", model=model)
+    header = {"video": "0001", "type": TYPE, "frame": 0, "t_ns": 0, "obstacle": 0}
+    nxt = _stepper(len(frames))
 
     def step() -> None:
         i = nxt()
         if i == 0:
-            state[:] = 0.0
-            det.reset()
-        row = rows[i]
-        scored = m.score_slot(slot, row, state, scores, work)
-        det.step(scores, scored)
-        if scored and not det.active.any():
-            m.learn_slot(slot, row, state, work)
+            pipe.end_video_events()
+            pipe.start_video("0001", TYPE, live_video.metadata)
+        header["frame"] = i
+        header["obstacle"] = obst[i]
+        pipe.process(frames[i], header)
 
-    for _ in range(len(rows)):
+    for _ in range(len(frames)):
         step()
     cpu = CpuTimes(ROUNDS + 100)
     benchmark.pedantic(cpu.wrap(step), rounds=ROUNDS, iterations=1, warmup_rounds=100)
     record(benchmark, cpu)
+
+
+def test_batch_analysis_vs_kdeamd(benchmark, live_video, model, obstacles, kdeamd_realsize):
+    """Per-frame analysis offline, as `evaluate` and the KDE-AMD protocol run it: measured
+    rows (spot position, intensity, ...) -> tracker -> score -> detector -> online update,
+    one compiled call per block (`StreamPipeline.process_measured`; a round is a whole
+    3000-frame video), against KDE-AMD's per-frame work at the real training size
+    (`kdeamd_realsize`: one `score_move`, its kernel sum) on the same video, timed side by
+    side in this test, both in thread CPU time (a whole-video round on a shared machine
+    is preempted; CPU time is the work). Asserts our cost is at least 100x lower.
+
+    The KDE-AMD here is `lhtstream.model.kdeamd` with real-size cells, until the published
+    code's own per-frame evaluation is measured in the benchmarks (issue 9).
+    """
+    import time
+
+    from lhtstream.kernels.features import measure_video
+    from lhtstream.model.kdeamd import centre_positions, spot_positions
+    from lhtstream.service.pipeline import StreamPipeline, offline_header
+
+    frames = np.ascontiguousarray(live_video.image, dtype=np.uint16)
+    obst = obstacles(live_video)
+    meas = measure_video(frames)
+    n = len(meas)
+    pipe = StreamPipeline("ws1", model=model)
+    header = offline_header("ws1", "0001", TYPE)
+
+    def video() -> None:
+        pipe.start_video("0001", TYPE)
+        pipe.process_measured(meas, obst, header)
+        pipe.end_video_events()
+
+    rounds = 30 if QUICK else 200
+    cpu = CpuTimes(rounds + 2)
+    benchmark.pedantic(cpu.wrap(video), rounds=rounds, iterations=1, warmup_rounds=2)
+    wall = np.asarray(benchmark.stats.stats.data, dtype=np.float64) * 1e6 / n
+    ours = float(np.percentile(wall, 50))
+    ours_cpu = float(np.percentile(cpu.micros() / n, 50))
+
+    kde = kdeamd_realsize
+    pos = centre_positions(spot_positions(live_video.image), kde.centre)
+    moves = 100 if QUICK else 500
+    cost = np.empty(moves)
+    for i in range(moves):
+        t0 = time.thread_time_ns()
+        kde.score_move(pos[i, 0], pos[i, 1], pos[i + 1, 0], pos[i + 1, 1], int(obst[i]))
+        cost[i] = (time.thread_time_ns() - t0) / 1000.0
+    theirs = float(np.median(cost))
+    ratio = theirs / ours_cpu
+    info = benchmark.extra_info
+    info["p50_us"], info["cpu_p50_us"] = round(ours, 3), round(ours_cpu, 3)
+    info["p99_us"] = round(float(np.percentile(wall, 99)), 3)
+    info["cpu_p99_us"] = round(float(np.percentile(cpu.micros() / n, 99)), 3)
+    info["frames_per_round"] = n
+    info["kdeamd_us"] = round(theirs, 2)
+    info["kdeamd_ratio"] = round(ratio, 1)
+    assert ours < 1000.0
+    assert ratio >= 100.0, (
+        f"per-frame analysis {ours_cpu:.2f} us (CPU) is only {ratio:.0f}x cheaper than "
+        f"KDE-AMD ({theirs:.1f} us per frame at the real training size); the goal is 100x")
 
 
 def test_monitor_step(benchmark, live_video, model, obstacles):

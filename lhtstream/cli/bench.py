@@ -620,6 +620,11 @@ def summary_table(results: dict[str, Any]) -> str:
         if results.get("kdeamd_ratio"):
             lines.append("  KDE-AMD paper-faithful at real training size / our whole monitor step "
                          f"(p50): {results['kdeamd_ratio']:.0f}x")
+        batch = micro.get("test_batch_analysis_vs_kdeamd") or {}
+        if batch.get("kdeamd_ratio"):
+            lines.append(f"  KDE-AMD at real training size ({batch['kdeamd_us']:.1f} us) / our "
+                         "per-frame analysis in batch (side by side): "
+                         f"{batch['kdeamd_ratio']:.0f}x")
     e2e = results.get("endtoend") or []
     if e2e:
         lines.append("end-to-end at 1 kHz/stream     frames  lost >1ms  p50    p99    p99.9  max"

@@ -288,8 +288,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     mf = report.get("monitor_frame_us")
     if mf:
-        lines.append(f"monitor path per frame (features + model + detector, Python call): "
-                     f"median {mf['median']:.1f} µs, p99 {mf['p99']:.1f} µs")
+        lines.append(f"monitor path per frame (features + model + detector, in blocks), over "
+                     f"videos: median {mf['median']:.2f} µs, p99 {mf['p99']:.2f} µs")
     kp = report.get("kdeamd_protocol")
     if kp and "auc" in kp:
         lines += ["", *format_protocol(kp)]

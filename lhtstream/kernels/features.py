@@ -380,15 +380,25 @@ class RingBuffer:
     Every row is stored twice, at ``i`` and ``i + capacity`` of a
     ``(2 * capacity, width)`` array, so the last n rows are always one
     contiguous slice. Views stay valid until overwritten (`capacity` pushes on).
+    `count` (a 1-element float64 array, e.g. a slice of a stream's kernel state)
+    holds the number of rows pushed, so compiled writers can push too (they fill
+    both copies and advance it; `lhtstream.kernels.step`).
     """
 
-    def __init__(self, capacity: int, width: int = N_FEATURES) -> None:
+    def __init__(self, capacity: int, width: int = N_FEATURES,
+                 count: np.ndarray | None = None) -> None:
         if capacity < 1 or width < 1:
             raise FeatureError(f"ring buffer needs capacity and width >= 1, got {capacity}x{width}")
         self.capacity = int(capacity)
         self.width = int(width)
         self.buffer = np.full((2 * self.capacity, self.width), np.nan, dtype=np.float64)
-        self.total = 0  #: rows pushed since creation / clear
+        self._count = np.zeros(1) if count is None else count
+        self._count[0] = 0.0
+
+    @property
+    def total(self) -> int:
+        """Rows pushed since creation / clear."""
+        return int(self._count[0])
 
     def __len__(self) -> int:
         return min(self.total, self.capacity)
@@ -398,13 +408,13 @@ class RingBuffer:
         i = self.total % self.capacity
         self.buffer[i] = row
         self.buffer[i + self.capacity] = row
-        self.total += 1
+        self._count[0] += 1.0
         return self.buffer[i + self.capacity]
 
     def _advance(self) -> int:
         # for writers that fill both copies themselves (the fused push kernel)
         i = self.total % self.capacity
-        self.total += 1
+        self._count[0] += 1.0
         return i
 
     def latest(self, n: int | None = None) -> np.ndarray:
@@ -418,8 +428,8 @@ class RingBuffer:
         return self.buffer[end - n:end]
 
     def clear(self) -> None:
-        self.total = 0
-        self.buffer.fill(np.nan)
+        """Forget the history (O(1): rows before it are never shown again)."""
+        self._count[0] = 0.0
 
 
 # ---------------------------------------------------------------- streaming

@@ -45,42 +45,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import njit
 
-from lhtstream.model.normality import (
-    COMB,
-    FREQ,
-    GROUPS,
-    INT_HIGH,
-    INT_LOW,
-    MOVE,
-    N_GROUPS,
-    SENSOR,
-    SIZE,
-    SLIP,
-    STALL,
-    TRAJ,
-    NormalityModel,
+from lhtstream.kernels.detection import (
+    ALARM_KINDS,
+    D_ACTIVE,
+    D_ALPHA,
+    D_CHANGED,
+    D_CLEAR,
+    D_CLEAR_FRAMES,
+    D_NRAISED,
+    D_PEAK,
+    D_QUIET,
+    D_RAISE,
+    D_SMOOTH,
+    D_VN,
+    D_VSUM,
+    D_WHICH,
+    DET_SIZE,
+    K_SENSOR,
+    KIND_OF_GROUP,
+    N_KINDS,
+    VIDEO_SCORE_EXPECTED,
+    count_raises,
+    detect_step,
+    smooth_rows,
 )
+from lhtstream.kernels.scoring import COMB, GROUPS, MOVE, N_GROUPS, SENSOR, TRAJ
+from lhtstream.model.normality import NormalityModel
 
-ALARM_KINDS: tuple[str, ...] = (
-    "trajectory", "intensity_low", "intensity_high", "stall", "frequency", "spot_size", "sensor",
-)
-K_SENSOR = ALARM_KINDS.index("sensor")
-N_KINDS = len(ALARM_KINDS)
-
-# group -> alarm kind
-KIND_OF_GROUP = np.zeros(N_GROUPS, dtype=np.int64)
-KIND_OF_GROUP[TRAJ] = ALARM_KINDS.index("trajectory")
-KIND_OF_GROUP[MOVE] = ALARM_KINDS.index("trajectory")
-KIND_OF_GROUP[INT_LOW] = ALARM_KINDS.index("intensity_low")
-KIND_OF_GROUP[INT_HIGH] = ALARM_KINDS.index("intensity_high")
-KIND_OF_GROUP[SIZE] = ALARM_KINDS.index("spot_size")
-KIND_OF_GROUP[STALL] = ALARM_KINDS.index("stall")
-KIND_OF_GROUP[FREQ] = ALARM_KINDS.index("frequency")
-KIND_OF_GROUP[COMB] = ALARM_KINDS.index("trajectory")
-KIND_OF_GROUP[SLIP] = ALARM_KINDS.index("frequency")
-KIND_OF_GROUP[SENSOR] = K_SENSOR
+__all__ = ["ALARM_KINDS", "K_SENSOR", "KIND_OF_GROUP", "N_KINDS", "Alarm", "Verdict",
+           "Detector", "calibrate", "smoothed_scores", "tail_threshold"]
 
 #: The score groups of each alarm kind (indices into GROUPS).
 GROUPS_OF_KIND: tuple[np.ndarray, ...] = tuple(
@@ -114,7 +108,6 @@ THRESHOLD_FLOOR = np.array([6.0, 6.0, 4.0, 4.0, 4.0, 4.0, 6.0, 10.0, 5.0, 0.45])
 # Neutral (normal-expectation) level of each group: where smoothing starts.
 NEUTRAL = np.zeros(N_GROUPS)
 NEUTRAL[TRAJ] = NEUTRAL[MOVE] = NEUTRAL[COMB] = 2.0
-VIDEO_SCORE_EXPECTED = 4.0  # chi2(2) + chi2(2) expectation subtracted from the verdict score
 # Lowest video threshold (units of the mean statistic, excess chi2 per frame): a held-out
 # set of a few videos (a KDE-AMD protocol fold: 3, in-sample) underestimates how much
 # the statistic varies between videos of different geometry (a full model: ~18).
@@ -157,90 +150,6 @@ class Verdict:
     kinds: list[str] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------ kernel
-
-# detector state layout (float64)
-D_VSUM, D_VN, D_FRAMES, D_NRAISED = range(4)
-D_STATE_SIZE = 4
-
-
-@njit(cache=True)
-def _detect_step(scores, scored, smooth, alpha, raise_thr, clear_thr, kind_of,
-                 active, quiet, clear_frames, changed, which, dstate, peak):
-    """Advance smoothing and hysteresis by one frame; returns the number of kind changes.
-
-    changed[k] = +1 raised / -1 cleared / 0; which[k] = group that decided it.
-    """
-    G = smooth.shape[0]
-    K = active.shape[0]
-    dstate[D_FRAMES] += 1.0
-    for g in range(G):
-        if scored == 1 or kind_of[g] == K - 1:
-            smooth[g] += alpha[g] * (scores[g] - smooth[g])
-            # the verdict's peak evidence: highest smoothed score relative to its raise
-            # threshold (process groups only where they advanced, the sensor always)
-            r = smooth[g] / raise_thr[g]
-            if r > peak[g]:
-                peak[g] = r
-    if scored == 1:
-        dstate[D_VSUM] += scores[0] + scores[1] - VIDEO_SCORE_EXPECTED
-        dstate[D_VN] += 1.0
-    sensor_on = active[K - 1] == 1
-    # One fault episode moves several process groups at different times (a stall
-    # drops the intensity in bursts and shifts the rate at its start and end), so a
-    # process kind's clear hold counts only frames where the whole process is back
-    # below its clear levels: one raise per kind per episode, all clear together.
-    proc_under = True
-    for g in range(G):
-        if kind_of[g] != K - 1 and smooth[g] > clear_thr[g]:
-            proc_under = False
-    n = 0
-    for k in range(K):
-        changed[k] = 0
-        over = False
-        under = True
-        best = -1.0e300
-        for g in range(G):
-            if kind_of[g] != k:
-                continue
-            r = smooth[g] - raise_thr[g]
-            if r > best:
-                best = r
-                which[k] = g
-            if smooth[g] > raise_thr[g]:
-                over = True
-            if smooth[g] > clear_thr[g]:
-                under = False
-        if active[k] == 0:
-            if over and (k == K - 1 or not sensor_on):
-                active[k] = 1
-                quiet[k] = 0
-                changed[k] = 1
-                n += 1
-                if k != K - 1:
-                    dstate[D_NRAISED] += 1.0
-        else:
-            if under and (k == K - 1 or proc_under):
-                quiet[k] += 1
-                if quiet[k] >= clear_frames:
-                    active[k] = 0
-                    changed[k] = -1
-                    n += 1
-            else:
-                quiet[k] = 0
-    return n
-
-
-@njit(cache=True)
-def _smooth_rows_kernel(scores, scored, alpha, smooth, out):
-    G = smooth.shape[0]
-    for t in range(scores.shape[0]):
-        for g in range(G):
-            if scored[t] == 1 or g == G - 1:
-                smooth[g] += alpha[g] * (scores[t, g] - smooth[g])
-            out[t, g] = smooth[g]
-
-
 # ------------------------------------------------------------------ detector
 
 
@@ -249,19 +158,29 @@ class Detector:
 
     def __init__(self, raise_thr: np.ndarray, clear_thr: np.ndarray, video_thr: float,
                  alpha: np.ndarray | None = None,
-                 clear_frames: int = DEFAULT_CLEAR_FRAMES) -> None:
-        self.raise_thr = np.ascontiguousarray(raise_thr, dtype=np.float64).copy()
-        self.clear_thr = np.ascontiguousarray(clear_thr, dtype=np.float64).copy()
+                 clear_frames: int = DEFAULT_CLEAR_FRAMES,
+                 state: np.ndarray | None = None) -> None:
+        """`state`: a float64 array of `DET_SIZE` to keep the detector in (a slice of a
+        stream's state, so the fused per-frame kernel steps it); a private one if None."""
+        self.state = np.zeros(DET_SIZE) if state is None else state
+        if self.state.shape != (DET_SIZE,) or self.state.dtype != np.float64:
+            raise ValueError(f"detector state must be float64 ({DET_SIZE},)")
+        st = self.state
+        self.smooth = st[D_SMOOTH:D_SMOOTH + N_GROUPS]
+        self.peak = st[D_PEAK:D_PEAK + N_GROUPS]
+        self.raise_thr = st[D_RAISE:D_RAISE + N_GROUPS]
+        self.clear_thr = st[D_CLEAR:D_CLEAR + N_GROUPS]
+        self.alpha = st[D_ALPHA:D_ALPHA + N_GROUPS]
+        self.active = st[D_ACTIVE:D_ACTIVE + N_KINDS]
+        self.quiet = st[D_QUIET:D_QUIET + N_KINDS]
+        self.changed = st[D_CHANGED:D_CHANGED + N_KINDS]
+        self.which = st[D_WHICH:D_WHICH + N_KINDS]
+        self.raise_thr[:] = raise_thr
+        self.clear_thr[:] = clear_thr
+        self.alpha[:] = DEFAULT_ALPHAS if alpha is None else alpha
         self.video_thr = float(video_thr)
-        self.alpha = np.array(DEFAULT_ALPHAS if alpha is None else alpha, dtype=np.float64)
         self.clear_frames = int(clear_frames)
-        self.smooth = np.zeros(N_GROUPS)
-        self.active = np.zeros(N_KINDS, dtype=np.int64)
-        self.quiet = np.zeros(N_KINDS, dtype=np.int64)
-        self.changed = np.zeros(N_KINDS, dtype=np.int64)
-        self.which = np.zeros(N_KINDS, dtype=np.int64)
-        self.dstate = np.zeros(D_STATE_SIZE)
-        self.peak = np.zeros(N_GROUPS)
+        st[D_CLEAR_FRAMES] = self.clear_frames
         self.kinds_raised: set[str] = set()
         self.reset()
 
@@ -275,11 +194,8 @@ class Detector:
     def reset(self) -> None:
         """New video: zero the smoothing, alarms and verdict accumulators."""
         self.smooth[:] = NEUTRAL
-        self.active[:] = 0
-        self.quiet[:] = 0
-        self.changed[:] = 0
-        self.dstate[:] = 0.0
         self.peak[:] = 0.0
+        self.state[D_ACTIVE:D_CLEAR_FRAMES] = 0.0  # kinds and verdict accumulators
         self.kinds_raised = set()
 
     def step(self, scores: np.ndarray, scored: int) -> int:
@@ -287,10 +203,7 @@ class Detector:
 
         After a non-zero return, `changed[k]` is +1/-1 for raised/cleared kinds.
         """
-        return _detect_step(scores, scored, self.smooth, self.alpha, self.raise_thr,
-                            self.clear_thr, KIND_OF_GROUP, self.active, self.quiet,
-                            self.clear_frames, self.changed, self.which, self.dstate,
-                            self.peak)
+        return detect_step(scores, scored, self.state)
 
     def lost(self, n: int) -> bool:
         """`n` frames lost in transport: force the sensor kind; True if newly raised."""
@@ -310,8 +223,8 @@ class Detector:
     def video_mean(self) -> float:
         """Mean over judged frames of (trajectory + move - 4): the subtle, whole-video
         position statistic (0 on average for a normal video)."""
-        n = self.dstate[D_VN]
-        return float(self.dstate[D_VSUM] / n) if n > 0 else 0.0
+        n = self.state[D_VN]
+        return float(self.state[D_VSUM] / n) if n > 0 else 0.0
 
     @property
     def evidence(self) -> dict[str, float]:
@@ -340,7 +253,7 @@ class Detector:
 
     @property
     def process_alarms(self) -> int:
-        return int(self.dstate[D_NRAISED])
+        return int(self.state[D_NRAISED])
 
     def anomalous(self) -> bool:
         return self.video_score > 1.0 or self.process_alarms > 0
@@ -356,7 +269,7 @@ def smoothed_scores(model: NormalityModel, type_id: int, rows: np.ndarray,
     smooth = NEUTRAL.copy()
     out = np.zeros_like(scores)
     alpha = np.array(DEFAULT_ALPHAS if alpha is None else alpha, dtype=np.float64)
-    _smooth_rows_kernel(scores, scored, alpha, smooth, out)
+    smooth_rows(scores, scored, alpha, smooth, out)
     return scores, scored, out
 
 
@@ -423,9 +336,7 @@ def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
     alarms = 0
     for scores, scored in cache:
         det = Detector(raise_thr, clear_thr, video_thr, alpha, clear_frames)
-        for i in range(len(scores)):
-            if det.step(scores[i], int(scored[i])):
-                alarms += int((det.changed == 1).sum())
+        alarms += count_raises(scores, scored, det.state)
     info = {
         "alpha": [float(a) for a in (DEFAULT_ALPHAS if alpha is None else alpha)],
         "clear_frames": clear_frames,

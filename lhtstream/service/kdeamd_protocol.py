@@ -240,27 +240,21 @@ def _fit_fold(training: Sequence[Any]) -> Any:
 def score_measured(model: Any, video: Any, timings: np.ndarray | None = None,
                    offset: int = 0) -> tuple[float, int]:
     """Verdict score of a protocol video (measured rows, perhaps with noisy X/Y) through a
-    fresh pipeline's `process_measured`; per-frame µs go to ``timings[offset:]``."""
+    fresh pipeline's `process_measured` (one compiled call per block of frames); the
+    per-frame µs (the block's time / its frames) go to ``timings[offset:]``."""
 
     pipe = StreamPipeline(STREAM, model=model)
     pipe.start_video(video.name, video.type, None)
     header = offline_header(STREAM, video.name, video.type)
-    m = np.ascontiguousarray(video.measurements)
-    obs = [int(o) for o in video.obstacles]
-    clock = time.perf_counter_ns
-    step = pipe.process_measured
-    cap = 0 if timings is None else max(len(timings) - offset, 0)
-    for i in range(m.shape[0]):
-        header["frame"] = i
-        header["obstacle"] = obs[i]
-        if i < cap:
-            t0 = clock()
-            step(m[i], header)
-            timings[offset + i] = (clock() - t0) / 1000.0
-        else:
-            step(m[i], header)
+    frames = len(video.measurements)
+    t0 = time.perf_counter_ns()
+    pipe.process_measured(video.measurements, video.obstacles, header)
+    per_frame = (time.perf_counter_ns() - t0) / 1000.0 / max(frames, 1)
+    timed = 0 if timings is None else min(max(len(timings) - offset, 0), frames)
+    if timed:
+        timings[offset:offset + timed] = per_frame
     verdict = pipe.end_video()
-    return float(verdict.score), min(cap, m.shape[0])
+    return float(verdict.score), timed
 
 
 def _method(result: ProtocolResult, suffix: str, clean: bool = True) -> dict[str, Any]:

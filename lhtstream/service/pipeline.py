@@ -1,10 +1,14 @@
 """One stream's processing: features -> ring buffer -> normality model -> detector.
 
-`StreamPipeline` is plain Python owning all per-stream state. The live
-monitor (frames from ZeroMQ) and offline evaluation (frames from files) both
-drive it, so their scores are the same code path. Per frame it calls three
-Numba kernels (features, scoring, detector) on preallocated arrays and
-returns a shared empty tuple unless something happened.
+`StreamPipeline` is plain Python owning all per-stream state: four preallocated
+arrays (`lhtstream.kernels.step`: state, REPEAT reference, ring, the model
+table) that one compiled call per frame, `frame_step`, carries from pixels to
+"did an alarm kind change". Python builds events only when one did; otherwise
+`process` returns the shared empty tuple `NO_EVENTS`. Where frames queue
+(offline files, a burst) `process_block` runs the same kernel over many frames
+in one call, stopping at each frame with a change. The live monitor (frames
+from ZeroMQ) and offline evaluation (frames from files) both drive it, so their
+scores are the same code path.
 
 Without a model for the stream's workpiece type the pipeline *self-calibrates*:
 it collects the first `calibration_frames` frames (default 10 s) of that type,
@@ -24,15 +28,35 @@ import numpy as np
 from lhtstream.kernels import features as F
 from lhtstream.kernels.features import (
     DEFAULT_THRESHOLD,
-    MEASURED,
     N_FEATURES,
-    OBSTACLE,
-    FeatureExtractor,
+    TRACK_STATE_SIZE,
+    FeatureError,
     RingBuffer,
-    track_step,
+    new_track_state,
+)
+from lhtstream.kernels.scoring import SCORE_STATE_SIZE
+from lhtstream.kernels.step import (
+    FRAMES,
+    MEASURED_ROWS,
+    P_ADAPT,
+    P_LEARN_RATE,
+    P_RING_CAPACITY,
+    P_RING_TOTAL,
+    P_SLOT,
+    P_THRESHOLD,
+    S_DET,
+    S_SCORE,
+    S_TRACK,
+    STREAM_STATE_SIZE,
+    TRACKED_ROWS,
+    block,
+    feature_step,
+    frame_step,
+    lost_frames,
 )
 from lhtstream.model.detector import (
     ALARM_KINDS,
+    DET_SIZE,
     K_SENSOR,
     KIND_OF_GROUP,
     Alarm,
@@ -51,7 +75,16 @@ log = logging.getLogger("lhtstream.service.pipeline")
 
 DEFAULT_CALIBRATION_FRAMES = 10_000  # 10 s at 1 kHz
 HOLDOUT_FRACTION = 0.25
+MAX_COAST_FRAMES = 1_000
+"""Longest seq gap (frames) the tracker and scoring state coast over; after a longer one
+they restart as at a video's start (phase lock, centre and warm-up anew)."""
 NO_EVENTS: tuple = ()
+_FRAME_PIXELS = 32 * 32  # the camera's frame: the REPEAT reference grows for larger ones
+_U16 = np.dtype(np.uint16)
+_NO_LEVEL = np.zeros(0)  # the unused inputs and outputs of the block kernel
+_NO_FRAMES = np.zeros((0, 1, 1), dtype=np.uint16)
+_NO_ROWS = np.zeros((0, N_FEATURES))
+_NO_OBSTACLES = np.zeros(0, dtype=np.int64)
 
 # (name in Alarm.features, feature column) reported with each alarm
 _FEATURE_REPORT = tuple((name.lower(), int(getattr(F, name))) for name in
@@ -77,15 +110,22 @@ class StreamPipeline:
         self.calibration_frames = int(calibration_frames)
         self.adapt = bool(adapt)
         self.learn_rate = float(learn_rate)
-        self.extractor = FeatureExtractor(threshold=threshold, capacity=ring_capacity)
-        self.ring: RingBuffer = self.extractor.ring
+        self.state = np.zeros(STREAM_STATE_SIZE)
+        self.state[P_THRESHOLD] = float(threshold)
+        self.state[P_ADAPT] = 1.0 if self.adapt else 0.0
+        self.state[P_LEARN_RATE] = self.learn_rate
+        self.state[P_RING_CAPACITY] = int(ring_capacity)
+        self._track_start = new_track_state()
+        self._prev = np.zeros(_FRAME_PIXELS, dtype=np.uint16)
+        self._shape: tuple[int, ...] | None = None
+        self.ring = RingBuffer(ring_capacity, N_FEATURES,
+                               count=self.state[P_RING_TOTAL:P_RING_TOTAL + 1])
+        self._ring = self.ring.buffer.reshape(-1)  # the kernels' flat view
+        self._det_state = self.state[S_DET:S_DET + DET_SIZE]
+        self._score_state = self.state[S_SCORE:S_SCORE + SCORE_STATE_SIZE]
         self.self_calibrated: dict[int, NormalityModel] = {}
-        self._scores = np.zeros(N_GROUPS)
-        self._work = np.zeros(32)
-        self._row = np.zeros(N_FEATURES)
-        self._mstate = NormalityModel.new_state()
         self._active_model: NormalityModel | None = None
-        self._slot = -1
+        self._table: np.ndarray | None = None  # the active model's table while scoring
         self.detector: Detector | None = None
         self.video: str | None = None
         self.type: int | None = None
@@ -110,18 +150,34 @@ class StreamPipeline:
         self.metadata = dict(metadata or {})
         self.frames = 0
         self.alarms_in_video = 0
-        self.extractor.reset()
-        self._mstate[:] = 0.0
+        # a new workpiece after an unknown pause: no phase lock, centre or REPEAT
+        # reference carries over, and the ring's history starts again (no memset: the
+        # ring only shows rows pushed since)
+        self._restart_tracking()
+        self._prev[:] = 0
+        self.ring.clear()
         model = self._model_for(self.type)
-        self._active_model = model
         if model is None:
-            self._slot = -1
+            self._active_model = None
+            self._table = None
             self.detector = None
             self._begin_calibration_video()
         else:
-            self._slot = model.slot(self.type)
-            self.detector = Detector.for_model(model, self.type)
+            self._use(model)
         return events
+
+    def _restart_tracking(self) -> None:
+        self.state[S_TRACK:S_TRACK + TRACK_STATE_SIZE] = self._track_start
+        self._score_state[:] = 0.0
+
+    def _use(self, model: NormalityModel) -> None:
+        """Score the current video with `model` from the next frame on (fresh detector)."""
+        slot = model.slot(self.type)
+        self._active_model = model
+        self._table = model.table
+        self.state[P_SLOT] = slot
+        self.detector = Detector(model.raise_thr[slot], model.clear_thr[slot],
+                                 float(model.video_thr[slot]), state=self._det_state)
 
     def end_video(self) -> Verdict | None:
         """Close the current video and return its verdict (None when no video is open)."""
@@ -147,6 +203,7 @@ class StreamPipeline:
         self.last_verdict = verdict
         self.video = None
         self.detector = None
+        self._table = None
         return events
 
     # ------------------------------------------------------------ per frame
@@ -158,47 +215,132 @@ class StreamPipeline:
             return self.start_video(video, type_id, None)
         return None
 
+    def _check_frame(self, frame: Any) -> None:
+        """A frame of a new shape or an unexpected type: validate, reset the REPEAT reference."""
+        if not isinstance(frame, np.ndarray) or frame.dtype != _U16 or frame.ndim != 2:
+            raise FeatureError(f"frame must be a 2-D uint16 array, got "
+                               f"{getattr(frame, 'dtype', type(frame).__name__)} "
+                               f"{getattr(frame, 'shape', '')}")
+        if frame.size > self._prev.size:
+            self._prev = np.zeros(frame.size, dtype=np.uint16)
+        # new ROI: only happens at a video boundary (a REPEAT needs the same pixels)
+        self._prev[:] = 0
+        self._shape = frame.shape
+
     def process(self, frame: np.ndarray, header: dict[str, Any]) -> tuple | list:
-        """Features, score and detector for one frame (uint16 2-D); returns events or ()."""
-        pre = self._check_video(header)
-        row = self.extractor.push(frame, int(header.get("obstacle", 0)))
-        events = self._after_features(row, header)
+        """One frame (uint16, rows x cols) with its header (video, type, frame, t_ns,
+        obstacle): features -> ring -> score -> detect -> learn in one compiled call;
+        returns the events (alarms raised/cleared, a previous video's verdict) or ()."""
+        pre = None
+        if header["video"] != self.video or header["type"] != self.type:
+            pre = self._check_video(header)
+        if frame.shape != self._shape or frame.dtype is not _U16:
+            self._check_frame(frame)
+        self.frames += 1
+        if self._table is not None:
+            if frame_step(frame, header.get("obstacle", 0), self._prev, self._ring,
+                          self.state, self._table):
+                events = self._events(int(header.get("frame", self.frames - 1)),
+                                      int(header.get("t_ns", 0)))
+            else:
+                events = NO_EVENTS
+        else:
+            feature_step(frame, header.get("obstacle", 0), self._prev, self._ring, self.state)
+            events = self._calibration_row(self.ring.latest(1)[0])
         if pre:
             return pre + list(events)
         return events
 
-    def process_measured(self, row: np.ndarray, header: dict[str, Any]) -> tuple | list:
-        """Like `process` from a measured row (columns X..SPREAD, e.g. with perturbed X/Y)."""
-        pre = self._check_video(header)
-        r = self._row
-        r[:] = np.nan
-        for c in MEASURED:
-            r[c] = row[c]
-        r[OBSTACLE] = float(header.get("obstacle", 0))
-        track_step(self.extractor.state, r)
-        stored = self.ring.push(r)
-        events = self._after_features(stored, header)
-        if pre:
-            return pre + list(events)
+    def process_block(self, frames: np.ndarray, obstacles: np.ndarray, header: dict[str, Any],
+                      t_ns: np.ndarray | None = None, level: np.ndarray | None = None) -> list:
+        """Consecutive frames (n, rows, cols) uint16 of one video with their obstacle states
+        (n,): the same step as `process` frame by frame, in as few compiled calls as there
+        are frames with an alarm-kind change (plus one). `header` is the first frame's
+        (video, type, frame index, t_ns); frame i is frame ``header["frame"] + i`` with
+        ``t_ns[i]`` (default: the header's). `level` (n,) float gets each judged frame's
+        highest smoothed score / raise threshold (float64: a copy of another dtype would not
+        be written back). Returns all events, in frame order."""
+        if not isinstance(frames, np.ndarray) or frames.dtype != _U16 or frames.ndim != 3:
+            raise FeatureError(f"frames must be a (n, rows, cols) uint16 array, got "
+                               f"{getattr(frames, 'dtype', type(frames).__name__)} "
+                               f"{getattr(frames, 'shape', '')}")
+        n = frames.shape[0]
+        obstacles = _block_column(obstacles, n, "obstacle states")
+        events: list = list(self._check_video(header) or [])
+        if n == 0:
+            return events
+        frames = np.ascontiguousarray(frames)
+        if frames.shape[1:] != self._shape:
+            self._check_frame(frames[0])
+        first = int(header.get("frame", self.frames))
+        t0 = int(header.get("t_ns", 0))
+        out = _NO_LEVEL if level is None else _block_column(level, n, "level", np.float64)
+        i = 0
+        while i < n:
+            if self._table is None:  # calibrating: one frame at a time, into the buffer
+                self.frames += 1
+                feature_step(frames[i], obstacles[i], self._prev, self._ring, self.state)
+                events.extend(self._calibration_row(self.ring.latest(1)[0]))
+                if level is not None:
+                    out[i] = np.nan
+                i += 1
+                continue
+            j = block(FRAMES, frames, _NO_ROWS, obstacles, i, self._prev, self._ring,
+                      self.state, self._table, out)
+            self.frames += min(j + 1, n) - i
+            if j < n:
+                events.extend(self._events(first + j, t0 if t_ns is None else int(t_ns[j])))
+            i = j + 1
         return events
+
+    def process_measured(self, measured: np.ndarray, obstacles: np.ndarray,
+                         header: dict[str, Any]) -> list:
+        """Like `process_block` from measured rows (n, N_FEATURES; columns X..SPREAD, e.g.
+        with perturbed X/Y, as in the KDE-AMD protocol): track -> score -> detect -> learn."""
+        return self._rows(measured, obstacles, header, measured=True)
 
     def process_rows(self, rows: np.ndarray, header: dict[str, Any]) -> list:
         """Score already-tracked feature rows (a whole video from `video_features`), all events."""
-        h = dict(header)
-        out: list = list(self._check_video(h) or [])
-        for i in range(len(rows)):
-            h["frame"] = i
-            stored = self.ring.push(rows[i])
-            ev = self._after_features(stored, h)
-            if ev:
-                out.extend(ev)
-        return out
+        return self._rows(rows, None, header, measured=False)
+
+    def _rows(self, rows: np.ndarray, obstacles: np.ndarray | None, header: dict[str, Any],
+              measured: bool) -> list:
+        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != N_FEATURES:
+            raise FeatureError(f"rows must have shape (n, {N_FEATURES}), got {rows.shape}")
+        n = rows.shape[0]
+        obstacles = (_block_column(obstacles, n, "obstacle states") if measured
+                     else _NO_OBSTACLES)
+        events: list = list(self._check_video(header) or [])
+        if self._table is None:
+            raise FeatureError("no model for this type yet: rows can only be scored with one")
+        first = int(header.get("frame", 0))
+        t0 = int(header.get("t_ns", 0))
+        kind = MEASURED_ROWS if measured else TRACKED_ROWS
+        i = 0
+        while i < n:
+            j = block(kind, _NO_FRAMES, rows, obstacles, i, self._prev, self._ring, self.state,
+                      self._table, _NO_LEVEL)
+            self.frames += min(j + 1, n) - i
+            if j < n:
+                events.extend(self._events(first + j, t0))
+            i = j + 1
+        return events
 
     def note_lost(self, n: int, header: dict[str, Any]) -> tuple | list:
-        """`n` frames never arrived (a seq gap): a sensor alarm unless one is active."""
-        if self.detector is None or n <= 0:
+        """`n` frames never arrived (a seq gap). The tracker and scoring state advance by
+        `n` frames (restart after more than `MAX_COAST_FRAMES`), so the gap is not
+        trajectory or frequency evidence; returns a sensor alarm unless one is active."""
+        n = int(n)
+        if n <= 0 or self.video is None:
             return NO_EVENTS
-        if self.detector.lost(int(n)):
+        if n > MAX_COAST_FRAMES:
+            self._restart_tracking()
+        else:
+            lost_frames(n, self._table is not None, self.state)
+        if self.detector is None:
+            return NO_EVENTS
+        if self.detector.lost(n):
             self.alarms_in_video += 1
             self.detector.kinds_raised.add("sensor")
             alarm = self._alarm(K_SENSOR, "raise", header, int(header.get("frame", self.frames)),
@@ -209,21 +351,11 @@ class StreamPipeline:
             return [alarm]
         return NO_EVENTS
 
-    def _after_features(self, row: np.ndarray, header: dict[str, Any]) -> tuple | list:
-        self.frames += 1
+    def _events(self, frame: int, t_ns: int) -> list:
+        """The alarm events of the frame just stepped (its kind changes)."""
         det = self.detector
-        if det is None:
-            return self._calibration_row(row)
-        model = self._active_model
-        scored = model.score_slot(self._slot, row, self._mstate, self._scores, self._work)
-        n = det.step(self._scores, scored)
-        if self.adapt and scored and not det.active.any():
-            model.learn_slot(self._slot, row, self._mstate, self._work, self.learn_rate)
-        if n == 0:
-            return NO_EVENTS
+        row = self.ring.latest(1)[0]
         events = []
-        frame = int(header.get("frame", self.frames - 1))
-        t_ns = int(header.get("t_ns", 0))
         for k in np.flatnonzero(det.changed):
             state = "raise" if det.changed[k] > 0 else "clear"
             if state == "raise":
@@ -295,11 +427,9 @@ class StreamPipeline:
         log.warning("stream %s: self-calibration of Type%d done on %d frames; scoring now",
                     self.stream, t, self._calib_n)
         # bring this video's scoring state up to date with the frames seen so far
-        self._active_model = model
-        self._slot = model.slot(t)
-        self._mstate[:] = 0.0
-        model.score_rows(t, buf[self._video_start_in_buf:], self._mstate)
-        self.detector = Detector.for_model(model, t)
+        self._use(model)
+        self._score_state[:] = 0.0
+        model.score_rows(t, buf[self._video_start_in_buf:], self._score_state)
         self._calib_type = None
         self._calib_buf = None
 
@@ -323,3 +453,12 @@ class StreamPipeline:
             # for live displays (`lhtstream view`): how close each kind is to raising
             st["evidence"] = {k: round(v, 3) for k, v in self.detector.kind_levels().items()}
         return st
+
+
+def _block_column(values: Any, n: int, what: str, dtype: Any = np.int64) -> np.ndarray:
+    """A per-frame column of a block as a contiguous (n,) array of `dtype` (checked; the
+    caller's array itself when it already is one, so a kernel's writes reach it)."""
+    a = np.ascontiguousarray(values, dtype=dtype)
+    if a.shape != (n,):
+        raise FeatureError(f"{what} must have shape ({n},), got {a.shape}")
+    return a

@@ -1,0 +1,185 @@
+"""Detector kernels: per-group scores -> smoothed scores -> alarm kinds with hysteresis.
+
+The detector's whole state is one float64 array (`DET_SIZE`; counts and flags
+are small whole numbers, exact in float64), so the fused per-frame step
+(`lhtstream.kernels.step`) carries it as a slice of the stream's state. Layout
+(G = `N_GROUPS`, K = `N_KINDS`): smooth (G), peak (G: highest smooth / raise
+threshold), raise and clear thresholds (G each), EWMA weights (G), then per kind
+active (0/1), quiet (frames under the clear levels), changed (+1 raised, -1
+cleared, 0) and which (the group that decided), then the verdict accumulators
+and the clear hold in frames. `lhtstream.model.detector.Detector` gives them names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from lhtstream.kernels.scoring import (
+    COMB,
+    FREQ,
+    INT_HIGH,
+    INT_LOW,
+    MOVE,
+    N_GROUPS,
+    SENSOR,
+    SIZE,
+    SLIP,
+    STALL,
+    TRAJ,
+)
+
+ALARM_KINDS: tuple[str, ...] = (
+    "trajectory", "intensity_low", "intensity_high", "stall", "frequency", "spot_size", "sensor",
+)
+K_SENSOR = ALARM_KINDS.index("sensor")  # the last kind (the kernel relies on it)
+N_KINDS = len(ALARM_KINDS)
+
+# group -> alarm kind
+KIND_OF_GROUP = np.zeros(N_GROUPS, dtype=np.int64)
+KIND_OF_GROUP[TRAJ] = ALARM_KINDS.index("trajectory")
+KIND_OF_GROUP[MOVE] = ALARM_KINDS.index("trajectory")
+KIND_OF_GROUP[INT_LOW] = ALARM_KINDS.index("intensity_low")
+KIND_OF_GROUP[INT_HIGH] = ALARM_KINDS.index("intensity_high")
+KIND_OF_GROUP[SIZE] = ALARM_KINDS.index("spot_size")
+KIND_OF_GROUP[STALL] = ALARM_KINDS.index("stall")
+KIND_OF_GROUP[FREQ] = ALARM_KINDS.index("frequency")
+KIND_OF_GROUP[COMB] = ALARM_KINDS.index("trajectory")
+KIND_OF_GROUP[SLIP] = ALARM_KINDS.index("frequency")
+KIND_OF_GROUP[SENSOR] = K_SENSOR
+KIND_OF_GROUP.setflags(write=False)  # compiled into the kernels as a constant
+
+VIDEO_SCORE_EXPECTED = 4.0  # chi2(2) + chi2(2) expectation subtracted from the verdict score
+
+_G = N_GROUPS
+_K = N_KINDS
+D_SMOOTH = 0
+D_PEAK = D_SMOOTH + _G
+D_RAISE = D_PEAK + _G
+D_CLEAR = D_RAISE + _G
+D_ALPHA = D_CLEAR + _G
+D_ACTIVE = D_ALPHA + _G
+D_QUIET = D_ACTIVE + _K
+D_CHANGED = D_QUIET + _K
+D_WHICH = D_CHANGED + _K
+D_VSUM = D_WHICH + _K        # sum over judged frames of trajectory + move - 4
+D_VN = D_VSUM + 1            # judged frames
+D_FRAMES = D_VN + 1          # frames stepped
+D_NRAISED = D_FRAMES + 1     # process alarms raised
+D_CLEAR_FRAMES = D_NRAISED + 1  # frames every process group must stay under to clear
+D_BEST = D_CLEAR_FRAMES + 1  # scratch per kind: highest smooth - raise threshold
+D_OVER = D_BEST + _K         # scratch per kind: 1 when a group is over its raise threshold
+D_UNDER = D_OVER + _K        # scratch per kind: 1 when every group is under its clear one
+DET_SIZE = D_UNDER + _K
+
+
+@njit(cache=True, nogil=True)
+def detect_step(scores, scored, det):
+    """Advance smoothing and hysteresis by one frame; returns the number of kind changes.
+
+    `scores` (N_GROUPS) of one frame, `scored` 1 when its process groups were judged.
+    After a non-zero return, det[D_CHANGED + k] is +1/-1 for raised/cleared kinds.
+    """
+    kind_of = KIND_OF_GROUP
+    smooth = det[D_SMOOTH:D_SMOOTH + _G]
+    peak = det[D_PEAK:D_PEAK + _G]
+    raise_thr = det[D_RAISE:D_RAISE + _G]
+    clear_thr = det[D_CLEAR:D_CLEAR + _G]
+    alpha = det[D_ALPHA:D_ALPHA + _G]
+    active = det[D_ACTIVE:D_ACTIVE + _K]
+    quiet = det[D_QUIET:D_QUIET + _K]
+    changed = det[D_CHANGED:D_CHANGED + _K]
+    which = det[D_WHICH:D_WHICH + _K]
+    G = _G
+    K = _K
+    det[D_FRAMES] += 1.0
+    for g in range(G):
+        if scored == 1 or kind_of[g] == K - 1:
+            smooth[g] += alpha[g] * (scores[g] - smooth[g])
+            # the verdict's peak evidence: highest smoothed score relative to its raise
+            # threshold (process groups only where they advanced, the sensor always)
+            r = smooth[g] / raise_thr[g]
+            if r > peak[g]:
+                peak[g] = r
+    if scored == 1:
+        det[D_VSUM] += scores[0] + scores[1] - VIDEO_SCORE_EXPECTED
+        det[D_VN] += 1.0
+    sensor_on = active[K - 1] == 1.0
+    best = det[D_BEST:D_BEST + _K]
+    over = det[D_OVER:D_OVER + _K]
+    under = det[D_UNDER:D_UNDER + _K]
+    for k in range(K):
+        changed[k] = 0.0
+        best[k] = -1.0e300
+        over[k] = 0.0
+        under[k] = 1.0
+    # One fault episode moves several process groups at different times (a stall
+    # drops the intensity in bursts and shifts the rate at its start and end), so a
+    # process kind's clear hold counts only frames where the whole process is back
+    # below its clear levels: one raise per kind per episode, all clear together.
+    proc_under = True
+    for g in range(G):  # groups in order: `which` is the first group at the maximum
+        k = kind_of[g]
+        r = smooth[g] - raise_thr[g]
+        if r > best[k]:
+            best[k] = r
+            which[k] = g
+        if smooth[g] > raise_thr[g]:
+            over[k] = 1.0
+        if smooth[g] > clear_thr[g]:
+            under[k] = 0.0
+            if k != K - 1:
+                proc_under = False
+    clear_frames = det[D_CLEAR_FRAMES]
+    n = 0
+    for k in range(K):
+        if active[k] == 0.0:
+            if over[k] != 0.0 and (k == K - 1 or not sensor_on):
+                active[k] = 1.0
+                quiet[k] = 0.0
+                changed[k] = 1.0
+                n += 1
+                if k != K - 1:
+                    det[D_NRAISED] += 1.0
+        else:
+            if under[k] != 0.0 and (k == K - 1 or proc_under):
+                quiet[k] += 1.0
+                if quiet[k] >= clear_frames:
+                    active[k] = 0.0
+                    changed[k] = -1.0
+                    n += 1
+            else:
+                quiet[k] = 0.0
+    return n
+
+
+@njit(cache=True, nogil=True)
+def any_active(det) -> bool:
+    """True when an alarm kind is active."""
+    for k in range(_K):
+        if det[D_ACTIVE + k] != 0.0:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def count_raises(scores, scored, det):
+    """Step the detector over a whole video's scores (n, G); returns the alarms raised."""
+    raises = 0
+    for t in range(scores.shape[0]):
+        if detect_step(scores[t], scored[t], det):
+            for k in range(_K):
+                if det[D_CHANGED + k] == 1.0:
+                    raises += 1
+    return raises
+
+
+@njit(cache=True, nogil=True)
+def smooth_rows(scores, scored, alpha, smooth, out):
+    """The detector's smoothing alone over a video's scores (n, G) into `out` (n, G)."""
+    G = smooth.shape[0]
+    for t in range(scores.shape[0]):
+        for g in range(G):
+            if scored[t] == 1 or g == G - 1:
+                smooth[g] += alpha[g] * (scores[t, g] - smooth[g])
+            out[t, g] = smooth[g]

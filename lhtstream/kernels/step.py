@@ -1,0 +1,210 @@
+"""The fused per-frame step: features -> ring -> score -> detect -> learn in one compiled call.
+
+A stream's whole frame-path state lives in four preallocated arrays, owned by
+`lhtstream.service.pipeline.StreamPipeline`:
+
+- ``state`` (float64, `STREAM_STATE_SIZE`): tracker, scoring state, the last
+  scores, scratch, detector (`lhtstream.kernels.detection`) and the settings
+  below (`P_*`);
+- ``prev`` (uint16, at least rows x cols of the frame): the REPEAT reference;
+- ``ring`` (float64, 2 x capacity x `N_FEATURES`, flat): the feature history,
+  each row stored twice so the last n rows are one contiguous slice;
+- ``table`` (float64): the model (`lhtstream.kernels.scoring`), the stream's
+  private copy (online learning writes it).
+
+All four are 1-D (a 1-D argument costs Numba's dispatcher the least; every
+kernel reshapes views inside). `frame_step` does one frame and returns the
+number of alarm-kind changes (0: nothing happened, build no event);
+`frames_block` runs the same code over consecutive frames of one video and
+stops after the first frame with a change; `measured_block` and `rows_block`
+enter the same path after measurement (the KDE-AMD protocol's perturbed
+positions) or after tracking (batch feature rows). `lost_frames` advances the
+tracker and the scoring state over frames that never arrived. No kernel
+allocates; the features are the ones `video_features` computes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import njit
+
+from lhtstream.kernels.detection import D_RAISE, D_SMOOTH, DET_SIZE, any_active, detect_step
+from lhtstream.kernels.features import (
+    AREA,
+    EMPTY,
+    INTENSITY,
+    MEASURED,
+    N_FEATURES,
+    OBSTACLE,
+    PEAK,
+    REPEAT,
+    TRACK_STATE_SIZE,
+    measure_frame,
+    track_step,
+)
+from lhtstream.kernels.scoring import (
+    N_GROUPS,
+    S_LASTOBS,
+    SCORE_STATE_SIZE,
+    WORK_SIZE,
+    learn_frame,
+    missing_frame,
+    score_frame,
+    tables,
+)
+
+S_TRACK = 0
+S_SCORE = S_TRACK + TRACK_STATE_SIZE
+S_SCORES = S_SCORE + SCORE_STATE_SIZE   # the last frame's group scores
+S_WORK = S_SCORES + N_GROUPS
+S_DET = S_WORK + WORK_SIZE
+S_GAP_ROW = S_DET + DET_SIZE            # the feature row of a frame that never arrived
+P_SLOT = S_GAP_ROW + N_FEATURES          # the type's row in the model table
+P_THRESHOLD = P_SLOT + 1                 # counts; see measure_frame
+P_ADAPT = P_THRESHOLD + 1                # 1.0: learn from judged frames while no alarm is active
+P_LEARN_RATE = P_ADAPT + 1               # EWMA rate per cell update
+P_RING_TOTAL = P_LEARN_RATE + 1          # rows pushed into the ring since the video started
+P_RING_CAPACITY = P_RING_TOTAL + 1       # rows the ring holds
+STREAM_STATE_SIZE = P_RING_CAPACITY + 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _push_row(ring, state):
+    """The ring's next row and its mirror (views); advances the ring's count."""
+    cap = int(state[P_RING_CAPACITY])
+    total = int(state[P_RING_TOTAL])
+    buf = ring.reshape((2 * cap, N_FEATURES))
+    i = total % cap
+    state[P_RING_TOTAL] = total + 1
+    return buf[i], buf[i + cap]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mirror(row, mirror):
+    for j in range(N_FEATURES):
+        mirror[j] = row[j]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _features(frame, obstacle, prev, ring, state):
+    """Measure and track one frame into the ring; returns its (mirrored) row."""
+    row, mirror = _push_row(ring, state)
+    rows, cols = frame.shape
+    measure_frame(frame, prev[:rows * cols].reshape((rows, cols)), state[P_THRESHOLD], row)
+    row[OBSTACLE] = obstacle
+    track_step(state[S_TRACK:S_TRACK + TRACK_STATE_SIZE], row)
+    _mirror(row, mirror)
+    return mirror
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _level(det, level, i):
+    # the frame's highest smoothed score relative to its raise threshold (for plots)
+    if level.shape[0] == 0:
+        return
+    best = -math.inf
+    for g in range(N_GROUPS):
+        r = det[D_SMOOTH + g] / det[D_RAISE + g]
+        if r > best:
+            best = r
+    level[i] = best
+
+
+@njit(cache=True, nogil=True)
+def frame_step(frame, obstacle, prev, ring, state, table):
+    """One frame (uint16 rows x cols) in obstacle state 0/1/2: #alarm-kind changes (0: none)."""
+    cells, states = tables(table)
+    mstate = state[S_SCORE:S_SCORE + SCORE_STATE_SIZE]
+    scores = state[S_SCORES:S_SCORES + N_GROUPS]
+    work = state[S_WORK:S_WORK + WORK_SIZE]
+    det = state[S_DET:S_DET + DET_SIZE]
+    slot = int(state[P_SLOT])
+    row = _features(frame, obstacle, prev, ring, state)
+    # the analysis, as in `block` (written out: a helper taking these views costs a
+    # reference count per array per frame)
+    scored = score_frame(row, slot, cells, states, mstate, scores, work)
+    changes = detect_step(scores, scored, det)
+    if state[P_ADAPT] != 0.0 and scored == 1 and not any_active(det):
+        learn_frame(row, slot, cells, states, mstate, state[P_LEARN_RATE], work)
+    return changes
+
+
+@njit(cache=True, nogil=True)
+def feature_step(frame, obstacle, prev, ring, state):
+    """Features of one frame only (while no model is ready); the row is the ring's newest."""
+    _features(frame, obstacle, prev, ring, state)
+
+
+FRAMES = 0    #: `block` input: pixels (n, rows, cols) uint16
+MEASURED_ROWS = 1  #: measured rows (n, N_FEATURES; columns X..SPREAD, e.g. perturbed X/Y)
+TRACKED_ROWS = 2   #: tracked feature rows (n, N_FEATURES), e.g. from `video_features`
+
+
+@njit(cache=True, nogil=True)
+def block(kind, frames, rows, obstacles, start, prev, ring, state, table, level):
+    """`frame_step` over consecutive frames of one video from index `start` on.
+
+    `kind` says what the input is: `FRAMES` (`frames`, with `prev`), `MEASURED_ROWS`
+    (`rows`: tracked here) or `TRACKED_ROWS` (`rows`); the unused input may be empty.
+    `obstacles` (n,) int gives each frame's obstacle state (not read for tracked rows).
+    Returns the index of the first frame with an alarm-kind change, or n. `level` (n,)
+    gets each frame's highest smoothed score / raise threshold, unless it is empty.
+    """
+    cells, states = tables(table)
+    track = state[S_TRACK:S_TRACK + TRACK_STATE_SIZE]
+    mstate = state[S_SCORE:S_SCORE + SCORE_STATE_SIZE]
+    scores = state[S_SCORES:S_SCORES + N_GROUPS]
+    work = state[S_WORK:S_WORK + WORK_SIZE]
+    det = state[S_DET:S_DET + DET_SIZE]
+    slot = int(state[P_SLOT])
+    n = frames.shape[0] if kind == FRAMES else rows.shape[0]
+    for i in range(start, n):
+        if kind == FRAMES:
+            row = _features(frames[i], obstacles[i], prev, ring, state)
+        else:
+            new, row = _push_row(ring, state)
+            if kind == MEASURED_ROWS:
+                for j in range(N_FEATURES):
+                    new[j] = math.nan
+                for c in MEASURED:
+                    new[c] = rows[i, c]
+                new[OBSTACLE] = obstacles[i]
+                track_step(track, new)
+            else:
+                for j in range(N_FEATURES):
+                    new[j] = rows[i, j]
+            _mirror(new, row)
+        scored = score_frame(row, slot, cells, states, mstate, scores, work)
+        changes = detect_step(scores, scored, det)
+        if state[P_ADAPT] != 0.0 and scored == 1 and not any_active(det):
+            learn_frame(row, slot, cells, states, mstate, state[P_LEARN_RATE], work)
+        _level(det, level, i)
+        if changes != 0:
+            return i
+    return n
+
+
+@njit(cache=True, nogil=True)
+def lost_frames(n, scoring, state):
+    """Advance over `n` frames that never arrived (a seq gap), as frames with nothing
+    measured: the tracker's oscillator keeps its rate (the phase and cycle count stay
+    aligned with time) and, when `scoring`, the running centre and cycle comb count
+    them (the comb compares positions whole cycles apart, the next frame's move spans
+    the gap so it is not judged). The ring and the detector do not see them."""
+    row = state[S_GAP_ROW:S_GAP_ROW + N_FEATURES]
+    track = state[S_TRACK:S_TRACK + TRACK_STATE_SIZE]
+    mstate = state[S_SCORE:S_SCORE + SCORE_STATE_SIZE]
+    work = state[S_WORK:S_WORK + WORK_SIZE]
+    for _ in range(n):
+        for j in range(N_FEATURES):
+            row[j] = math.nan
+        row[INTENSITY] = 0.0
+        row[PEAK] = 0.0
+        row[AREA] = 0.0
+        row[EMPTY] = 1.0
+        row[REPEAT] = 0.0
+        row[OBSTACLE] = mstate[S_LASTOBS]
+        track_step(track, row)
+        if scoring:
+            missing_frame(row, mstate, work)
