@@ -7,6 +7,7 @@ import pytest
 
 from lhtstream.io.dataset import obstacle_states
 from lhtstream.io.simulate import ANOMALY_KINDS, Anomaly, simulate_video
+from lhtstream.kernels import features as F
 from lhtstream.kernels.features import video_features
 from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY, ALARM_KINDS, Alarm, Verdict, calibrate
 from lhtstream.model.normality import NormalityModel
@@ -175,3 +176,60 @@ def test_blank_frame_is_sensor_but_faint_frame_is_stall(model):
         kinds = {k for f, k in raises if 800 <= f <= 830}
         assert want in kinds and unwanted not in kinds, (fill, raises)
         assert all(f >= 800 for f, _ in raises), raises
+
+
+@pytest.mark.parametrize("gap", [1, 3, 7, 25])
+def test_lost_frames_are_a_sensor_event_and_nothing_else(model, gap):
+    """Frames lost in transport (a seq gap the monitor reports with note_lost): the
+    tracker and cycle comb count them, so the frames after the gap are neither a
+    trajectory nor a frequency fault, and the phase stays on the simulator's truth."""
+    v = simulate_video(TYPE, 700, FRAMES)
+    obs = obstacle_states(v.metadata)
+    holes = {1200: gap, 2100: gap}  # first lost frame -> frames lost (outside obstacle windows)
+    pipe = StreamPipeline("g", model)
+    pipe.start_video("g", TYPE)
+    raises, phase_err = [], []
+    i = 0
+    while i < FRAMES:
+        header = {"video": "g", "type": TYPE, "frame": i, "t_ns": i, "obstacle": int(obs[i])}
+        if i in holes:
+            i += holes[i]
+            header.update(frame=i, obstacle=int(obs[i]))
+            raises += [(a.frame, a.kind) for a in pipe.note_lost(holes[i - gap], header)]
+        raises += [(a.frame, a.kind) for a in pipe.process(v.image[i], header)
+                   if isinstance(a, Alarm) and a.state == "raise"]
+        if any(h + gap <= i < h + gap + 30 for h in holes):
+            d = (pipe.ring.latest(1)[0][F.PHASE] - v.truth["phase"][i] + 5.0) % 10.0 - 5.0
+            phase_err.append(abs(d))
+        i += 1
+    # one sensor episode per gap, raised on the first frame after it, and nothing else
+    assert raises == [(1200 + gap, "sensor"), (2100 + gap, "sensor")], raises
+    assert max(phase_err) < 0.5, f"phase off by {max(phase_err):.2f} frames after the gap"
+    verdict = pipe.end_video()
+    assert verdict.kinds == ["sensor"]
+
+
+def test_a_block_of_frames_gives_what_frame_by_frame_gives(model):
+    """`process_block` (the offline / queued path) runs the monitor's per-frame kernel:
+    the same alarms at the same frames with the same scores, the same verdict, and
+    feature rows equal to the batch `video_features` bit for bit."""
+    v = simulate_video(TYPE, 901, FRAMES, "power_drop")
+    obs = obstacle_states(v.metadata)
+    one = StreamPipeline("a", model)
+    one.start_video("v", TYPE)
+    events, rows = [], []
+    for i, frame in enumerate(v.image):
+        events += one.process(frame, {"video": "v", "type": TYPE, "frame": i, "t_ns": 5,
+                                      "obstacle": int(obs[i])})
+        rows.append(one.ring.latest(1)[0].copy())
+    events += one.end_video_events()
+    block = StreamPipeline("a", model)
+    level = np.full(FRAMES, np.nan)
+    got = block.process_block(v.image, obs, {"video": "v", "type": TYPE, "frame": 0, "t_ns": 5},
+                              level=level)
+    got += block.end_video_events()
+    alarms = [e for e in events if isinstance(e, Alarm)]
+    assert any(a.state == "raise" for a in alarms)
+    assert got == events  # dataclass equality: every field, scores included
+    assert np.array_equal(np.array(rows), video_features(v.image, obs), equal_nan=True)
+    assert np.isfinite(level).all() and level.max() > 1.0  # the raised alarm crossed 1.0
