@@ -185,7 +185,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"train: {msg}", file=sys.stderr, flush=True)
 
-    model = fit_dataset(args.data, types=parse_types(args.types), progress=progress)
+    model = fit_dataset(args.data, types=parse_types(args.types), progress=progress,
+                        workers=args.workers)
     out = model.save(args.output)
     print(model_summary(model))
     print(f"model written to {out}")
@@ -357,7 +358,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     progress = Progress()
     report = evaluate(args.data, args.model, types=parse_types(args.types),
                       baseline=not args.no_baseline, timelines=bool(plots), progress=progress,
-                      noise_variances=variances)
+                      noise_variances=variances, workers=args.workers)
     progress.done("evaluate: done")
     print(format_report(report))
     if args.json:

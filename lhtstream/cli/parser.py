@@ -96,6 +96,14 @@ _COUNT = _number(int, 1)
 # ---------------------------------------------------------------- parser
 
 
+_WORKERS = _number(int, 1, 256)  # offline worker processes
+
+
+def _add_workers(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=_WORKERS, default=None, metavar="N",
+                   help=f"{what} (default: all cores; 1: this process only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lhtstream",
@@ -370,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
     p.add_argument("--types", type=_types, default=None,
                    help="types to train on, e.g. 1,5,20-36")
+    _add_workers(p, "processes computing the videos' features")
     p.set_defaults(command="train")
 
     p = sub.add_parser("alarms", help="show alarms live, or from the journal with --history")
@@ -410,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="position-noise variances (px^2) of the KDE-AMD protocol, comma-separated, e.g. "
         "0.02,0.01,0.005,0.0025 (default: the published 0.02)",
     )
+    _add_workers(p, "processes scoring the videos on the monitor path")
     p.set_defaults(command="evaluate")
 
     p = sub.add_parser("bench", help="run the benchmark suites and print a summary")

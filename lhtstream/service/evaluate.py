@@ -30,6 +30,7 @@ Units: frames (1 frame = 1 ms), hours of footage, costs in µs.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
 from lhtstream.model.kdeamd import NOISE_VARIANCE
 from lhtstream.model.normality import NormalityModel
 from lhtstream.service.kdeamd_protocol import kdeamd_protocol, noise_levels
+from lhtstream.service.parallel import ordered_map, resolve_workers
 from lhtstream.service.pipeline import StreamPipeline, offline_header
 
 #: An alarm counts as a detection when raised in [onset, end + DETECTION_SLACK] frames.
@@ -137,6 +139,21 @@ def score_video(model: Any, video: Any, label: Any = None, *, timelines: bool = 
         frame_us=us, level=level,
         ramp_frames=0 if label is None else int(label.ramp_frames),
     )
+
+
+_worker: dict[str, Any] = {}  # what a worker process (or this one) scores videos with
+
+
+def _start_worker(model: NormalityModel | str, data: str, timelines: bool) -> None:
+    _worker["model"] = model if isinstance(model, NormalityModel) else NormalityModel.load(model)
+    _worker["data"] = Dataset(data)
+    _worker["timelines"] = timelines
+
+
+def _score_item(item: tuple[int, str, Any]) -> VideoResult:
+    type_id, name, label = item
+    return score_video(_worker["model"], _worker["data"].video(type_id, name), label,
+                       timelines=_worker["timelines"])
 
 
 # ------------------------------------------------------------------ statistics
@@ -290,16 +307,20 @@ def summarise(results: Sequence[VideoResult],
 def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
              baseline: bool = True, protocol: bool = True, timelines: bool = False,
              progress: Callable[[str], None] = _quiet,
-             noise_variances: Sequence[float] = (NOISE_VARIANCE,)) -> dict[str, Any]:
+             noise_variances: Sequence[float] = (NOISE_VARIANCE,),
+             workers: int | None = None) -> dict[str, Any]:
     """Evaluate `model` (a `NormalityModel` or a model file) on a labelled data set.
 
     Returns the report dict (see the module docstring); with ``timelines`` the
     per-video results (with per-frame alarm levels) are under ``"_results"``
-    (not JSON: `run_evaluate` drops it before writing).
+    (not JSON: `run_evaluate` drops it before writing). The monitor path scores
+    the videos on `workers` processes (default: all cores); every video gets a
+    fresh pipeline either way, so the report does not depend on it.
     """
 
     t_start = time.perf_counter()
     noise_variances = noise_levels(noise_variances)  # fail before the long monitor path
+    workers = resolve_workers(workers)
     if not isinstance(model, NormalityModel):
         model = NormalityModel.load(model)
     labels = read_labels(data)
@@ -318,13 +339,20 @@ def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
                             "`lhtstream train`")
     results: list[VideoResult] = []
     t0 = time.perf_counter()
-    for i, v in enumerate(videos):
-        progress(f"monitor path: video {i + 1}/{len(videos)} Type{v.type}/{v.name}")
-        results.append(score_video(model, v, labels.get((v.type, v.name)), timelines=timelines))
+    items = [(v.type, v.name, labels.get((v.type, v.name))) for v in videos]
+    with tempfile.TemporaryDirectory(prefix="lhtstream-evaluate-") as tmp:
+        # worker processes load the model from a file (this process uses the object)
+        shared = model if workers == 1 else str(model.save(Path(tmp) / "model.npz"))
+        for i, r in enumerate(ordered_map(_score_item, items, workers, _start_worker,
+                                          (shared, str(data), timelines))):
+            results.append(r)
+            progress(f"monitor path: video {i + 1}/{len(videos)} Type{r.type}/{r.name}"
+                     f" ({workers} worker{'s' if workers > 1 else ''})")
     monitor_s = time.perf_counter() - t0
     sources = {key: row["source"] for key, row in read_manifest(ds.root).items()}
     report = summarise(results, sources)
     report["monitor_path_seconds"] = monitor_s
+    report["monitor_path_workers"] = workers
     report["data"] = str(data)
     report["model"] = dict(model.training)
     report["video_scores"] = {f"{r.type}/{r.name}": {"kind": r.kind, "score": r.score,

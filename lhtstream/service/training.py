@@ -11,6 +11,7 @@ from lhtstream.io.dataset import Dataset, read_labels
 from lhtstream.kernels.features import video_features
 from lhtstream.model.detector import calibrate
 from lhtstream.model.normality import DEFAULT_PHASE_BINS, ModelError, NormalityModel
+from lhtstream.service.parallel import ordered_map
 
 
 def normal_videos(root: str | Path, types: list[int] | None = None) -> Iterator:
@@ -46,17 +47,29 @@ def split_holdout(videos: list, every: int = 4) -> tuple[list, list]:
     return train, held
 
 
+def _video_rows(item: tuple[str, int, str]) -> np.ndarray:
+    root, type_id, name = item
+    return video_rows(Dataset(root).video(type_id, name))
+
+
 def fit_dataset(root: str | Path, types: list[int] | None = None, holdout_every: int = 4,
                 phase_bins: int = DEFAULT_PHASE_BINS, fa_per_hour: float = 1.0,
-                progress: Callable[[str], None] | None = None) -> NormalityModel:
-    """Fit on a data set's normal videos and calibrate detector thresholds on held-out ones."""
+                progress: Callable[[str], None] | None = None,
+                workers: int | None = None) -> NormalityModel:
+    """Fit on a data set's normal videos and calibrate detector thresholds on held-out ones.
+
+    The videos' features are computed on `workers` processes (default: all cores);
+    the result does not depend on it.
+    """
 
     loaded: list[tuple[int, np.ndarray]] = []
     vids = list(normal_videos(root, types))
     if not vids:
         raise ModelError(f"{root}: no normal videos to train on")
-    for i, video in enumerate(vids):
-        loaded.append((video.type, video_rows(video)))
+    items = [(str(root), v.type, v.name) for v in vids]
+    for i, rows in enumerate(ordered_map(_video_rows, items, workers)):
+        video = vids[i]
+        loaded.append((video.type, rows))
         if progress:
             progress(f"features {i + 1}/{len(vids)}: Type{video.type}/{video.name}")
     train, held = split_holdout(loaded, holdout_every)
@@ -70,4 +83,5 @@ def fit_dataset(root: str | Path, types: list[int] | None = None, holdout_every:
     model.training["heldout_frames"] = int(sum(len(r) for _, r in held))
     model.training["data"] = str(root)
     return model
+
 
