@@ -12,10 +12,12 @@ scores are the same code path.
 
 Without a model for the stream's workpiece type the pipeline *self-calibrates*:
 it collects the first `calibration_frames` frames (default 10 s) of that type,
-fits a model on the first 75% of each video's collected frames, calibrates
-thresholds on the last 25%, then scores. This is logged as a warning and
-shown by `status()`; nothing is judged (no alarms, verdicts marked
-`calibrating`) until it is done.
+fits a model on the first 75% of each video's collected frames and calibrates
+thresholds on the last 25% (`service.training.fit_collected`) on a thread,
+while the stream's frames keep being handled, and scores from `FIT_FRAMES`
+frames later on (0.5 s; the same frame live and offline). This is logged as a
+warning and shown by `status()`; nothing is judged (no alarms, verdicts marked
+`calibrating`) until then.
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ from lhtstream.model.detector import (
     Alarm,
     Detector,
     Verdict,
-    calibrate,
 )
 from lhtstream.model.normality import (
     DEFAULT_LEARN_RATE,
@@ -70,11 +71,15 @@ from lhtstream.model.normality import (
     N_GROUPS,
     NormalityModel,
 )
+from lhtstream.service.training import BackgroundFit
 
 log = logging.getLogger("lhtstream.service.pipeline")
 
 DEFAULT_CALIBRATION_FRAMES = 10_000  # 10 s at 1 kHz
-HOLDOUT_FRACTION = 0.25
+FIT_FRAMES = 500
+"""Frames a self-calibration fit runs beside (0.5 s at 1 kHz; at most a tenth of the
+calibration): scoring starts this many frames after the last calibration frame, live and
+offline alike, so the same footage gives the same alarms whatever the machine's speed."""
 MAX_COAST_FRAMES = 1_000
 """Longest seq gap (frames) the tracker and scoring state coast over; after a longer one
 they restart as at a video's start (phase lock, centre and warm-up anew)."""
@@ -132,6 +137,7 @@ class StreamPipeline:
         self.metadata: dict[str, Any] = {}
         self.frames = 0
         self.alarms_in_video = 0
+        self._fits: dict[int, BackgroundFit] = {}  # self-calibration fits under way
         self._calib_type: int | None = None
         self._calib_buf: np.ndarray | None = None
         self._calib_n = 0
@@ -384,12 +390,19 @@ class StreamPipeline:
     def _model_for(self, type_id: int) -> NormalityModel | None:
         if self.model is not None and self.model.has_type(type_id) and self.model.calibrated:
             return self.model
+        fit = self._fits.pop(type_id, None)
+        if fit is not None:  # fitted beside an earlier video: a new video waits for it
+            self._adopt(fit)
         return self.self_calibrated.get(type_id)
+
+    def _fit_frames(self) -> int:
+        return max(1, min(FIT_FRAMES, self.calibration_frames // 10))
 
     def _begin_calibration_video(self) -> None:
         if self._calib_type != self.type:
             self._calib_type = self.type
-            self._calib_buf = np.zeros((self.calibration_frames, N_FEATURES))
+            self._calib_buf = np.zeros((self.calibration_frames + self._fit_frames(),
+                                        N_FEATURES))
             self._calib_n = 0
             self._calib_starts = []
             log.warning("stream %s: no model for Type%d: SELF-CALIBRATING on the first %d "
@@ -402,36 +415,34 @@ class StreamPipeline:
         buf = self._calib_buf
         buf[self._calib_n] = row
         self._calib_n += 1
-        if self._calib_n < self.calibration_frames:
-            return NO_EVENTS
-        self._finish_calibration()
+        n, t = self._calib_n, int(self._calib_type)
+        if n == self.calibration_frames:
+            # fit on a thread; this video's frames keep coming (their rows go on filling
+            # the buffer) and are scored from a fixed number of frames on
+            self._fits[t] = BackgroundFit(t, buf[:n], self._calib_starts,
+                                          self._video_start_in_buf)
+            log.warning("stream %s: fitting Type%d on %d frames beside the stream; "
+                        "scoring from %d frames on", self.stream, t, n, self._fit_frames())
+        elif n == self.calibration_frames + self._fit_frames():
+            fit = self._fits.pop(t)
+            state = self._adopt(fit)
+            # this video's scoring state: the thread's, plus the frames since the fit began
+            self._use(self.self_calibrated[t])
+            self._score_state[:] = state
+            self.self_calibrated[t].score_rows(t, buf[fit.frames:n], self._score_state)
+            self._calib_type = None
+            self._calib_buf = None
         return NO_EVENTS
 
-    def _finish_calibration(self) -> None:
-        t = int(self._calib_type)
-        buf = self._calib_buf[: self._calib_n]
-        bounds = self._calib_starts + [self._calib_n]
-        train, held = [], []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            seg = buf[a:b]
-            if len(seg) < 200:
-                train.append((t, seg))
-                continue
-            cut = int(len(seg) * (1.0 - HOLDOUT_FRACTION))
-            train.append((t, seg[:cut]))
-            held.append((t, seg[cut:]))
-        model = NormalityModel.fit(train)
-        calibrate(model, held or train)
-        model.training["self_calibrated"] = True
-        self.self_calibrated[t] = model
-        log.warning("stream %s: self-calibration of Type%d done on %d frames; scoring now",
-                    self.stream, t, self._calib_n)
-        # bring this video's scoring state up to date with the frames seen so far
-        self._use(model)
-        self._score_state[:] = 0.0
-        model.score_rows(t, buf[self._video_start_in_buf:], self._score_state)
-        self._calib_type = None
-        self._calib_buf = None
+    def _adopt(self, fit: BackgroundFit) -> np.ndarray:
+        """The fitted model of `fit` (waiting for it if need be); its scoring state."""
+        waited = not fit.done()
+        model, state = fit.result()
+        self.self_calibrated[fit.type] = model
+        log.warning("stream %s: self-calibration of Type%d done on %d frames; scoring now%s",
+                    self.stream, fit.type, fit.frames,
+                    " (the fit outlasted its frames: this frame waited for it)" if waited else "")
+        return state
 
     # ------------------------------------------------------------ status
 
@@ -447,7 +458,9 @@ class StreamPipeline:
             "self_calibrated_types": sorted(self.self_calibrated),
         }
         if calibrating:
-            st["calibration_progress"] = self._calib_n / self.calibration_frames
+            st["calibration_progress"] = min(self._calib_n / self.calibration_frames, 1.0)
+            # collected: the fit runs beside the stream (scoring starts FIT_FRAMES later)
+            st["fitting"] = any(not fit.done() for fit in self._fits.values())
         if self.detector is not None:
             st["alarms_active"] = [ALARM_KINDS[k] for k in np.flatnonzero(self.detector.active)]
             # for live displays (`lhtstream view`): how close each kind is to raising

@@ -1,7 +1,15 @@
-"""Training from a data set: the normal videos' features -> fit -> calibrate on held-out videos."""
+"""Training: a data set's normal videos (or a stream's first frames) -> fit -> calibrate.
+
+`fit_dataset` trains from files (`lhtstream train`); `fit_collected` from the
+feature rows a self-calibrating stream collected, and `BackgroundFit` runs that
+on a thread so the stream's frames keep being handled while it fits.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -85,3 +93,94 @@ def fit_dataset(root: str | Path, types: list[int] | None = None, holdout_every:
     return model
 
 
+
+# ---------------------------------------------------------------- self-calibration
+
+HOLDOUT_FRACTION = 0.25
+"""Share of each collected video's frames (its end) that calibrates the thresholds."""
+MIN_SPLIT_FRAMES = 200
+"""A collected video shorter than this (frames) only trains."""
+
+
+def fit_collected(type_id: int, rows: np.ndarray, starts: list[int]) -> NormalityModel:
+    """A model of one type from the feature rows a stream collected (videos begin at
+    `starts`): fit on the first 75 % of each video's rows, calibrate on the rest."""
+    bounds = list(starts) + [len(rows)]
+    train, held = [], []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        seg = rows[a:b]
+        if len(seg) < MIN_SPLIT_FRAMES:
+            train.append((type_id, seg))
+            continue
+        cut = int(len(seg) * (1.0 - HOLDOUT_FRACTION))
+        train.append((type_id, seg[:cut]))
+        held.append((type_id, seg[cut:]))
+    model = NormalityModel.fit(train)
+    calibrate(model, held or train)
+    model.training["self_calibrated"] = True
+    return model
+
+
+GIL_SWITCH_S = 1e-4
+"""Python's thread switch interval while a background fit runs (s; default 5e-3): the
+frame loop waiting for the interpreter lock gets it back within ~0.1 ms, not 5 ms."""
+_handoff = {"running": 0, "saved": None}
+_handoff_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fast_gil_handoff() -> Iterator[None]:
+    with _handoff_lock:
+        if _handoff["running"] == 0:
+            _handoff["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(GIL_SWITCH_S)
+        _handoff["running"] += 1
+    try:
+        yield
+    finally:
+        with _handoff_lock:
+            _handoff["running"] -= 1
+            if _handoff["running"] == 0:
+                sys.setswitchinterval(_handoff["saved"])
+
+
+class BackgroundFit:
+    """`fit_collected` on a daemon thread, then the scoring state of the current video's
+    rows so far (`rows[video_start:]`), so the stream can switch to scoring at once.
+
+    The fit's kernels release the interpreter lock and the switch interval is short
+    while it runs, so the thread handling frames is delayed by ~0.1 ms at most.
+    `result()` waits for it (re-raising its error) and returns (model, scoring state).
+    """
+
+    def __init__(self, type_id: int, rows: np.ndarray, starts: list[int],
+                 video_start: int) -> None:
+        self.type = int(type_id)
+        self.frames = len(rows)
+        self._args = (self.type, rows, list(starts), int(video_start))
+        self._result: tuple[NormalityModel, np.ndarray] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"fit-Type{self.type}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        type_id, rows, starts, video_start = self._args
+        try:
+            with _fast_gil_handoff():
+                model = fit_collected(type_id, rows, starts)
+                state = model.new_state()
+                model.score_rows(type_id, rows[video_start:], state)
+                self._result = (model, state)
+        except BaseException as exc:  # handed to the frame path by result()
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> tuple[NormalityModel, np.ndarray]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
