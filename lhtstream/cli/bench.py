@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -350,6 +351,45 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
             "replay_jitter_us": jitter,
             "verdicts": len(run.verdicts),
         }
+
+
+_FLOOR = re.compile(r"(\d+) messages: p50 (\d+) us, p99 (\d+) us, p99\.9 (\d+) us, max (\d+) us")
+
+
+def run_zmq_floor(transport: str = "ipc", seconds: float = 60.0) -> dict[str, Any] | None:
+    """This host's bare ZeroMQ hop at 1 kHz (``tools/zmq_floor.py``: the replay's pacing,
+    a subscriber that only receives), over `transport`; None outside a source checkout."""
+    tool = Path(__file__).resolve().parents[2] / "tools" / "zmq_floor.py"
+    if not tool.is_file():
+        return None
+    folder = short_tempdir("lht-floor-")
+    try:
+        frames_ep, _ = endpoints(transport, folder)
+        proc = subprocess.run([sys.executable, str(tool), "--seconds", str(seconds),
+                               "--endpoint", frames_ep], capture_output=True, text=True,
+                              timeout=seconds + 60)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    m = _FLOOR.search(proc.stdout)
+    if proc.returncode != 0 or not m:
+        raise BenchError(f"zmq_floor failed ({proc.returncode}): {proc.stdout[-500:]}"
+                         f"{proc.stderr[-500:]}")
+    return {"transport": transport, "messages": int(m[1]), "p50": float(m[2]),
+            "p99": float(m[3]), "p999": float(m[4]), "max": float(m[5])}
+
+
+def over_floor(result: dict[str, Any], floor: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An end-to-end result's handling latency next to the bare hop's, per percentile:
+    the ratio, and what the monitor adds over the hop (µs)."""
+    if floor is None:
+        return None
+    lat = result["latency_us"]
+    out: dict[str, Any] = {"floor_us": {q: floor[q] for q in ("p50", "p99", "p999")}}
+    for q in ("p50", "p99", "p999"):
+        if lat.get(q) is not None and floor[q] > 0:
+            out[f"ratio_{q}"] = round(lat[q] / floor[q], 2)
+            out[f"added_{q}_us"] = round(lat[q] - floor[q], 1)
+    return out
 
 
 VIEW_P50_RATIO_MAX = 1.5
@@ -686,6 +726,16 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"  {_fmt(lat['p50']):>5} {_fmt(lat['p99']):>6} {_fmt(lat['p999']):>6}"
                 f" {_fmt(lat['max']):>7}  {_fmt(dl['p50']):>7}/{_fmt(dl['p99']):<8}"
                 f"  {_fmt(jit.get('p99'))}")
+            of = r.get("over_floor")
+            if of:
+                fl = of["floor_us"]
+                lines.append("    bare ZeroMQ hop (same run): p50/p99/p99.9 "
+                             f"{_fmt(fl['p50'])}/{_fmt(fl['p99'])}/{_fmt(fl['p999'])} us; "
+                             "monitor / hop: " + "/".join(
+                                 _fmt(of.get(f"ratio_{q}")) for q in ("p50", "p99", "p999"))
+                             + "x, adds " + "/".join(
+                                 _fmt(of.get(f"added_{q}_us")) for q in ("p50", "p99", "p999"))
+                             + " us")
     vc = results.get("view_cost")
     if vc:
         a, b, page = vc["without"], vc["with"], vc["view"]
@@ -747,9 +797,14 @@ def run_bench(args: Any) -> int:
                                                             "mean_us", "p50_us", "p99_us")}
         results["kdeamd_published"]["hit_ratio"] = pub["hit_p50_us"] / ours
     results["endtoend"] = []
+    floors: dict[str, Any] = {}
     for transport, streams in (("ipc", 1), ("tcp", 1), ("ipc", 4)):
+        if transport not in floors:
+            say(f"bare ZeroMQ hop ({transport}), {seconds:g} s at 1 kHz (tools/zmq_floor.py)")
+            floors[transport] = run_zmq_floor(transport, seconds)
         say(f"end to end: {transport}, {streams} stream(s), {seconds:g} s at 1 kHz each")
         r = run_endtoend(transport, seconds, streams, data, model)
+        r["over_floor"] = over_floor(r, floors[transport])
         results["endtoend"].append(r)
         results["problems"] += check_endtoend(r, strict=not quick)
     say(f"view's cost: ipc, 1 stream, {seconds:g} s without and {seconds:g} s with "
