@@ -174,6 +174,8 @@ def test_live_alarms_cli_prints_published_alarms(tmp_path):
     import msgpack
     import zmq
 
+    from lhtstream.io.protocol import SCHEMA_VERSION, encode
+
     endpoint = f"ipc://{tmp_path}/pub"
     ctx = zmq.Context.instance()
     pub = ctx.socket(zmq.PUB)
@@ -202,8 +204,8 @@ def test_live_alarms_cli_prints_published_alarms(tmp_path):
         deadline = time.monotonic() + 15
         while proc.poll() is None and time.monotonic() < deadline:
             # PUB drops until the subscriber joined: repeat until it exits after one alarm
-            pub.send_multipart([b"status", msgpack.packb({"v": 1})])
-            pub.send_multipart([b"alarm", msgpack.packb(a)])
+            pub.send_multipart([b"status/*/", msgpack.packb({"v": 1})])  # malformed: skipped
+            pub.send_multipart(encode("alarm", dict(a, v=SCHEMA_VERSION)))
             time.sleep(0.05)
         out, _ = proc.communicate(timeout=10)
     finally:

@@ -94,6 +94,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         max_streams=args.max_streams,
         idle_seconds=args.idle_seconds,
         latency_log=args.latency_log,
+        journal_max_pages=args.journal_max_pages,
     )
 
 

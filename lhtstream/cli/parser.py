@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latency-log", default=None, help=argparse.SUPPRESS
     )  # benchmark hook: every frame's latency (µs) as a float64 .npy at exit
+    p.add_argument(
+        "--journal-max-pages", type=_number(int, 1), default=None, help=argparse.SUPPRESS
+    )  # test hook: SQLite max_page_count on the journal, i.e. a disk that fills up
     p.set_defaults(command="monitor")
 
     p = sub.add_parser("tap", help="print messages from a PUB endpoint")
@@ -381,18 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workers(p, "processes computing the videos' features")
     p.set_defaults(command="train")
 
-    p = sub.add_parser("alarms", help="show alarms live, or from the journal with --history")
+    p = sub.add_parser(
+        "alarms", help="show alarms live from monitors, or from their journals with --history"
+    )
     p.add_argument(
         "--endpoint",
-        default=DEFAULT_PUBLISH_ENDPOINT,
-        help="monitor endpoint (default: %(default)s)",
+        action="append",
+        type=_endpoint,
+        default=None,
+        help="monitor endpoint; repeat to fan in several monitors "
+        f"(default {DEFAULT_PUBLISH_ENDPOINT})",
     )
-    p.add_argument("--history", action="store_true", help="read the journal instead of subscribing")
+    p.add_argument("--history", action="store_true", help="read journals instead of subscribing")
     p.add_argument(
-        "--journal", default=None, help="journal file (default: lhtstream-journal.sqlite)"
+        "--journal", action="append", default=None,
+        help="journal file; repeat to merge several by time (default lhtstream-journal.sqlite)",
     )
-    p.add_argument("--since", default=None, help="only alarms after this alarm seq, or ISO time")
-    p.add_argument("--stream", default=None, help="only this stream")
+    p.add_argument("--since", default=None,
+                   help="only alarms after this alarm seq (of each journal), or ISO time")
+    p.add_argument("--streams", "--stream", dest="streams", type=_streams, default=None,
+                   help="only these streams: names or shell-style patterns, comma-separated")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=_COUNT, default=None, help="exit after N alarms (live)")
     p.add_argument("--timeout", type=_SECONDS, default=None,

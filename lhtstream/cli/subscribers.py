@@ -17,11 +17,18 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import msgpack
 import zmq
 
 from lhtstream.io.journal import DEFAULT_JOURNAL, Journal, json_number
-from lhtstream.io.protocol import Message, ProtocolError, configure_subscriber, decode, frame_array
+from lhtstream.io.protocol import (
+    DEFAULT_PUBLISH_ENDPOINT,
+    Message,
+    ProtocolError,
+    StreamSelection,
+    configure_subscriber,
+    decode,
+    frame_array,
+)
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -181,27 +188,47 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+def history(paths: Sequence[str], since: str | None = None,
+            streams: StreamSelection | None = None) -> list[dict[str, Any]]:
+    """Alarms of several journals merged by the time they were journaled (then journal
+    order, then seq). With more than one journal each row also names its ``journal``
+    (seqs are per journal: an integer ``since`` applies to each one's own seq)."""
+    rows: list[tuple[str, int, int, dict[str, Any]]] = []
+    for order, path in enumerate(paths):
+        with Journal(path, writer=False) as journal:
+            for alarm in journal.alarms(since=since):
+                if streams is not None and not streams.matches(alarm["stream"]):
+                    continue
+                if len(paths) > 1:
+                    alarm["journal"] = str(path)
+                rows.append((alarm["time"], order, alarm["seq"], alarm))
+    rows.sort(key=lambda r: r[:3])  # ISO UTC times of one format sort as strings
+    return [r[3] for r in rows]
+
+
 def run_alarms(args: argparse.Namespace) -> int:
-    """``lhtstream alarms``: live alarms (and verdicts) from a monitor, or ``--history``."""
+    """``lhtstream alarms``: live alarms (and verdicts) from one or more monitors, or
+    ``--history`` from one or more journals."""
+    streams = StreamSelection(args.streams) if args.streams else None
     if args.history:
-        with Journal(args.journal or DEFAULT_JOURNAL, writer=False) as journal:
-            for alarm in journal.alarms(since=args.since, stream=args.stream):
-                _print(_json_line(alarm) if args.json else format_alarm(alarm))
+        for alarm in history(args.journal or [DEFAULT_JOURNAL], args.since, streams):
+            _print(_json_line(alarm) if args.json else format_alarm(alarm))
         return 0
-    return _run_live(args)
+    return _run_live(args, streams)
 
 
-def _run_live(args: argparse.Namespace) -> int:
-
+def _run_live(args: argparse.Namespace, streams: StreamSelection | None) -> int:
+    """Subscribe to every ``--endpoint`` (one SUB connected to all: ZeroMQ fans them in)."""
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # alarms are small; never buffer a huge peer message
-    sub.setsockopt(zmq.SUBSCRIBE, b"alarm")
-    sub.setsockopt(zmq.SUBSCRIBE, b"verdict")
-    sub.connect(args.endpoint)
+    configure_subscriber(sub, ["alarm", "verdict"], streams)
+    endpoints = args.endpoint or [DEFAULT_PUBLISH_ENDPOINT]
+    for endpoint in endpoints:
+        sub.connect(endpoint)
+    print(f"alarms: listening on {', '.join(endpoints)}", file=sys.stderr, flush=True)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     seen = 0
+    last_warning = -math.inf
     try:
         while args.count is None or seen < args.count:
             wait_ms = 200
@@ -212,18 +239,16 @@ def _run_live(args: argparse.Namespace) -> int:
                 wait_ms = max(1, min(wait_ms, int(left * 1000)))
             if not sub.poll(wait_ms):
                 continue
-            parts = sub.recv_multipart()
-            topic = parts[0].decode("ascii", "replace").split("/", 1)[0]  # "alarm/ws1/"
-            if topic not in ("alarm", "verdict") or len(parts) < 2:
-                continue
             try:
-                header = msgpack.unpackb(parts[1], raw=False, strict_map_key=False)
-            except Exception:  # a garbled message must not stop an operator's console
-                print(f"lhtstream alarms: undecodable {topic} message skipped", file=sys.stderr)
+                message = decode(sub.recv_multipart())
+            except ProtocolError as exc:  # a garbled message must not stop an operator's console
+                if time.monotonic() - last_warning > 1.0:
+                    last_warning = time.monotonic()
+                    print(f"lhtstream alarms: malformed message skipped: {exc}",
+                          file=sys.stderr, flush=True)
                 continue
-            if not isinstance(header, dict):
-                continue
-            if args.stream is not None and header.get("stream") != args.stream:
+            topic, header = message.topic, message.header
+            if streams is not None and not streams.matches(header["stream"]):
                 continue
             if args.json:
                 _print(_json_line({"topic": topic, **header}))
@@ -236,4 +261,3 @@ def _run_live(args: argparse.Namespace) -> int:
     finally:
         sub.close(0)
     return 0
-

@@ -11,10 +11,22 @@ commits before the outage may be rolled back (the database itself stays consiste
 Use ``Journal(path, synchronous="FULL")`` to fsync every commit when that matters;
 it costs a disk flush (~ms on spinning disks) per alarm.
 
-Sequence numbers: ``seq`` of an alarm is SQLite's rowid, i.e. ``max(seq) + 1`` of the
-journal at the time of the insert. It is gapless and continues across restarts of the
-monitor that owns the journal. One journal belongs to one monitor at a time; the
+Sequence numbers: ``seq`` of an alarm is ``max(seq) + 1`` of the journal when the monitor
+opened it, then counted up by the writer. It is gapless and continues across restarts of
+the monitor that owns the journal. One journal belongs to one monitor at a time; the
 monitor takes an exclusive ``flock`` on ``PATH.lock`` to make that so.
+
+Nothing here waits on the frame path: SQLite's automatic WAL checkpoint (copying the
+WAL into the database, with an fsync, up to ~12 ms inside a commit) is switched off and
+a thread with its own connection checkpoints every few seconds instead (sqlite3 releases
+the GIL while SQLite works). A commit that fails (disk full, read-only, I/O error)
+never raises into the monitor: ``record`` keeps the rows pending, counts the error and
+returns the seqs anyway, and ``flush`` retries them later, in order; ``health()`` says
+how many rows wait and why. Rows committed before stay as they are.
+
+Open videos: a video's start is journaled (``open_videos``) and cleared with its
+verdict, so a monitor restarted after SIGKILL finds the videos it was in the middle of
+and reports them (``interrupted``).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import json
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +47,13 @@ from typing import Any
 from lhtstream.base.errors import LhtstreamError
 
 DEFAULT_JOURNAL = "lhtstream-journal.sqlite"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
+"""2: verdicts have ``partial`` and ``kinds``; ``open_videos``. A writer upgrades 1 in place."""
+CHECKPOINT_INTERVAL_S = 5.0
+"""How often the checkpoint thread copies the WAL into the database."""
+MAX_PENDING_ROWS = 100_000
+"""Rows kept in memory while the journal cannot be written; older ones beyond are lost
+(counted): ~100 MB at worst, hours of alarms at any sane rate."""
 HISTORY_BUCKETS_S = (1, 10, 60, 600, 3600, 21600, 86400)
 """Bucket widths the history counts choose from (s): the smallest giving few enough buckets."""
 HISTORY_MAX_ROWS = 20_000
@@ -70,9 +89,36 @@ CREATE TABLE IF NOT EXISTS verdicts (
     score REAL,
     anomalous INTEGER NOT NULL,
     alarms INTEGER NOT NULL,
-    t_ns INTEGER NOT NULL
+    t_ns INTEGER NOT NULL,
+    partial INTEGER NOT NULL DEFAULT 0,  -- the verdict covers part of the video only
+    kinds TEXT NOT NULL DEFAULT '[]'     -- JSON list of the alarm kinds raised
+);
+CREATE TABLE IF NOT EXISTS open_videos (  -- videos started and not yet judged
+    stream TEXT PRIMARY KEY,
+    video TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,   -- the alarm seq the video's alarms start from
+    wall_time REAL NOT NULL
 );
 """
+_UPGRADE_1_TO_2 = """
+ALTER TABLE verdicts ADD COLUMN partial INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE verdicts ADD COLUMN kinds TEXT NOT NULL DEFAULT '[]';
+UPDATE meta SET value = '2' WHERE key = 'version';
+"""
+_INSERT_ALARM = (
+    "INSERT INTO alarms (seq, wall_time, v, stream, video, type, frame, t_frame_ns, t_alarm_ns,"
+    " kind, state, score, threshold, features) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_VERDICT = (
+    "INSERT INTO verdicts (wall_time, v, stream, video, type, frames, score, anomalous,"
+    " alarms, t_ns, partial, kinds) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_CLOSE_VIDEO = "DELETE FROM open_videos WHERE stream = ? AND video = ?"
+_OPEN_VIDEO = (
+    "INSERT OR REPLACE INTO open_videos (stream, video, type, first_seq, wall_time)"
+    " VALUES (?,?,?,?,?)"
+)
 
 
 class JournalError(LhtstreamError):
@@ -125,6 +171,26 @@ def parse_since(text: str | None) -> tuple[int | None, float | None]:
     return None, when.timestamp()
 
 
+def _alarm_row(seq: int, wall: float, fields: Mapping[str, Any]) -> tuple:
+    features = json.dumps(json_number(dict(fields.get("features") or {})), allow_nan=False)
+    return (
+        seq, wall, int(fields["v"]), str(fields["stream"]), str(fields["video"]),
+        int(fields["type"]), int(fields["frame"]), int(fields["t_frame_ns"]),
+        int(fields["t_alarm_ns"]), str(fields["kind"]), str(fields["state"]),
+        _float_or_none(fields.get("score")), _float_or_none(fields.get("threshold")), features,
+    )  # fmt: skip
+
+
+def _verdict_row(wall: float, fields: Mapping[str, Any]) -> tuple:
+    return (
+        wall, int(fields["v"]), str(fields["stream"]), str(fields["video"]), int(fields["type"]),
+        int(fields["frames"]), _float_or_none(fields.get("score")),
+        int(bool(fields["anomalous"])), int(fields["alarms"]),
+        int(fields.get("t_ns") or time.monotonic_ns()), int(bool(fields.get("partial"))),
+        json.dumps([str(k) for k in fields.get("kinds") or []]),
+    )  # fmt: skip
+
+
 class Journal:
     """Append-only SQLite journal of alarms and verdicts (WAL mode).
 
@@ -133,10 +199,18 @@ class Journal:
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, writer: bool = True, synchronous: str = "NORMAL"
+        self, path: str | os.PathLike, *, writer: bool = True, synchronous: str = "NORMAL",
+        checkpoint_interval: float | None = CHECKPOINT_INTERVAL_S, max_pages: int | None = None,
     ):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._db: sqlite3.Connection | None = None
+        self.pending: list[tuple[str, tuple]] = []  # rows not yet committed, in order
+        self.errors = 0  # failed commits (and checkpoints)
+        self.lost = 0  # rows dropped beyond MAX_PENDING_ROWS
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
         if writer:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -159,33 +233,141 @@ class Journal:
             if writer:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={synchronous}")
+                if checkpoint_interval is not None:
+                    self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
+                has_meta = self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                ).fetchone()
+                old = has_meta and self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'version'").fetchone()
+                if old and old[0] == "1":
+                    self._db.executescript(_UPGRADE_1_TO_2)
                 self._db.executescript(_SCHEMA)
                 self._db.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('version', ?)",
                     (str(JOURNAL_VERSION),),
                 )
+                if max_pages is not None:  # test hook: a disk that fills up
+                    self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
             row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise JournalError(
                 f"journal {self.path}: not a usable lhtstream journal ({exc})"
             ) from None
-        if row is None or int(row[0]) != JOURNAL_VERSION:
+        readable = (JOURNAL_VERSION,) if writer else (1, JOURNAL_VERSION)
+        if row is None or int(row[0]) not in readable:
             self.close()
             raise JournalError(
                 f"journal {self.path}: version {row and row[0]}, "
                 f"this lhtstream reads {JOURNAL_VERSION}"
             )
+        self.version = int(row[0])
+        self._seq = self.next_seq()
+        if writer and checkpoint_interval is not None:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, args=(uri, checkpoint_interval),
+                name="journal-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     # ------------------------------------------------------------ writing
 
     def next_seq(self) -> int:
         """The seq the next alarm will get (max(seq) + 1, 1 for an empty journal)."""
+        if getattr(self, "_seq", None) is not None:
+            return self._seq
         (top,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM alarms").fetchone()
         return int(top) + 1
 
+    def _checkpoint_loop(self, uri: str, interval: float) -> None:
+        """Copy the WAL into the database every ``interval`` s, off the monitor's thread."""
+        try:
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            self._failed("checkpoint connection", exc)
+            return
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:
+                    self._failed("checkpoint", exc)
+        finally:
+            db.close()
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.errors += 1
+        self.last_error = f"{what}: {type(exc).__name__}: {exc}"
+
+    def record(
+        self, alarms: list[Mapping[str, Any]] = (), verdicts: list[Mapping[str, Any]] = (),
+        opened: Mapping[str, Any] | None = None,
+    ) -> tuple[list[int], bool]:
+        """Journal alarms (each gets its seq), verdicts (each closes its open video) and a
+        video start (``opened``: stream, video, type) in one transaction.
+
+        Returns (the alarms' seqs, committed). Never raises on a database error: the rows
+        stay pending and are committed, in order, by the next ``record`` or ``flush``
+        that succeeds; the error is counted in ``health()``.
+        """
+        seqs = []
+        now = time.time()
+        for fields in alarms:
+            seq = self._seq
+            self._seq += 1
+            seqs.append(seq)
+            self.pending.append((_INSERT_ALARM, _alarm_row(seq, now, fields)))
+        for fields in verdicts:
+            self.pending.append((_INSERT_VERDICT, _verdict_row(now, fields)))
+            self.pending.append((_CLOSE_VIDEO, (str(fields["stream"]), str(fields["video"]))))
+        if opened is not None:
+            self.pending.append((_OPEN_VIDEO, (str(opened["stream"]), str(opened["video"]),
+                                               int(opened["type"]), self._seq, now)))
+        if len(self.pending) > MAX_PENDING_ROWS:
+            drop = len(self.pending) - MAX_PENDING_ROWS
+            del self.pending[:drop]
+            self.lost += drop
+        return seqs, self.flush()
+
+    def flush(self) -> bool:
+        """Commit the pending rows in one transaction; False (rows kept) when it fails."""
+        if not self.pending:
+            return True
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            for sql, params in self.pending:
+                db.execute(sql, params)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._failed("commit", exc)
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # no transaction left to roll back (SQLite ended it itself)
+            return False
+        self.pending.clear()
+        return True
+
+    def health(self) -> dict[str, Any]:
+        """The journal's state for status: ``errors``, ``pending`` rows, ``lost`` rows,
+        ``last_error`` (None when every write so far succeeded)."""
+        return {"errors": self.errors, "pending": len(self.pending), "lost": self.lost,
+                "last_error": None if self.last_error is None else self.last_error[:200]}
+
+    def open_videos(self) -> list[dict[str, Any]]:
+        """Videos started and never judged (the monitor stopped without their verdict),
+        each with ``alarms``: how many alarms it raised before."""
+        rows = self._db.execute(
+            "SELECT o.stream, o.video, o.type, o.wall_time, (SELECT COUNT(*) FROM alarms a"
+            " WHERE a.stream = o.stream AND a.video = o.video AND a.state = 'raise'"
+            " AND a.seq >= o.first_seq) FROM open_videos o ORDER BY o.wall_time"
+        ).fetchall()
+        return [{"stream": s, "video": v, "type": t, "time": _iso(w), "alarms": int(n)}
+                for s, v, t, w, n in rows]
+
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> Iterator[None]:  # for scripts and tests; the monitor uses `record`
         """One transaction for the appends inside: one commit (~0.2 ms) instead of one per
         row, for the several events a single frame or video end can raise."""
         self._db.execute("BEGIN")
@@ -202,33 +384,15 @@ class Journal:
         ``fields`` holds the protocol's alarm fields except ``seq``; ``features`` is a map
         stored as JSON text.
         """
-        features = json.dumps(json_number(dict(fields.get("features") or {})), allow_nan=False)
-        cur = self._db.execute(
-            "INSERT INTO alarms (wall_time, v, stream, video, type, frame, t_frame_ns, t_alarm_ns,"
-            " kind, state, score, threshold, features) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                time.time(), int(fields["v"]), str(fields["stream"]), str(fields["video"]),
-                int(fields["type"]), int(fields["frame"]), int(fields["t_frame_ns"]),
-                int(fields["t_alarm_ns"]), str(fields["kind"]), str(fields["state"]),
-                _float_or_none(fields.get("score")), _float_or_none(fields.get("threshold")),
-                features,
-            ),
-        )  # fmt: skip
+        seq = self._seq
+        self._db.execute(_INSERT_ALARM, _alarm_row(seq, time.time(), fields))
         # Autocommit mode (outside `batch`): the INSERT is committed when execute returns.
-        return int(cur.lastrowid)
+        self._seq += 1
+        return seq
 
     def append_verdict(self, fields: Mapping[str, Any]) -> int:
         """Commit one verdict (before publishing it); returns its journal id."""
-        cur = self._db.execute(
-            "INSERT INTO verdicts (wall_time, v, stream, video, type, frames, score, anomalous,"
-            " alarms, t_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                time.time(), int(fields["v"]), str(fields["stream"]), str(fields["video"]),
-                int(fields["type"]), int(fields["frames"]), _float_or_none(fields.get("score")),
-                int(bool(fields["anomalous"])), int(fields["alarms"]),
-                int(fields.get("t_ns") or time.monotonic_ns()),
-            ),
-        )  # fmt: skip
+        cur = self._db.execute(_INSERT_VERDICT, _verdict_row(time.time(), fields))
         return int(cur.lastrowid)
 
     # ------------------------------------------------------------ reading
@@ -272,9 +436,10 @@ class Journal:
 
     def verdicts(self, stream: str | None = None) -> list[dict[str, Any]]:
         """Verdicts in journal order, each a dict of the protocol's verdict fields plus ``time``."""
+        extra = "partial, kinds" if self.version >= 2 else "0, '[]'"
         sql = (
-            "SELECT id, wall_time, v, stream, video, type, frames, score, anomalous, alarms, t_ns"
-            " FROM verdicts"
+            "SELECT id, wall_time, v, stream, video, type, frames, score, anomalous, alarms, t_ns,"
+            f" {extra} FROM verdicts"
         )
         params: list[Any] = []
         if stream is not None:
@@ -282,11 +447,13 @@ class Journal:
             params.append(stream)
         out = []
         for row in self._db.execute(sql + " ORDER BY id", params):
-            id_, wall, v, stream_, video, type_, frames, score, anomalous, alarms, t_ns = row
+            (id_, wall, v, stream_, video, type_, frames, score, anomalous, alarms, t_ns,
+             partial, kinds) = row  # fmt: skip
             out.append({
                 "v": v, "stream": stream_, "video": video, "type": type_, "frames": frames,
                 "score": score, "anomalous": bool(anomalous), "alarms": alarms, "t_ns": t_ns,
-                "id": id_, "time": _iso(wall),
+                "partial": bool(partial), "kinds": json.loads(kinds), "id": id_,
+                "time": _iso(wall),
             })  # fmt: skip
         return out
 
@@ -323,7 +490,11 @@ class Journal:
         return [(float(t), str(s), bool(a), int(n)) for t, s, a, n in rows]
 
     def close(self) -> None:
-        """Close the database and release the owner lock."""
+        """Stop the checkpoint thread, close the database and release the owner lock."""
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=10)
+            self._checkpointer = None
         db = getattr(self, "_db", None)
         if db is not None:
             db.close()

@@ -279,6 +279,7 @@ class Monitor:
         self._gaps = RateLimitedLog()
         self._internal = RateLimitedLog()
         self._refusals = RateLimitedLog()
+        self._journal_log = RateLimitedLog(10.0)
         self._feature_rows: dict[str, list[np.ndarray]] = {}
         self.frame_endpoints: set[str] = set()
         # Pipelines made ahead of need: one costs 1-2 ms (a private model copy), and four
@@ -367,14 +368,23 @@ class Monitor:
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_NS
                 self._evict_idle(now)
+                if self.journal.pending and self._drained:
+                    self._retry_journal()
             if now >= next_status:
                 self.publish_status(now)
                 next_status += interval_ns
                 if next_status <= now:  # fell behind (suspended?): don't burst statuses
                     next_status = now + interval_ns
+        if self.journal.pending:
+            self._retry_journal()
         self.publish_status(time.monotonic_ns(), final=True)
         for name in list(self._status_due):
             self._publish_stream_status(name, time.monotonic_ns())
+
+    def _retry_journal(self) -> None:
+        pending = len(self.journal.pending)
+        if self.journal.flush():
+            log(f"journal {self.journal.path} written again: {pending} pending row(s) committed")
 
     def _on_socket_events(self) -> None:
         """Track which frame connections dropped and whether libzmq is reconnecting them.
@@ -496,7 +506,8 @@ class Monitor:
         st.type = type_id
         st.videos += 1
         st.partial = partial
-        self._emit(st.pipeline.start_video(video, type_id, metadata), st)
+        self._emit(st.pipeline.start_video(video, type_id, metadata), st,
+                   opened={"stream": st.name, "video": video, "type": type_id})
 
     def _end(self, st: StreamState) -> None:
         # clear events for alarms still active, then the verdict
@@ -593,60 +604,66 @@ class Monitor:
 
     # ------------------------------------------------------------ publishing
 
-    def _emit(self, events: Iterable[Any] | None, st: StreamState | None = None) -> None:
-        """Journal the events in one transaction, then publish them (never the other way).
+    def _emit(self, events: Iterable[Any] | None, st: StreamState | None = None,
+              opened: dict[str, Any] | None = None) -> None:
+        """Journal the events (and a video start, ``opened``) in one transaction, then
+        publish them (never the other way).
 
-        Events without a frame time (the pipeline's end-of-video ``clear`` alarms carry
+        When the journal cannot be written (disk full, read-only) the events are published
+        all the same, with the seqs they will have once the journal takes them again
+        (``Journal.record`` keeps them pending); the error is counted in status. Events
+        without a frame time (the pipeline's end-of-video ``clear`` alarms carry
         ``t_frame_ns`` 0) get the ``t_ns`` of the stream's last frame, so a consumer
         computing delivery latency never sees 0.
         """
-        if not events:
+        if not events and opened is None:
             return
         outgoing: list[tuple[str, dict[str, Any]]] = []
-        with self.journal.batch():
-            for event in events:
-                fields = _event_fields(event)
-                if type(event).__name__ == "Verdict" or "anomalous" in fields:
-                    fields["partial"] = bool(st is not None and st.partial)
-                    outgoing.append(("verdict", self._journal_verdict(fields)))
-                else:
-                    if not fields.get("t_frame_ns") and st is not None and st.t_ns:
-                        # it refers to the last frame handled (whose index the pipeline,
-                        # which counts frames received, does not know after lost frames)
-                        fields["t_frame_ns"] = st.t_ns
-                        fields["frame"] = st.frame
-                    outgoing.append(("alarm", self._journal_alarm(fields)))
+        for event in events or ():
+            fields = _event_fields(event)
+            if type(event).__name__ == "Verdict" or "anomalous" in fields:
+                fields.setdefault("partial", bool(st is not None and st.partial))
+                outgoing.append(("verdict", _verdict_fields(fields)))
+            else:
+                if not fields.get("t_frame_ns") and st is not None and st.t_ns:
+                    # it refers to the last frame handled (whose index the pipeline,
+                    # which counts frames received, does not know after lost frames)
+                    fields["t_frame_ns"] = st.t_ns
+                    fields["frame"] = st.frame
+                outgoing.append(("alarm", _alarm_fields(fields)))
+        alarms = [h for topic, h in outgoing if topic == "alarm"]
+        verdicts = [h for topic, h in outgoing if topic == "verdict"]
+        seqs, committed = self.journal.record(alarms, verdicts, opened)
+        for header, seq in zip(alarms, seqs, strict=True):
+            header["seq"] = seq
+        if not committed:
+            health = self.journal.health()
+            self._journal_log(f"journal {self.journal.path} not written ({health['last_error']});"
+                              f" {health['pending']} row(s) pending, published anyway")
         for topic, header in outgoing:
-            self.pub.send_multipart(protocol.encode(topic, header))
+            wire = _ALARM_WIRE if topic == "alarm" else _VERDICT_WIRE
+            self.pub.send_multipart(protocol.encode(topic, {k: header[k] for k in wire
+                                                            if k in header}))
             if topic == "alarm":
                 self.alarms += 1
             else:
                 self.verdicts += 1
 
-    def _journal_alarm(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Complete an alarm's fields, append it to the journal; its wire header."""
-        fields["v"] = protocol.SCHEMA_VERSION
-        fields.setdefault("t_alarm_ns", time.monotonic_ns())
-        features = fields.get("features")
-        fields["features"] = {
-            str(k): (float(v) if np.isfinite(v) else None) for k, v in dict(features or {}).items()
-        }
-        for key in ("score", "threshold"):
-            value = float(fields.get(key) if fields.get(key) is not None else math.nan)
-            fields[key] = value
-        fields["seq"] = self.journal.append_alarm(fields)
-        return {name: fields[name] for name in _ALARM_WIRE if name in fields}
-
-    def _journal_verdict(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Complete a verdict's fields, append it to the journal; its wire header."""
-        fields["v"] = protocol.SCHEMA_VERSION
-        alarms = fields.get("alarms", 0)
-        fields["alarms"] = len(alarms) if isinstance(alarms, (list, tuple)) else int(alarms)
-        fields["anomalous"] = bool(fields["anomalous"])
-        fields["score"] = float(fields["score"])
-        fields.setdefault("t_ns", time.monotonic_ns())
-        self.journal.append_verdict(fields)
-        return {name: fields[name] for name in _VERDICT_WIRE if name in fields}
+    def report_interrupted(self) -> int:
+        """Journal and publish a partial verdict for every video the journal says was open
+        when this monitor last stopped (SIGKILL, crash): kinds ``["interrupted"]``,
+        ``alarms`` the raises journaled for it. Returns how many."""
+        rows = self.journal.open_videos()
+        for row in rows:
+            log(f"stream {row['stream']!r}: video {row['video']!r} (Type{row['type']}) was "
+                f"interrupted: the monitor stopped before its verdict (started {row['time']}, "
+                f"{row['alarms']} alarm(s) raised); reported as a partial verdict")
+            self._emit([{
+                "stream": row["stream"], "video": row["video"], "type": row["type"],
+                "frames": 0, "score": 0.0, "anomalous": row["alarms"] > 0,
+                "alarms": row["alarms"], "kinds": ["interrupted"], "partial": True,
+            }])
+        return len(rows)
 
     def status(self, now_ns: int, final: bool = False) -> dict[str, Any]:
         """The ``status`` of the whole monitor (stream ``*``): totals and the latency of
@@ -677,6 +694,7 @@ class Monitor:
             "ignored": self.ignored,
             "refused": self.refused,
             "evicted": self.evicted,
+            "journal": self.journal.health(),
             "final": final,
         }
 
@@ -748,6 +766,32 @@ _VERDICT_WIRE = (
     "v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "kinds", "t_ns",
     "partial",
 )  # fmt: skip
+
+
+def _alarm_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """An alarm's fields completed for the journal and the wire (all but ``seq``)."""
+    fields["v"] = protocol.SCHEMA_VERSION
+    fields.setdefault("t_alarm_ns", time.monotonic_ns())
+    features = fields.get("features")
+    fields["features"] = {
+        str(k): (float(v) if np.isfinite(v) else None) for k, v in dict(features or {}).items()
+    }
+    for key in ("score", "threshold"):
+        value = float(fields.get(key) if fields.get(key) is not None else math.nan)
+        fields[key] = value
+    return fields
+
+
+def _verdict_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A verdict's fields completed for the journal and the wire."""
+    fields["v"] = protocol.SCHEMA_VERSION
+    alarms = fields.get("alarms", 0)
+    fields["alarms"] = len(alarms) if isinstance(alarms, (list, tuple)) else int(alarms)
+    fields["anomalous"] = bool(fields["anomalous"])
+    fields["score"] = float(fields["score"])
+    fields["kinds"] = [str(k) for k in fields.get("kinds") or []]
+    fields.setdefault("t_ns", time.monotonic_ns())
+    return fields
 
 
 # ---------------------------------------------------------------- start-up
@@ -856,6 +900,7 @@ def serve(
     max_streams: int = DEFAULT_MAX_STREAMS,
     idle_seconds: float = DEFAULT_IDLE_SECONDS,
     latency_log: str | None = None,
+    journal_max_pages: int | None = None,
 ) -> int:
     """Run the monitor until SIGINT/SIGTERM (then 0): warm up, bind, subscribe, serve.
 
@@ -863,7 +908,8 @@ def serve(
     ``model``: a model file (None: self-calibrate each stream on ``calibration_seconds``
     of footage); ``journal``: the SQLite journal path; ``streams``: names and shell-style
     patterns of the streams to serve (None: all); ``latency_log``: write every frame's
-    latency (µs, float64 ``.npy``) to this file at exit (benchmarks).
+    latency (µs, float64 ``.npy``) to this file at exit (benchmarks);
+    ``journal_max_pages``: cap the journal's size in SQLite pages (tests: a full disk).
     """
     frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
     selection = protocol.StreamSelection(streams)  # a bad pattern fails before the warm-up
@@ -892,7 +938,8 @@ def serve(
         gc.collect()
         gc.freeze()
         t_warm = time.monotonic() - t0
-        journal_db = None if stop["flag"] else Journal(journal or DEFAULT_JOURNAL)
+        journal_db = None if stop["flag"] else Journal(journal or DEFAULT_JOURNAL,
+                                                       max_pages=journal_max_pages)
     except BaseException:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
@@ -933,6 +980,7 @@ def serve(
                 raise MonitorError(f"cannot connect --frames {endpoint}: {exc}") from None
         monitor.stop_requested = stop["flag"]
         monitor.watch_connections(frames)
+        monitor.report_interrupted()
         log(
             f"ready in {time.monotonic() - t0:.2f} s (kernels warm after {t_warm:.2f} s); "
             f"frames of {selection} from {', '.join(frames)}, publishing on "
@@ -942,8 +990,12 @@ def serve(
         s = monitor.status(time.monotonic_ns())
         log(
             f"stopped: frames={s['frames']} dropped={s['dropped']} malformed={s['malformed']} "
-            f"errors={s['errors']} alarms={s['alarms']} verdicts={s['verdicts']}"
+            f"errors={s['errors']} alarms={s['alarms']} verdicts={s['verdicts']} "
+            f"journal={s['journal']}"
         )
+        if journal_db.pending:
+            log(f"WARNING: {len(journal_db.pending)} journal row(s) could not be written to "
+                f"{journal_db.path} ({journal_db.last_error}); they were published only")
         monitor.write_feature_dump()
         if latency_log is not None:
             n = min(monitor.latency_logged, LATENCY_LOG_CAPACITY)

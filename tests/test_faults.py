@@ -1,0 +1,214 @@
+"""Fault injection with real processes over real sockets (issue 11, item 3).
+
+Each test starts replay and monitor as OS processes, breaks something on purpose —
+a publisher SIGKILLed mid-video, the monitor SIGKILLed mid-video, a subscriber that
+stops reading, a journal whose disk fills up — and checks what the monitor did. Every
+wait is bounded; every process is gone when the test ends (``ProcessGroup``).
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from lhtstream.io import protocol
+from lhtstream.io.journal import Journal
+from tests.processes import ProcessGroup, Subscriber, ipc_endpoint
+
+FRAMES = 2000  # per video, 2 videos: 4 s at 1 kHz
+
+
+@pytest.fixture
+def procs():
+    with ProcessGroup() as group:
+        yield group
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from lhtstream.io.simulate import synthesize
+
+    root = tmp_path_factory.mktemp("fault-data")
+    synthesize(root, types=[1], videos_per_type=2, frames=FRAMES, seed=21)
+    return root
+
+
+def start_monitor(procs, frames_ep, pub_ep, journal, *extra):
+    mon = procs.cli("monitor", "--frames", frames_ep, "--publish", pub_ep, "--journal", journal,
+                    "--status-interval", "0.2", "--calibration-seconds", "0.3", *extra)
+    mon.wait_for_stderr(r"ready in", timeout=120)
+    return mon
+
+
+def collect(sub: Subscriber, until, timeout: float = 30.0) -> tuple[dict, list]:
+    """Messages until a whole-monitor status satisfies ``until``: (that status, all
+    decoded messages seen)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            msg = protocol.decode(sub.recv(timeout=0.2))
+        except TimeoutError:
+            continue
+        seen.append(msg)
+        if msg.topic == "status" and msg.header["stream"] == "*":
+            last = msg.header
+            if until(last):
+                return last, seen
+    raise AssertionError(f"condition not met within {timeout} s; last status {last}")
+
+
+def test_publisher_killed_mid_video_and_restarted(procs, data, tmp_path):
+    """SIGKILL the replay in the middle of video 0001, start it again: the monitor follows
+    the new run at once (video start, then seq 0), the aborted video's verdict says
+    partial, the replayed video's does not, and nothing counts as lost or malformed."""
+    frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
+    mon = start_monitor(procs, frames_ep, pub_ep, tmp_path / "journal.sqlite")
+    with Subscriber(pub_ep, ["status", "verdict"]) as sub:
+        collect(sub, lambda s: True)
+        first = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001")
+        killed_at, _ = collect(sub, lambda s: s["frames"] >= 800)
+        first.kill()
+        second = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001")
+        assert second.wait(timeout=60) == 0, second.stderr
+        status, seen = collect(sub, lambda s: s["verdicts"] >= 2 and s["frames"] >= 800 + FRAMES)
+    verdicts = [m.header for m in seen if m.topic == "verdict"]
+    assert [(v["video"], v["partial"]) for v in verdicts] == [("0001", True), ("0001", False)]
+    aborted, whole = verdicts
+    assert killed_at["frames"] <= aborted["frames"] < FRAMES  # what came before the kill
+    assert whole["frames"] == FRAMES
+    assert status["frames"] == aborted["frames"] + FRAMES
+    assert (status["dropped"], status["malformed"], status["errors"]) == (0, 0, 0)
+    assert "publisher restarted" in mon.stderr
+    assert mon.returncode is None
+
+
+def test_monitor_sigkilled_mid_video_and_restarted(procs, data, tmp_path):
+    """SIGKILL the monitor while video 0001 streams (after a `sensor` alarm), start it
+    again on the same journal: the journal's alarm seq stays gapless and continues, the
+    interrupted video is reported as a partial verdict (kinds ["interrupted"], with the
+    alarm it had raised), and the new monitor carries on with the stream."""
+    frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
+    journal = tmp_path / "journal.sqlite"
+    # one gap early in 0001, one 9 s in (the replay loops 0001, 0002, ...: seq 9000 is in
+    # 0001's third pass), when the restarted monitor is surely up
+    gaps = [*range(500, 520), *range(9000, 9020)]
+    mon = start_monitor(procs, frames_ep, pub_ep, journal)
+    with Subscriber(pub_ep, ["status", "alarm"]) as sub:
+        collect(sub, lambda s: True)
+        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--loop",
+                           "--skip", ",".join(map(str, gaps)))
+        _, seen = collect(sub, lambda s: s["frames"] >= 900)
+    before = [m.header for m in seen if m.topic == "alarm"]
+    assert any(a["kind"] == "sensor" and a["video"] == "0001" for a in before), before
+    mon.signal(signal.SIGKILL)
+    mon.wait(timeout=10)
+    again = start_monitor(procs, frames_ep, pub_ep, journal)
+    with Subscriber(pub_ep, ["status", "alarm", "verdict"]) as sub:
+        _, seen = collect(sub, lambda s: s["dropped"] >= 20 and s["alarms"] >= 1, timeout=40)
+    after = [m.header for m in seen if m.topic == "alarm"]
+    assert replay.terminate(timeout=20) == 0
+    again.signal(signal.SIGTERM)
+    assert again.wait(timeout=20) == 0
+    assert "video '0001' (Type1) was interrupted" in again.stderr
+    with Journal(journal, writer=False) as reader:
+        seqs = [a["seq"] for a in reader.alarms()]
+        verdicts = reader.verdicts()
+    assert seqs == list(range(1, len(seqs) + 1))  # gapless across the SIGKILL
+    assert after[0]["seq"] > max(a["seq"] for a in before)  # continued, not restarted
+    interrupted = [v for v in verdicts if v["kinds"] == ["interrupted"]]
+    assert [(v["video"], v["partial"], v["alarms"] >= 1) for v in interrupted] == [
+        ("0001", True, True)]
+    assert any(v["video"] == "0002" for v in verdicts)  # the stream went on being judged
+
+
+def test_subscriber_that_stops_reading_is_dropped_for_not_the_frames(procs, data, tmp_path):
+    """A subscriber that never reads fills its queue; ZeroMQ's high-water mark then
+    drops what the monitor publishes for it alone. The frames are all handled, none
+    late on its account, and a reading subscriber still gets everything."""
+    frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
+    mon = procs.cli("monitor", "--frames", frames_ep, "--publish", pub_ep, "--journal",
+                    tmp_path / "journal.sqlite", "--status-interval", "0.05",
+                    "--calibration-seconds", "0.3")
+    mon.wait_for_stderr(r"ready in", timeout=120)
+    stuck = zmq.Context.instance().socket(zmq.SUB)
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(pub_ep)
+    try:
+        with Subscriber(pub_ep, ["status"]) as reader:
+            _, before = collect(reader, lambda s: True)
+            replay = procs.cli("replay", data, "--endpoint", frames_ep, "--streams", "8",
+                               "--videos", "0001")
+            assert replay.wait(timeout=60) == 0, replay.stderr
+            status, seen = collect(reader, lambda s: s["frames"] >= 8 * FRAMES)
+            assert mon.terminate(timeout=20) == 0  # nothing more is published
+            read = len(before) + len(seen)
+            while reader.socket.poll(200):
+                reader.recv()
+                read += 1
+        got = 0
+        while stuck.poll(200):
+            stuck.recv_multipart()
+            got += 1
+    finally:
+        stuck.close(0)
+    assert (status["frames"], status["dropped"], status["malformed"]) == (8 * FRAMES, 0, 0)
+    assert got < read, (got, read)  # the stuck subscriber lost messages, the reader did not
+    assert status["latency_us"]["p50"] < 1000.0, status["latency_us"]
+
+
+def _schema_pages(tmp_path: Path) -> int:
+    with Journal(tmp_path / "probe.sqlite"):
+        pass
+    db = sqlite3.connect(tmp_path / "probe.sqlite")
+    try:
+        return int(db.execute("PRAGMA page_count").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_journal_disk_full_alarms_still_published_and_error_in_status(procs, data, tmp_path):
+    """The journal may not grow past its empty schema (SQLite's max_page_count: the same
+    SQLITE_FULL a full disk gives). Alarms keep being published with their seqs, the
+    failed commits are counted in status with the reason, the rows committed before are
+    intact, and the monitor keeps handling every frame."""
+    frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
+    journal = tmp_path / "journal.sqlite"
+    pages = _schema_pages(tmp_path)
+    mon = start_monitor(procs, frames_ep, pub_ep, journal, "--journal-max-pages", pages)
+    gaps = [s for start in range(400, 2 * FRAMES, 250) for s in range(start, start + 3)]
+    with Subscriber(pub_ep, ["status", "alarm"]) as sub:
+        collect(sub, lambda s: True)
+        replay = procs.cli("replay", data, "--endpoint", frames_ep,
+                           "--skip", ",".join(map(str, gaps)))
+        assert replay.wait(timeout=60) == 0, replay.stderr
+        status, seen = collect(
+            sub, lambda s: s["frames"] + s["dropped"] >= 2 * FRAMES and s["journal"]["errors"])
+    published = [m.header for m in seen if m.topic == "alarm"]
+    health = status["journal"]
+    assert health["errors"] >= 1 and health["pending"] >= 1
+    assert "full" in health["last_error"]
+    assert (status["frames"], status["dropped"]) == (2 * FRAMES - len(gaps), len(gaps))
+    assert status["errors"] == 0 and mon.returncode is None
+    seqs = [a["seq"] for a in published]
+    assert len(published) > 10 and seqs == list(range(1, len(seqs) + 1))
+    mon.signal(signal.SIGTERM)
+    assert mon.wait(timeout=20) == 0
+    assert "could not be written" in mon.stderr
+    with Journal(journal, writer=False) as reader:
+        kept = reader.alarms()
+    assert 0 < len(kept) < len(published)  # what fitted before the disk was full
+    by_seq = {a["seq"]: a for a in published}
+    for row in kept:  # committed rows are exactly what was published under their seq
+        sent = by_seq[row["seq"]]
+        assert (row["kind"], row["state"], row["frame"]) == (sent["kind"], sent["state"],
+                                                             sent["frame"])
