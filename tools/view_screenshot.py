@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--wait", type=float, default=10.0,
                         help="seconds to stream after the first alarm (default %(default)s)")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--patience", type=float, default=120.0,
+                        help="seconds to wait for an alarm with p99 < 1 ms (default %(default)s)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright  # local import: a test extra
 
@@ -70,7 +72,16 @@ def main() -> int:
             page.goto(url)
             page.wait_for_selector("#stream-ws2 .path .trace", timeout=20_000)
             time.sleep(3)  # a few state updates: strips filled, logs populated
-            # a moment with a stream in alarm (red), when one comes within a minute
+            # a moment with a stream in alarm (red) and, where the machine allows, the
+            # monitor's p99 under 1 ms (the browser shares this host with the monitor)
+            quiet = """() => [...document.querySelectorAll('#overview tbody tr')].every(
+                r => parseFloat(r.cells[5].textContent.replace(/,/g, '')) < 1000)"""
+            deadline = time.monotonic() + args.patience
+            while time.monotonic() < deadline:
+                page.wait_for_selector("#overview .badge.alarm", timeout=60_000)
+                if page.evaluate(quiet):
+                    break
+                time.sleep(0.2)
             page.wait_for_selector("#overview .badge.alarm", timeout=60_000)
             page.screenshot(path=args.out)
             browser.close()
