@@ -525,7 +525,10 @@ def run_max_rate(data: Path | None = None, model: Path | None = None, seconds: f
     The rate is read from the monitor's status counters (every 0.1 s) while the
     replay is still sending, and the monitor is stopped before the replay: a
     publisher vanishing while the monitor holds a deep queue is a different test.
-    ``frames_lost`` is the monitor's count of ``seq`` gaps.
+    ``frames_lost`` is the monitor's count of ``seq`` gaps. On a shared machine the
+    wall-clock rate is the scheduler's as much as ours, so the monitor's and the
+    replay's CPU time over the same window give the rate per core of each
+    (``*_cpu_frames_per_s``): what one monitor sustains on a core of its own.
     """
     if data is None or model is None:
         data, model = bench_data()
@@ -533,21 +536,31 @@ def run_max_rate(data: Path | None = None, model: Path | None = None, seconds: f
         run.start(data, "max", loop=True)
         assert run.replay is not None
         run.replay.wait_for(r"replay: frame subscriber joined", 60)
+        run.pump_for(min(1.0, seconds / 5))  # past the start
+        cpu0 = (cpu_seconds(run.monitor.pid), cpu_seconds(run.replay.pid))
+        n0 = len(run.statuses)
         run.pump_for(seconds)
-        counts = [(t, st["frames"], st.get("dropped", 0)) for t, st in run.statuses
+        cpu1 = (cpu_seconds(run.monitor.pid), cpu_seconds(run.replay.pid))
+        counts = [(t, st["frames"], st.get("dropped", 0)) for t, st in run.statuses[n0:]
                   if st.get("frames", 0) > 0]
         run.monitor.stop()
         run.replay.stop()
         rate = None
+        per_core: dict[str, float | None] = {"monitor": None, "replay": None}
         if len(counts) >= 3:
-            (t0, f0, _), (t1, f1, _) = counts[1], counts[-1]  # skip the partial first interval
+            (t0, f0, _), (t1, f1, _) = counts[0], counts[-1]
             if t1 > t0:
                 rate = (f1 - f0) / ((t1 - t0) / 1e9)
+            for i, who in enumerate(("monitor", "replay")):
+                if cpu0[i] is not None and cpu1[i] is not None and cpu1[i] > cpu0[i]:
+                    per_core[who] = round((f1 - f0) / (cpu1[i] - cpu0[i]))
         return {
             "seconds": seconds,
             "frames_processed": counts[-1][1] if counts else 0,
             "frames_lost": counts[-1][2] if counts else 0,
             "frames_per_s": None if rate is None else round(rate),
+            "monitor_cpu_frames_per_s": per_core["monitor"],
+            "replay_cpu_frames_per_s": per_core["replay"],
             "projected_full_dataset_h": (None if not rate
                                          else round(FULL_DATASET_FRAMES / rate / 3600, 2)),
         }
@@ -747,7 +760,9 @@ def summary_table(results: dict[str, Any]) -> str:
                      f"% of a core, page got {_fmt(page['pictures_per_s'])} pictures/s")
     mx = results.get("max_rate")
     if mx:
-        lines.append(f"monitor --rate max: {_fmt(mx['frames_per_s'])} frames/s, "
+        lines.append(f"monitor --rate max: {_fmt(mx['frames_per_s'])} frames/s (per CPU second: "
+                     f"monitor {_fmt(mx.get('monitor_cpu_frames_per_s'))}, replay "
+                     f"{_fmt(mx.get('replay_cpu_frames_per_s'))}), "
                      f"{mx['frames_lost']} lost of {mx['frames_processed']:,}; full data set "
                      f"(63.3 M frames) in {_fmt(mx['projected_full_dataset_h'])} h")
     bt = results.get("batch")
