@@ -1,16 +1,18 @@
 """Offline work over many videos on all cores: an ordered map over worker processes.
 
 Videos are independent (each gets a fresh pipeline, or its own features), so
-`evaluate` and `train` hand them to `ordered_map`. Workers are *spawned* (a
-fresh interpreter: no inherited sockets, threads or Numba state) and load
-their compiled kernels from Numba's cache; results come back in input order.
-With one worker, or one item, everything runs in this process.
+`evaluate` and `train` hand them to `ordered_map`. On Linux workers are forked
+(no re-import of the caller's main module, so a script needs no ``__main__``
+guard, and the compiled kernels come along); elsewhere they are spawned and
+load the kernels from Numba's cache. Results come back in input order. With
+one worker, or one item, everything runs in this process.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -51,7 +53,8 @@ def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int | N
             initializer(*initargs)
         yield from map(fn, items)
         return
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux")
+                                          else "spawn")
     with ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=initializer,
                              initargs=initargs) as pool:
         yield from pool.map(fn, items, chunksize=1)
