@@ -23,6 +23,7 @@ from lhtstream.cli.bench import run_bench
 from lhtstream.cli.demo import run_demo
 from lhtstream.cli.plots import require_matplotlib, write_plots
 from lhtstream.cli.subscribers import run_alarms, run_tap
+from lhtstream.io.curve import Curve, make_keys
 from lhtstream.io.dataset import validate
 from lhtstream.io.perturb import PERTURBATIONS, PerturbError, perturb_dataset
 from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
@@ -95,6 +96,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         idle_seconds=args.idle_seconds,
         latency_log=args.latency_log,
         journal_max_pages=args.journal_max_pages,
+        curve=Curve.from_files(args.curve_secret, args.curve_server_key, args.curve_clients),
     )
 
 
@@ -103,6 +105,15 @@ def cmd_view(args: argparse.Namespace) -> int:
     from lhtstream.cli.view import run_view  # local import: start-up time (aiohttp, ~0.2 s)
 
     return run_view(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``lhtstream keys DIR --name NAME``: a CURVE key pair for one process."""
+    public, secret = make_keys(args.folder, args.name)
+    print(f"public key: {public}  (give it to the peers: --curve-server-key, or copy it "
+          "into their --curve-clients folder)")
+    print(f"secret key: {secret}  (this process's --curve-secret; keep it private)")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -152,6 +163,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             videos=parse_names(args.videos), streams=args.streams,
             wait_subscribers=args.wait_subscribers, stream_prefix=args.stream_prefix,
             skip=parse_skip(args.skip), stop=stop,
+            curve=Curve.from_files(args.curve_secret, None, args.curve_clients),
         )
     finally:
         for s, handler in previous.items():

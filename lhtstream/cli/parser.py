@@ -88,6 +88,23 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _curve_options(p: argparse.ArgumentParser, binds: bool, connects: bool) -> None:
+    """--curve-* options (io.curve): CURVE on every socket of the subcommand when given."""
+    p.add_argument("--curve-secret", default=None, metavar="FILE",
+                   help="this process's key pair (NAME.key_secret from `lhtstream keys`): "
+                   "encrypt and authenticate every socket with CURVE (default: plain)")
+    if connects:
+        p.add_argument("--curve-server-key", default=None, metavar="FILE",
+                       help="public key (NAME.key) of what this process connects to")
+    else:
+        p.set_defaults(curve_server_key=None)
+    if binds:
+        p.add_argument("--curve-clients", default=None, metavar="DIR",
+                       help="folder of the public keys (NAME.key) allowed to connect")
+    else:
+        p.set_defaults(curve_clients=None)
+
+
 MAX_RATE = 1_000_000.0  #: frames/s per stream a replay is asked for at most
 _SECONDS = _number(float, 0.001, 7 * 24 * 3600.0)  # timeouts, durations: up to a week
 _COUNT = _number(int, 1)
@@ -248,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip", default=None, help=argparse.SUPPRESS
     )  # test hook: seq numbers not to send
+    _curve_options(p, binds=True, connects=False)
     p.set_defaults(command="replay")
 
     p = sub.add_parser(
@@ -318,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--journal-max-pages", type=_number(int, 1), default=None, help=argparse.SUPPRESS
     )  # test hook: SQLite max_page_count on the journal, i.e. a disk that fills up
+    _curve_options(p, binds=True, connects=True)
     p.set_defaults(command="monitor")
 
     p = sub.add_parser("tap", help="print messages from a PUB endpoint")
@@ -336,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=_COUNT, default=None, help="exit after N messages")
     p.add_argument("--timeout", type=_SECONDS, default=None, help="exit after S seconds")
+    _curve_options(p, binds=False, connects=True)
     p.set_defaults(command="tap")
 
     p = sub.add_parser(
@@ -408,7 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_COUNT, default=None, help="exit after N alarms (live)")
     p.add_argument("--timeout", type=_SECONDS, default=None,
                    help="exit after S seconds (live)")
+    _curve_options(p, binds=False, connects=True)
     p.set_defaults(command="alarms")
+
+    p = sub.add_parser(
+        "keys", help="make a CURVE key pair (for --curve-secret / --curve-server-key)",
+        description="Write FOLDER/NAME.key (public: give it to peers) and "
+        "FOLDER/NAME.key_secret (this process's --curve-secret). Never overwrites.",
+    )
+    p.add_argument("folder", help="folder to write the key files in (created)")
+    p.add_argument("--name", default="lhtstream",
+                   help="file name stem, e.g. the host or role (default: %(default)s)")
+    p.set_defaults(command="keys")
 
     p = sub.add_parser("evaluate", help="score a labelled data set through the monitor's code path")
     p.add_argument("data", help="data-set root with labels.csv")

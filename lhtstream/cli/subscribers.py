@@ -19,6 +19,8 @@ from typing import Any
 
 import zmq
 
+from lhtstream.io.curve import Curve
+from lhtstream.io.curve import client as curve_client
 from lhtstream.io.journal import DEFAULT_JOURNAL, Journal, json_number
 from lhtstream.io.protocol import (
     DEFAULT_PUBLISH_ENDPOINT,
@@ -93,6 +95,7 @@ def tap(
     timeout: float | None = None,
     out: Any = None,
     err: Any = None,
+    curve: Curve | None = None,
 ) -> int:
     """Print messages from ``endpoint`` until ``count`` messages or ``timeout`` seconds.
 
@@ -104,6 +107,7 @@ def tap(
     err = err or sys.stderr
     context = zmq.Context.instance()
     socket = context.socket(zmq.SUB)
+    curve_client(curve, socket)
     configure_subscriber(socket, topics)
     printed = 0
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -146,7 +150,8 @@ def run_tap(args: Any) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        tap(args.endpoint, args.topic, as_json=args.json, count=args.count, timeout=args.timeout)
+        tap(args.endpoint, args.topic, as_json=args.json, count=args.count, timeout=args.timeout,
+            curve=Curve.from_files(args.curve_secret, args.curve_server_key))
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
@@ -221,6 +226,7 @@ def _run_live(args: argparse.Namespace, streams: StreamSelection | None) -> int:
     """Subscribe to every ``--endpoint`` (one SUB connected to all: ZeroMQ fans them in)."""
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
+    curve_client(Curve.from_files(args.curve_secret, args.curve_server_key), sub)
     configure_subscriber(sub, ["alarm", "verdict"], streams)
     endpoints = args.endpoint or [DEFAULT_PUBLISH_ENDPOINT]
     for endpoint in endpoints:

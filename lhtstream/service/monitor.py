@@ -40,6 +40,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io import protocol
+from lhtstream.io.curve import Curve
+from lhtstream.io.curve import client as curve_client
+from lhtstream.io.curve import server as curve_server
 from lhtstream.io.journal import DEFAULT_JOURNAL, Journal
 from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
 from lhtstream.io.simulate import simulate_video
@@ -901,6 +904,7 @@ def serve(
     idle_seconds: float = DEFAULT_IDLE_SECONDS,
     latency_log: str | None = None,
     journal_max_pages: int | None = None,
+    curve: Curve | None = None,
 ) -> int:
     """Run the monitor until SIGINT/SIGTERM (then 0): warm up, bind, subscribe, serve.
 
@@ -909,7 +913,8 @@ def serve(
     of footage); ``journal``: the SQLite journal path; ``streams``: names and shell-style
     patterns of the streams to serve (None: all); ``latency_log``: write every frame's
     latency (µs, float64 ``.npy``) to this file at exit (benchmarks);
-    ``journal_max_pages``: cap the journal's size in SQLite pages (tests: a full disk).
+    ``journal_max_pages``: cap the journal's size in SQLite pages (tests: a full disk);
+    ``curve``: CURVE keys (io.curve) for the frame SUB (client) and the PUB (server).
     """
     frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
     selection = protocol.StreamSelection(streams)  # a bad pattern fails before the warm-up
@@ -953,6 +958,8 @@ def serve(
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 1000)  # give the last status a second to leave at exit
     sub = ctx.socket(zmq.SUB)
+    curve_server(curve, ctx, pub)
+    curve_client(curve, sub)
     try:
         try:
             pub.bind(publish)
@@ -1008,5 +1015,7 @@ def serve(
             monitor.events.close(0)
         sub.close(0)
         pub.close()
+        if curve is not None:
+            curve.close()
         journal_db.close()
     return 0

@@ -26,6 +26,8 @@ import numpy as np
 import zmq
 
 from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.curve import Curve
+from lhtstream.io.curve import server as curve_server
 from lhtstream.io.dataset import Dataset
 from lhtstream.io.protocol import (
     DEFAULT_FRAME_ENDPOINT,
@@ -205,6 +207,7 @@ def replay(
     log: TextIO | None = sys.stderr,
     progress_interval: float = 5.0,
     spin_us: int = 200,
+    curve: Curve | None = None,
 ) -> ReplayStats:
     """Publish the selected videos of data set ``data`` on ``endpoint``.
 
@@ -235,6 +238,7 @@ def replay(
 
     context = zmq.Context()
     socket = context.socket(zmq.XPUB)
+    curve_server(curve, context, socket)  # CURVE (io.curve) when keys are given
     socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only new topics
     socket.setsockopt(zmq.SNDHWM, SEND_HWM)
     socket.setsockopt(zmq.LINGER, 2000)  # deliver the tail at exit, but never hang on it
@@ -291,6 +295,8 @@ def replay(
     finally:
         loader.shutdown(wait=True, cancel_futures=True)
         socket.close()
+        if curve is not None:
+            curve.close()
         context.term()
 
 
