@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import ProcessGroup
+
 SMALL_TYPES = (1, 3, 20)
 
 
@@ -44,3 +46,10 @@ def small_dataset(dataset_factory) -> Path:
 def tiny_dataset(dataset_factory) -> Path:
     """One type (Type3, two obstacle windows), 2 normal videos x 300 frames."""
     return dataset_factory(types=[3], videos_per_type=2, frames=300, seed=1)
+
+
+@pytest.fixture
+def procs():
+    """A ProcessGroup: every CLI process a test starts is gone when it ends."""
+    with ProcessGroup() as group:
+        yield group

@@ -9,15 +9,9 @@ import shutil
 import pytest
 
 from lhtstream.io.curve import has_curve
-from tests.processes import ProcessGroup, run_cli, tcp_endpoint
+from tests.processes import run_cli, tcp_endpoint
 
 pytestmark = pytest.mark.skipif(not has_curve(), reason="libzmq built without CURVE")
-
-
-@pytest.fixture
-def procs():
-    with ProcessGroup() as group:
-        yield group
 
 
 def test_keys_replay_monitor_tap_over_curve(procs, tiny_dataset, tmp_path):

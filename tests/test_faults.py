@@ -18,24 +18,14 @@ import zmq
 
 from lhtstream.io import protocol
 from lhtstream.io.journal import Journal
-from tests.processes import ProcessGroup, Subscriber, ipc_endpoint
+from tests.processes import Subscriber, ipc_endpoint
 
 FRAMES = 2000  # per video, 2 videos: 4 s at 1 kHz
 
 
-@pytest.fixture
-def procs():
-    with ProcessGroup() as group:
-        yield group
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from lhtstream.io.simulate import synthesize
-
-    root = tmp_path_factory.mktemp("fault-data")
-    synthesize(root, types=[1], videos_per_type=2, frames=FRAMES, seed=21)
-    return root
+def data(dataset_factory) -> Path:
+    return dataset_factory(types=[1], videos_per_type=2, frames=FRAMES, seed=21)
 
 
 def start_monitor(procs, frames_ep, pub_ep, journal, *extra):
@@ -96,9 +86,9 @@ def test_monitor_sigkilled_mid_video_and_restarted(procs, data, tmp_path):
     alarm it had raised), and the new monitor carries on with the stream."""
     frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
     journal = tmp_path / "journal.sqlite"
-    # one gap early in 0001, one 9 s in (the replay loops 0001, 0002, ...: seq 9000 is in
-    # 0001's third pass), when the restarted monitor is surely up
-    gaps = [*range(500, 520), *range(9000, 9020)]
+    # one gap early in 0001, one 14 s in (the replay loops 0001, 0002, ...: seq 14000 is in
+    # 0002's fourth pass), when the restarted monitor is up even on a crowded machine
+    gaps = [*range(500, 520), *range(14000, 14020)]
     mon = start_monitor(procs, frames_ep, pub_ep, journal)
     with Subscriber(pub_ep, ["status", "alarm"]) as sub:
         collect(sub, lambda s: True)
@@ -111,7 +101,7 @@ def test_monitor_sigkilled_mid_video_and_restarted(procs, data, tmp_path):
     mon.wait(timeout=10)
     again = start_monitor(procs, frames_ep, pub_ep, journal)
     with Subscriber(pub_ep, ["status", "alarm", "verdict"]) as sub:
-        _, seen = collect(sub, lambda s: s["dropped"] >= 20 and s["alarms"] >= 1, timeout=40)
+        _, seen = collect(sub, lambda s: s["dropped"] >= 20 and s["alarms"] >= 1, timeout=60)
     after = [m.header for m in seen if m.topic == "alarm"]
     assert replay.terminate(timeout=20) == 0
     again.signal(signal.SIGTERM)
@@ -125,7 +115,8 @@ def test_monitor_sigkilled_mid_video_and_restarted(procs, data, tmp_path):
     interrupted = [v for v in verdicts if v["kinds"] == ["interrupted"]]
     assert [(v["video"], v["partial"], v["alarms"] >= 1) for v in interrupted] == [
         ("0001", True, True)]
-    assert any(v["video"] == "0002" for v in verdicts)  # the stream went on being judged
+    assert any(v["video"] == "0002" and not v["kinds"] == ["interrupted"]
+               for v in verdicts)  # the stream went on being judged
 
 
 def test_subscriber_that_stops_reading_is_dropped_for_not_the_frames(procs, data, tmp_path):

@@ -13,25 +13,15 @@ import pytest
 from lhtstream.cli.parser import main
 from lhtstream.io import protocol
 from lhtstream.io.journal import Journal
-from tests.processes import ProcessGroup, Subscriber, tcp_endpoint
+from tests.processes import Subscriber, tcp_endpoint
 
 FRAMES = 1000  # per video, 2 videos per stream: 2 s at 1 kHz
 PER_LINE = 8  # workstations per production line (one replay each), 2 lines: 16 streams
 
 
-@pytest.fixture
-def procs():
-    with ProcessGroup() as group:
-        yield group
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from lhtstream.io.simulate import synthesize
-
-    root = tmp_path_factory.mktemp("plant-data")
-    synthesize(root, types=[1], videos_per_type=2, frames=FRAMES, seed=31)
-    return root
+def data(dataset_factory) -> Path:
+    return dataset_factory(types=[1], videos_per_type=2, frames=FRAMES, seed=31)
 
 
 def _statuses(sub: Subscriber, want: int, timeout: float = 60.0) -> dict[str, dict]:

@@ -64,20 +64,22 @@ def _rate(text: str) -> str:
     return text
 
 
-def _types(text: str) -> str:
-    try:
-        parse_types(text)
-    except LhtstreamError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked_by(parse: Any) -> Any:
+    """An argparse ``type`` keeping the text once ``parse(text)`` accepts it; its
+    LhtstreamError becomes argparse's one-line error."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except LhtstreamError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
 
 
-def _streams(text: str) -> str:
-    try:
-        StreamSelection(text)
-    except LhtstreamError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_types = _checked_by(parse_types)
+_streams = _checked_by(StreamSelection)
 
 
 def _endpoint(text: str) -> str:
