@@ -74,10 +74,10 @@ def _push_row(ring, state):
     """The ring's next row and its mirror (views); advances the ring's count."""
     cap = int(state[P_RING_CAPACITY])
     total = int(state[P_RING_TOTAL])
-    buf = ring.reshape((2 * cap, N_FEATURES))
-    i = total % cap
+    a = (total % cap) * N_FEATURES
+    b = a + cap * N_FEATURES
     state[P_RING_TOTAL] = total + 1
-    return buf[i], buf[i + cap]
+    return ring[a:a + N_FEATURES], ring[b:b + N_FEATURES]
 
 
 @njit(cache=True, nogil=True, inline="always")
