@@ -211,7 +211,9 @@ def _comb_step(row, state, unusable, velocity_ok, obs, in_transition, out3):
     sdd = 0.0
     n = 0
     for back in range(SLIP_FRAMES):
-        j = (k - back) % COMB_LAG
+        j = k - back  # (k - back) mod COMB_LAG, without an integer division per frame
+        if j < 0:
+            j += COMB_LAG
         vv = state[S_SLIPRING + 3 * j + 1]
         if vv > 0.0:
             sdv += state[S_SLIPRING + 3 * j]
@@ -395,7 +397,7 @@ def score_frame(row, slot, cells, states, state, out, work):
     return 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _invert(a, stride, out, n, work):
     """Gauss-Jordan inverse of the n x n top-left block of the row-major matrix `a`
     (row length `stride`) into the row-major n x n `out`; `work` holds 2 n^2 values."""
