@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ramp-frames",
-        type=int,
+        type=_number(int, 0, 1_000_000),
         default=0,
         metavar="N",
         help="faults with a magnitude (all but obstacle_pattern_misplaced, camera_dropout, "
@@ -213,12 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", nargs="?", help="data-set root or TypeN folder with normal videos")
     p.add_argument("out", nargs="?", help="output folder (must be new or empty)")
     p.add_argument("--kinds", default=None, help="perturbations, comma-separated (default: all)")
-    p.add_argument("--types", default=None, help="types to use, e.g. 1,5,20-36 (default: all)")
+    p.add_argument("--types", type=_types, default=None,
+                   help="types to use, e.g. 1,5,20-36 (default: all)")
     p.add_argument("--videos", default=None, help="source video names, e.g. 0001,0002")
-    p.add_argument("--seed", type=int, default=0, help="random seed (onsets, placements)")
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0,
+                   help="random seed (onsets, placements)")
     p.add_argument(
-        "--scale", type=float, default=1.0,
-        help="multiply every default magnitude by this (e.g. 0.5: how small a fault is caught)",
+        "--scale", type=_number(float, 0.01, 10.0), default=1.0,
+        help="multiply every default magnitude by this, 0.01..10 (e.g. 0.5: how small a fault "
+        "is still caught)",
     )
     p.add_argument("--list", action="store_true", help="list the perturbations and exit")
     p.set_defaults(command="perturb")
