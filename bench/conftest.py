@@ -2,12 +2,18 @@
 
 Everything comes from the simulator with fixed seeds, so two runs time the same work.
 ``LHTSTREAM_BENCH_QUICK=1`` (set by ``lhtstream bench --quick``) lowers the rounds.
+
+Besides the 1 ms budget, every budgeted benchmark is compared with a fixed numpy
+workload timed in the same run (`reference_workload`, just before and just after it):
+their CPU-time ratio is nearly machine- and load-independent, so a step that became
+several times slower fails even while it is still far inside the budget.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -20,14 +26,60 @@ TYPE = 20  # one obstacle window: exercises the obstacle path too
 FRAMES = 3000
 
 
+REFERENCE_RATIOS: dict[str, float] = {
+    # CPU-time p50 of the benchmark / of `reference_workload`, as measured on main
+    # (2-core VM, numpy 2.x, numba 0.6x; the ratio moved < 5 % between an idle machine and
+    # one at load 12). Update a value when a change makes the step faster (or, with a
+    # reason, slower): a stale, too high value lets a real regression pass.
+    "test_feature_push": 0.36,
+    "test_pipeline_process": 0.42,
+    "test_monitor_step": 0.90,
+}
+RATIO_TOLERANCE = 3.0
+"""A benchmark fails when its ratio exceeds the stored one by this factor: above the
+noise between machines and loads, below the 10x regression it must catch."""
+REFERENCE_CALLS = 3_000
+
+_rng = np.random.default_rng(20240501)
+_REF_FRAMES = _rng.integers(0, 300, size=(64, 16, 22)).astype(np.uint16)
+_REF_WEIGHTS = _rng.normal(size=(16, 22))
+_REF_MATRIX = _rng.normal(size=(8, 8))
+
+
+def reference_workload(i: int) -> float:
+    """A fixed few-µs numpy job on one frame (threshold, weighted sum, a small product):
+    interpreter and numpy call overhead on frame-sized arrays, like our per-frame step."""
+    frame = _REF_FRAMES[i & 63].astype(np.float64)
+    weight = np.maximum(frame - 10.0, 0.0)
+    total = weight.sum()
+    x = (weight * _REF_WEIGHTS).sum() / (total + 1.0)
+    return float(np.dot(_REF_MATRIX, _REF_MATRIX[0] * x)[0] + frame.max())
+
+
+def reference_us(calls: int = REFERENCE_CALLS) -> tuple[float, float]:
+    """Median thread CPU time and median wall-clock time of `reference_workload`, µs."""
+    cpu_clock, wall_clock = time.thread_time_ns, time.perf_counter_ns
+    cpu = np.empty(calls, dtype=np.int64)
+    wall = np.empty(calls, dtype=np.int64)
+    for i in range(calls):
+        w = wall_clock()
+        c = cpu_clock()
+        reference_workload(i)
+        cpu[i] = cpu_clock() - c
+        wall[i] = wall_clock() - w
+    return float(np.median(cpu)) / 1000.0, float(np.median(wall)) / 1000.0
+
+
 class CpuTimes:
     """Per-call thread CPU time (ns) of the timed function, next to pytest-benchmark's wall
     clock: on a shared machine the wall-clock tail is the scheduler's, the CPU time is the
-    work's."""
+    work's. Created right before the benchmark runs, it times the reference workload
+    first (`record` times it again after)."""
 
     def __init__(self, capacity: int) -> None:
         self.ns = np.zeros(capacity, dtype=np.int64)
         self.n = 0
+        self.reference_before_us = reference_us()
 
     def wrap(self, fn):
         clock = time.thread_time_ns
@@ -47,20 +99,50 @@ class CpuTimes:
 
 
 def record(benchmark, cpu: CpuTimes, budget_us: float | None = BUDGET_US) -> dict[str, float]:
-    """p50/p99 in µs (wall clock and thread CPU time) into ``extra_info``.
+    """p50/p99 in µs (wall clock and thread CPU time) and the reference ratio into
+    ``extra_info``.
 
-    Asserts the budget on the wall-clock p50 and the CPU-time p99 (the frame's work).
+    With a budget: asserts it on the wall-clock p50 and the CPU-time p99 (the frame's
+    work), and the CPU-time p50 over `reference_workload`'s against `REFERENCE_RATIOS`.
     """
     wall = np.asarray(benchmark.stats.stats.data, dtype=np.float64) * 1e6
     p50, p99 = np.percentile(wall, (50.0, 99.0))
     c50, c99 = np.percentile(cpu.micros(), (50.0, 99.0))
+    after = reference_us()
+    ref_cpu = 0.5 * (cpu.reference_before_us[0] + after[0])
+    ref_wall = 0.5 * (cpu.reference_before_us[1] + after[1])
+    ratio, wall_ratio = float(c50) / ref_cpu, float(p50) / ref_wall
     info = benchmark.extra_info
     info["p50_us"], info["p99_us"] = round(float(p50), 2), round(float(p99), 2)
     info["cpu_p50_us"], info["cpu_p99_us"] = round(float(c50), 2), round(float(c99), 2)
+    info["reference_cpu_us"], info["reference_ratio"] = round(ref_cpu, 3), round(ratio, 3)
+    info["reference_wall_us"], info["reference_wall_ratio"] = (round(ref_wall, 3),
+                                                               round(wall_ratio, 3))
     if budget_us is not None:
         assert p50 < budget_us, f"median {p50:.1f} us per frame is over {budget_us:.0f} us"
         assert c99 < budget_us, f"CPU p99 {c99:.1f} us per frame is over {budget_us:.0f} us"
-    return {"p50": float(p50), "p99": float(p99), "cpu_p50": float(c50), "cpu_p99": float(c99)}
+        # CPU time for work that got slower, wall clock for time spent waiting
+        check_reference_ratio(benchmark.name, ratio, "CPU", float(c50), ref_cpu)
+        check_reference_ratio(benchmark.name, wall_ratio, "wall-clock", float(p50), ref_wall)
+    return {"p50": float(p50), "p99": float(p99), "cpu_p50": float(c50), "cpu_p99": float(c99),
+            "reference_ratio": ratio}
+
+
+def check_reference_ratio(name: str, ratio: float, clock: str, step_us: float,
+                          reference: float) -> None:
+    """Fail when the step got RATIO_TOLERANCE times slower than the stored ratio says."""
+    stored = REFERENCE_RATIOS.get(name)
+    measured = (f"{clock} median {step_us:.2f} us per frame = {ratio:.3f} x the reference "
+                f"workload's {reference:.2f} us, measured in this run")
+    assert stored is not None, (
+        f"{name}: no reference ratio; add REFERENCE_RATIOS[{name!r}] = {ratio:.2f} to "
+        f"bench/conftest.py ({measured})")
+    assert ratio <= RATIO_TOLERANCE * stored, (
+        f"{name}: {measured}; stored ratio {stored:.3f}: {ratio / stored:.1f}x slower")
+    if ratio < stored / RATIO_TOLERANCE:
+        warnings.warn(f"{name}: {measured}, {stored / ratio:.1f}x faster than the stored "
+                      f"{stored:.3f}: lower REFERENCE_RATIOS[{name!r}] so that a regression "
+                      "back to the old speed fails", stacklevel=2)
 
 
 @pytest.fixture(scope="session")
