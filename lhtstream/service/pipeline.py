@@ -264,8 +264,8 @@ class StreamPipeline:
         are frames with an alarm-kind change (plus one). `header` is the first frame's
         (video, type, frame index, t_ns); frame i is frame ``header["frame"] + i`` with
         ``t_ns[i]`` (default: the header's). `level` (n,) float gets each judged frame's
-        highest smoothed score / raise threshold (float64: a copy of another dtype would not
-        be written back). Returns all events, in frame order."""
+        highest smoothed score / raise threshold (float64, contiguous: it is written in
+        place). Returns all events, in frame order."""
         if not isinstance(frames, np.ndarray) or frames.dtype != _U16 or frames.ndim != 3:
             raise FeatureError(f"frames must be a (n, rows, cols) uint16 array, got "
                                f"{getattr(frames, 'dtype', type(frames).__name__)} "
@@ -280,7 +280,10 @@ class StreamPipeline:
             self._check_frame(frames[0])
         first = int(header.get("frame", self.frames))
         t0 = int(header.get("t_ns", 0))
-        out = _NO_LEVEL if level is None else _block_column(level, n, "level", np.float64)
+        if level is not None and (not isinstance(level, np.ndarray) or level.dtype != np.float64
+                                  or level.shape != (n,) or not level.flags.c_contiguous):
+            raise FeatureError(f"level must be a contiguous float64 array of shape ({n},)")
+        out = _NO_LEVEL if level is None else level
         i = 0
         while i < n:
             if self._table is None:  # calibrating: one frame at a time, into the buffer
@@ -468,10 +471,9 @@ class StreamPipeline:
         return st
 
 
-def _block_column(values: Any, n: int, what: str, dtype: Any = np.int64) -> np.ndarray:
-    """A per-frame column of a block as a contiguous (n,) array of `dtype` (checked; the
-    caller's array itself when it already is one, so a kernel's writes reach it)."""
-    a = np.ascontiguousarray(values, dtype=dtype)
+def _block_column(values: Any, n: int, what: str) -> np.ndarray:
+    """A per-frame input column of a block as a contiguous (n,) int64 array (checked)."""
+    a = np.ascontiguousarray(values, dtype=np.int64)
     if a.shape != (n,):
         raise FeatureError(f"{what} must have shape ({n},), got {a.shape}")
     return a
