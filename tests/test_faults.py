@@ -203,3 +203,16 @@ def test_journal_disk_full_alarms_still_published_and_error_in_status(procs, dat
         sent = by_seq[row["seq"]]
         assert (row["kind"], row["state"], row["frame"]) == (sent["kind"], sent["state"],
                                                              sent["frame"])
+
+
+def test_journal_that_cannot_be_created_is_a_one_line_error(procs, tmp_path):
+    """Before: `--journal /dev/null/x` ended in a FileExistsError traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    mon = procs.cli("monitor", "--frames", ipc_endpoint(tmp_path), "--publish",
+                    ipc_endpoint(tmp_path, "pub"), "--journal", blocker / "journal.sqlite",
+                    "--calibration-seconds", "0.3")
+    assert mon.wait(timeout=120) == 2
+    last = [line for line in mon.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("lhtstream: error: journal ") and "cannot create it" in last
+    assert "Traceback" not in mon.stderr

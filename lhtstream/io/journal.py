@@ -212,8 +212,12 @@ class Journal:
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
         if writer:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:  # a file where a folder should be, read-only, no space
+                raise JournalError(
+                    f"journal {self.path}: cannot create it ({exc.strerror or exc})") from None
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
