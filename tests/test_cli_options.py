@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
+
 import pytest
 
 from lhtstream.cli.parser import main
@@ -47,9 +50,26 @@ BAD = [
 ]
 
 
+@contextmanager
+def _refused_within(seconds: int):
+    """An option the parser wrongly accepts starts the command (a monitor serves forever):
+    fail the test after ``seconds`` instead of hanging the suite."""
+
+    def expired(signum, frame):
+        raise AssertionError(f"not refused: the command was still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize("argv,reason", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_option_gives_one_line_and_exit_2(argv, reason, capsys):
-    with pytest.raises(SystemExit) as info:
+    with _refused_within(20), pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
