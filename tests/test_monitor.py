@@ -341,6 +341,53 @@ def test_publisher_restart_without_video_start_is_followed_after_100_frames(proc
             final_status(mon, sub)
 
 
+def test_status_of_a_real_monitor_stays_bounded_with_600_long_named_streams(procs, tmp_path):
+    """Issue 11's stopper (300 streams: one 88 KB status the encoder refused, monitor
+    gone), against the real process: 601 streams of 64-character names reach a monitor
+    serving 600. Every status on the wire decodes, the monitor's own status and each
+    stream's stay a few KB, and the 601st stream is refused and counted."""
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    names = [f"{k:04d}".ljust(64, "x") for k in range(601)]
+    sizes: dict[str, list[int]] = {}
+
+    def statuses(until, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                parts = sub.recv(timeout=0.5)
+            except TimeoutError:
+                continue
+            assert len(parts[1]) <= protocol.MAX_HEADER_BYTES
+            msg = decode(parts)  # a malformed status would raise here
+            if msg.topic == "status":
+                sizes.setdefault(msg.header["stream"], []).append(len(parts[1]))
+                if until(msg.header):
+                    return msg.header
+        raise AssertionError(f"timed out; statuses seen of {len(sizes)} streams")
+
+    with FramePublisher(frames_ep) as pub:
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path, "--max-streams", "600",
+                            "--calibration-seconds", "0.2")
+        pub.wait_subscribed()
+        with Subscriber(pub_ep, ["status"]) as sub:
+            pub.frames(range(2), stream=names[0])
+            one = statuses(lambda h: h["stream"] == "*" and h["frames"] == 2)
+            for name in names[1:]:
+                pub.frames(range(2), stream=name)
+            whole = statuses(lambda h: h["stream"] == "*" and h["frames"] + h["refused"] == 1202)
+            assert (whole["streams"], whole["frames"], whole["refused"]) == (600, 1200, 2)
+            assert whole["errors"] == 0 and whole["malformed"] == 0
+            # one more round of status, so that every stream's own status has gone out
+            t_ns = whole["t_ns"]
+            statuses(lambda h: h["stream"] == "*" and h["t_ns"] > t_ns)
+            assert mon.returncode is None
+            final_status(mon, sub)
+    assert set(sizes) == {"*", *names[:600]}
+    # the bound: a few KB whatever the number of streams (MAX_HEADER_BYTES is 32 KB)
+    assert max(max(v) for k, v in sizes.items() if k != "*") < 4096
+    assert len(protocol.encode("status", one)[1]) <= max(sizes["*"]) < 2048
+
+
 def test_status_latency_is_each_frames_age_in_us_per_interval(procs, tmp_path):
     """Frames stamped 50 ms in the past: status latency (frame's t_ns to handled) says
     ~50,000 µs, the monitor's own share (received to handled) far less, and an interval
