@@ -8,6 +8,7 @@ wait is bounded; every process is gone when the test ends (``ProcessGroup``).
 
 from __future__ import annotations
 
+import resource
 import signal
 import sqlite3
 import time
@@ -216,3 +217,37 @@ def test_journal_that_cannot_be_created_is_a_one_line_error(procs, tmp_path):
     last = [line for line in mon.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("lhtstream: error: journal ") and "cannot create it" in last
     assert "Traceback" not in mon.stderr
+
+
+def test_journal_disk_full_then_freed_catches_up_gapless(procs, data, tmp_path):
+    """A real disk-full on the live monitor (its RLIMIT_FSIZE lowered from outside with
+    prlimit: every write past 4 KB fails, as on a full file system), then space again:
+    the alarms published meanwhile reach the journal in idle time, under the seqs they
+    were published with, and the journal is gapless again."""
+    frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
+    journal = tmp_path / "journal.sqlite"
+    mon = start_monitor(procs, frames_ep, pub_ep, journal)
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    gaps = [s for start in range(400, FRAMES, 250) for s in range(start, start + 3)]
+    with Subscriber(pub_ep, ["status", "alarm"]) as sub:
+        collect(sub, lambda s: True)
+        resource.prlimit(mon.pid, resource.RLIMIT_FSIZE, (4096, hard))  # the disk is full
+        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001",
+                           "--skip", ",".join(map(str, gaps)))
+        assert replay.wait(timeout=60) == 0, replay.stderr
+        full, seen = collect(
+            sub, lambda s: s["frames"] + s["dropped"] >= FRAMES and s["journal"]["errors"])
+        published = [m.header for m in seen if m.topic == "alarm"]
+        assert len(published) >= 3 and full["journal"]["pending"] >= len(published)
+        resource.prlimit(mon.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space again
+        freed, _ = collect(sub, lambda s: s["journal"]["pending"] == 0, timeout=20)
+    assert freed["errors"] == 0 and freed["journal"]["lost"] == 0 and mon.returncode is None
+    assert mon.terminate(timeout=20) == 0
+    with Journal(journal, writer=False) as reader:
+        rows = reader.alarms()
+        verdicts = reader.verdicts()
+    assert [r["seq"] for r in rows] == [a["seq"] for a in published]
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [(r["kind"], r["state"], r["frame"]) for r in rows] == [
+        (a["kind"], a["state"], a["frame"]) for a in published]
+    assert [v["video"] for v in verdicts] == ["0001"]
