@@ -813,8 +813,16 @@ def test_idle_stream_is_evicted_with_a_partial_verdict(tmp_path):
 
 
 def test_latency_log_keeps_every_frame(tmp_path):
+    pixels = np.zeros((16, 22), dtype=np.uint16)
     with Journal(tmp_path / "journal.sqlite") as journal:
         monitor, _pub = _in_process_monitor(journal, latency_log=np.zeros(5))
-        _feed(monitor, "ws1", range(8))
+        for seq in range(8):  # each frame stamped 5 ms before it reaches the monitor
+            pixels[5, 3 + seq] = 200
+            monitor._t_recv = time.monotonic_ns()
+            monitor.handle(protocol.encode_frame(pixels, stream="ws1", video="0001", type=1,
+                                                 seq=seq, index=seq,
+                                                 t_ns=time.monotonic_ns() - 5_000_000))
     assert monitor.latency_logged == 8
-    assert np.all(monitor.latency_log > 0)  # the first 5, in µs; the rest counted only
+    # the first 5 kept, in µs (not ns, not ms): the 5 ms age plus the handling
+    assert np.all((monitor.latency_log >= 5_000) & (monitor.latency_log < 50_000)), \
+        monitor.latency_log
