@@ -114,6 +114,48 @@ def test_decode_accepts_only_bounded_messages_and_raises_only_protocol_error(par
     _in_bounds(message)
 
 
+def _slow_decode(parts):
+    """decode without the learnt layouts (msgpack and the field checks), as (header, or the
+    reason it was rejected)."""
+    saved = dict(protocol._layouts)
+    protocol._layouts.clear()
+    try:
+        return protocol.decode(parts).header, None
+    except protocol.ProtocolError as exc:
+        return None, exc.reason
+    finally:
+        protocol._layouts.clear()
+        protocol._layouts.update(saved)
+
+
+ENCODED = protocol.EncodedFrames("ws7", "0003", 5, np.zeros((2, 4, 5), dtype="<u2"), [0, 1], 9)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3),
+       st.integers(min_value=-(2**63), max_value=2**63 - 1), st.sampled_from([40, 38, 42]))
+def test_pre_encoded_frames_decode_by_their_layout_as_msgpack_would(edits, t_ns, size):
+    """Frames of a publisher writing fixed-width ints (our replay) are decoded by their
+    learnt byte layout, not by msgpack: any header with a few bytes changed (in the
+    slots, where the layout reads seq/frame/t_ns/obstacle, or in the bytes it compares)
+    must give exactly what msgpack and the field checks give, or be rejected by both."""
+    protocol.decode(ENCODED.parts(0, 1))  # learn the layout
+    assert protocol._layouts[ENCODED.topic] is not None
+    topic, header, payload = ENCODED.parts(1, 0)
+    raw = bytearray(header)
+    protocol._INT64.pack_into(raw, ENCODED.t_ns_offset, t_ns)
+    for at, value in edits:
+        if at < len(raw):
+            raw[at] = value
+    parts = [topic, bytes(raw), bytes(payload)[:size] + bytes(max(0, size - 40))]
+    want, reason = _slow_decode(parts)
+    try:
+        got = protocol.decode(parts).header
+    except protocol.ProtocolError:
+        got = None
+    assert got == want, reason
+
+
 class _CapturePub:
     def __init__(self) -> None:
         self.sent = 0

@@ -723,6 +723,23 @@ _LIVE_PATH = """
             pipe.process(protocol.frame_array(message), message.header)
         pipe.note_lost(3, message.header)
         pipe.end_video_events()
+    # frames that arrive queued behind each other: stepped from the stream's FrameBlock
+    # (process_block; process for a block of one), self-calibration included
+    block = monitor.FrameBlock()
+    pipes = pipes[1:] + [StreamPipeline("ws3", model=None, calibration_frames=400)]
+    for pipe in pipes:
+        pipe.start_video("0002", 1, sim.metadata)
+        for start in range(0, len(sim.image), 40):
+            for i in range(start, min(start + (1 if start % 80 else 40), len(sim.image))):
+                parts = [bytes(p) for p in protocol.encode_frame(
+                    sim.image[i], stream=pipe.stream, video="0002", type=1, seq=i, index=i)]
+                message = protocol.decode(parts)
+                if block.n:
+                    block.append(message.header, message.payload, 0)
+                else:
+                    block.start(message.header, message.payload, 0)
+            block.step(pipe)
+        pipe.end_video_events()
 """
 
 

@@ -3,10 +3,13 @@
 One process serves any number of streams (the header's ``stream``). The loop:
 
 1. poll the SUB socket with a timeout, so ``status`` goes out on time without frames;
-2. on wake-up drain every queued message with non-blocking receives (``--rate max``
-   queues several frames per wake-up; at 1 kHz there is usually one);
+2. on wake-up drain every queued message (``--rate max`` queues many per wake-up; at
+   1 kHz there is usually one);
 3. per frame: ``protocol.decode`` -> seq check -> ``StreamPipeline.process`` -> events;
-   every alarm/verdict is committed to the journal, then published.
+   every alarm/verdict is committed to the journal, then published. Frames of a stream
+   that arrive queued behind each other are stepped in blocks (``process_block``, one
+   compiled call over up to ``BLOCK_FRAMES``) as soon as the queue is empty; a frame
+   with nothing behind it is handled at once, never held back to form a block.
 
 A plant splits its streams over monitors with ``streams`` (``--streams ws1,line2-*``):
 the SUB socket subscribes only to those streams' topics, so ZeroMQ drops the others
@@ -55,6 +58,10 @@ STREAM_LATENCY_CAPACITY = 1 << 16
 ones are overwritten when a burst exceeds it, but ``max`` is tracked exactly."""
 DRAIN_BUDGET = 2_000
 """Messages handled per wake-up before the loop looks at the clock again (status, signals)."""
+BLOCK_FRAMES = 64
+"""Most frames of one stream stepped in one call (`StreamPipeline.process_block`) when
+they arrive queued; a frame that finds the queue empty behind it is never held back."""
+_MAX_FRAME_PIXELS = protocol.MAX_FRAME_SIDE ** 2
 DEFAULT_MAX_STREAMS = 64
 """Streams one monitor serves at once (each holds a pipeline of ~1-2 MB); more are refused."""
 DEFAULT_IDLE_SECONDS = 300.0
@@ -137,6 +144,27 @@ class LatencyRecorder:
         if service_us > self._service_max:
             self._service_max = service_us
 
+    def record_block(self, total_us: np.ndarray, service_us: np.ndarray) -> None:
+        """``record`` for each element, in order (a block of frames, one record each)."""
+        n = total_us.shape[0]
+        if n == 0:
+            return
+        cap = self._total.shape[0]
+        if n > cap:  # only the last `cap` survive a wrap-around anyway
+            self._n += n - cap
+            self._max = max(self._max, float(total_us.max()))
+            self._service_max = max(self._service_max, float(service_us.max()))
+            total_us, service_us, n = total_us[-cap:], service_us[-cap:], cap
+        i = self._n % cap
+        head = min(n, cap - i)
+        self._total[i:i + head] = total_us[:head]
+        self._service[i:i + head] = service_us[:head]
+        self._total[:n - head] = total_us[head:]
+        self._service[:n - head] = service_us[head:]
+        self._n += n
+        self._max = max(self._max, float(total_us.max()))
+        self._service_max = max(self._service_max, float(service_us.max()))
+
     def window(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(total, service, max total, max service) of the current interval (views)."""
         n = min(self._n, self._total.shape[0])
@@ -146,6 +174,15 @@ class LatencyRecorder:
         self._n = 0
         self._max = 0.0
         self._service_max = 0.0
+
+    def take(self) -> LatencyRecorder:
+        """The current interval as a recorder of its own (a copy), and a new one here."""
+        total, service, top, service_top = self.window()
+        taken = LatencyRecorder(0)
+        taken._total, taken._service = total.copy(), service.copy()
+        taken._n, taken._max, taken._service_max = total.shape[0], top, service_top
+        self.reset()
+        return taken
 
     def summary(self, reset: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
         """(total, service) summaries over the interval, then (by default) a new interval."""
@@ -174,6 +211,64 @@ def percentile_summary(values: np.ndarray, top: float) -> dict[str, float | None
     }
 
 
+class FrameBlock:
+    """Frames of one stream that arrived queued behind each other, consecutive in ``seq``
+    and in one video, waiting to be stepped in one call: their pixels are copied into a
+    preallocated buffer, and of their headers only what differs from the first frame's
+    (``obstacle``, ``t_ns``) and the receive time are kept."""
+
+    def __init__(self, capacity: int = BLOCK_FRAMES) -> None:
+        self.capacity = capacity
+        self._pixels = np.zeros(capacity * _MAX_FRAME_PIXELS, dtype=np.uint16)
+        self._bytes = memoryview(self._pixels).cast("B")
+        self.n = 0
+        self.header: dict[str, Any] = {}  # the first frame's
+        self.obstacles: list[int] = []
+        self.t_ns: list[int] = []
+        self.t_recv: list[int] = []
+        self._size = 0  # payload bytes per frame
+
+    def start(self, header: dict[str, Any], payload: Any, t_recv: int) -> None:
+        self.header = header
+        self._size = len(payload)
+        self.n = 0
+        self.obstacles.clear()
+        self.t_ns.clear()
+        self.t_recv.clear()
+        self.append(header, payload, t_recv)
+
+    def continues(self, header: dict[str, Any]) -> bool:
+        """True when ``header`` is the next frame of the block's video (its seq is the
+        caller's to check) with the same frame shape."""
+        first = self.header
+        return (header["frame"] == first["frame"] + self.n and header["video"] == first["video"]
+                and header["type"] == first["type"] and header["shape"] == first["shape"])
+
+    def append(self, header: dict[str, Any], payload: Any, t_recv: int) -> None:
+        at = self.n * self._size
+        # via memoryview(): assigning a zmq.Frame itself to a memoryview slice segfaults
+        # (pyzmq 27)
+        self._bytes[at:at + self._size] = memoryview(payload)
+        self.obstacles.append(header["obstacle"])
+        self.t_ns.append(header["t_ns"])
+        self.t_recv.append(t_recv)
+        self.n += 1
+
+    def frames(self) -> np.ndarray:
+        """The block's pixels, (n, rows, cols) uint16 (a view of the buffer)."""
+        rows, cols = self.header["shape"]
+        return self._pixels[:self.n * rows * cols].reshape(self.n, rows, cols)
+
+    def step(self, pipeline: Any) -> Any:
+        """Run the block through ``pipeline`` (one `process_block` call, or `process` for a
+        single frame) and empty it; the events."""
+        n, frames = self.n, self.frames()
+        self.n = 0  # taken, whatever happens below
+        if n == 1:
+            return pipeline.process(frames[0], self.header)
+        return pipeline.process_block(frames, self.obstacles, self.header, self.t_ns)
+
+
 class StreamState:
     """What the monitor knows about one stream: its pipeline, counters and position."""
 
@@ -194,6 +289,9 @@ class StreamState:
         # or the start was lost): its verdict covers part of the video only.
         self.partial = False
         self.latency = LatencyRecorder()
+        # the latency interval the last monitor status covered, until this stream's own
+        self.interval: LatencyRecorder | None = None
+        self.block = FrameBlock()
         # A run of consecutive seqs below last_seq means the publisher restarted
         # (seq starts again at 0): after RESTART_RUN of them the stream is re-based.
         self._restart_next: int | None = None
@@ -276,6 +374,7 @@ class Monitor:
         self.refused = 0  # messages of new streams beyond max_streams
         self.evicted = 0  # streams evicted for silence
         self._t_recv = 0
+        self._pending: list[StreamState] = []  # streams with frames in their block
         self.started_ns = time.monotonic_ns()
         self.stop_requested = False
         self._bad_input = RateLimitedLog()
@@ -313,16 +412,23 @@ class Monitor:
         Only the SUB socket is polled (one socket, no ``dict()``: ~1 µs less per wake-up
         than polling it with the socket-monitor PAIR, measured in-process); the
         socket-monitor events are read on a timer, as they only start a 0.5 s grace period.
-        After a wake-up the queue is drained while ``ZMQ_EVENTS`` says a message is
-        waiting: a blocking receive that cannot block, so no ``zmq.Again`` is raised and
-        caught per wake-up. Receives copy (``copy=True``): ``copy=False`` made ``recv``
-        cheaper in isolation but did not lower end-to-end latency at 1 kHz.
+        After a wake-up the first message is received (a blocking receive that cannot
+        block) and ``ZMQ_EVENTS`` asked whether another is waiting: at 1 kHz there is
+        none, and no ``zmq.Again`` is raised and caught per wake-up. If there is, this is a
+        burst: the rest is received non-blocking until the one ``Again`` at its end (a
+        ``ZMQ_EVENTS`` per message costs ~1 µs: pyzmq builds an enum). Parts are received
+        as ``zmq.Frame``s, whose ``more`` says whether a part follows (pyzmq's
+        ``getsockopt(RCVMORE)``, which ``recv_multipart`` calls per part, costs as much).
+        A frame with more queued behind it goes into its stream's block (`FrameBlock`),
+        stepped in one call when the queue is empty, the block full or the next frame
+        does not continue it.
         """
         sub = self.sub
-        recv_multipart = sub.recv_multipart
-        events_of = sub.getsockopt
-        option_events = zmq.EVENTS
-        pollin = zmq.POLLIN
+        recv = sub.recv
+        events_of = sub.get
+        option_events = int(zmq.EVENTS)
+        pollin = int(zmq.POLLIN)  # ints: `int & PollEvent` builds an enum (~1.5 µs)
+        noblock = int(zmq.NOBLOCK)
         monotonic_ns = time.monotonic_ns
         handle = self.handle
         interval_ns = int(self.status_interval * 1e9)
@@ -346,15 +452,31 @@ class Monitor:
                 last_frame_ns = monotonic_ns()
                 # Drain what is queued (bounded, so status and signals still get a turn).
                 drained = False
+                flags = 0  # the first receive cannot block: poll said a message is there
                 for _ in range(DRAIN_BUDGET):
-                    parts = recv_multipart()
-                    self._t_recv = monotonic_ns()
-                    handle(parts)
-                    if not events_of(option_events) & pollin:
+                    try:
+                        part = recv(flags, copy=False)
+                    except zmq.Again:  # the end of a burst
                         drained = True
                         break
+                    self._t_recv = monotonic_ns()
+                    parts = [part]
+                    while part.more and len(parts) < 3:
+                        part = recv(copy=False)
+                        parts.append(part)
+                    if part.more:
+                        self._reject_long(parts)
+                    if not flags:
+                        if not events_of(option_events) & pollin:  # a single message
+                            handle(parts, False)
+                            drained = True
+                            break
+                        flags = noblock  # a burst: try for the next, one `Again` at its end
+                    handle(parts, True)
                     if self.stop_requested:
                         break
+                if self._pending:
+                    self._flush_all()
                 self._drained = drained
             else:
                 self._drained = True
@@ -454,8 +576,11 @@ class Monitor:
 
     # ------------------------------------------------------------ messages
 
-    def handle(self, parts: list[bytes]) -> None:
-        """Handle one multipart message; never raises on bad input."""
+    def handle(self, parts: Sequence[Any], queued: bool = False) -> None:
+        """Handle one multipart message received at ``_t_recv``; never raises on bad input.
+
+        ``queued``: more messages are waiting behind this one, so a frame may wait in its
+        stream's block for them (the caller then calls `_flush_all` once they are in)."""
         try:
             message = protocol.decode(parts)
         except protocol.ProtocolError as exc:
@@ -465,8 +590,10 @@ class Monitor:
         try:
             topic = message.topic
             if topic == "frame":
-                self._on_frame(message)
+                self._on_frame(message, queued)
             elif topic == "video":
+                if self._pending:  # a stream's frames before its video boundary
+                    self._flush_all()
                 self._on_video(message.header)
             # status/alarm/verdict from another monitor on the same bus: not ours, ignore
         except Exception as exc:  # a bug in a stage must not take the service down
@@ -475,6 +602,30 @@ class Monitor:
                 f"internal error on {message.topic} message of stream "
                 f"{message.header.get('stream')!r}: {type(exc).__name__}: {exc}"
             )
+
+    def _reject_long(self, parts: list[Any]) -> None:
+        """Receive and drop the rest of a message of more than three parts (no valid
+        message has that many); ``parts`` keeps its first three, which `handle` rejects."""
+        count = len(parts)
+        part = parts[-1]
+        while part.more:
+            part = self.sub.recv(copy=False)
+            count += 1
+        parts.append(zmq.Frame(b""))  # four parts: decode names the fault
+        self._bad_input(f"stream message of {count} parts: dropping the parts past the third")
+
+    def _flush_all(self) -> None:
+        """Step every stream's waiting block (the queue is empty, or another message needs
+        them done first)."""
+        for st in self._pending:
+            if st.block.n:
+                try:
+                    self._flush(st)
+                except Exception as exc:  # as in handle: a stage's bug must not stop us
+                    self.errors += 1
+                    self._internal(f"internal error on a block of stream {st.name!r}: "
+                                   f"{type(exc).__name__}: {exc}")
+        self._pending.clear()
 
     def _stream(self, name: str) -> StreamState | None:
         """The state of stream ``name``, made on its first message; None when it is not
@@ -531,7 +682,7 @@ class Monitor:
         elif st.video == header["video"]:
             self._end(st)
 
-    def _on_frame(self, message: Any) -> None:
+    def _on_frame(self, message: Any, queued: bool = False) -> None:
         header = message.header
         name = header["stream"]
         st = self.streams.get(name) or self._stream(name)
@@ -539,6 +690,15 @@ class Monitor:
             return
         seq = header["seq"]
         last = st.last_seq
+        block = st.block
+        if block.n:
+            if seq == last + 1 and block.continues(header):
+                block.append(header, message.payload, self._t_recv)
+                st.last_seq = seq
+                if block.n == block.capacity or not queued:
+                    self._flush(st)
+                return
+            self._flush(st)
         if last is not None and seq != last + 1:
             if seq <= last:
                 if not self._maybe_restart(st, seq):
@@ -562,11 +722,15 @@ class Monitor:
         if st.video != header["video"]:
             # Joined mid-stream or lost the `video start`: start from this frame on.
             self._start(st, header["video"], header["type"], {}, header["frame"] != 0)
+        if queued:  # more behind it: wait for them in the block (`_flush_all` follows)
+            block.start(header, message.payload, self._t_recv)
+            self._pending.append(st)
+            return
         events = st.pipeline.process(protocol.frame_array(message), header)
         if events:
             self._emit(events, st)
         if self.dump_features is not None:
-            self._keep_features(st)
+            self._keep_features(st, 1)
         done = time.monotonic_ns()
         t_recv = self._t_recv
         t_ns = header["t_ns"]
@@ -581,6 +745,33 @@ class Monitor:
         st.frames += 1
         st.frame = header["frame"]
         self.frames += 1
+
+    def _flush(self, st: StreamState) -> None:
+        """Step the frames waiting in ``st``'s block: one `process_block` call (stopping
+        inside at each frame with an alarm change), then one latency record per frame,
+        all stamped with the time the block was done."""
+        block = st.block
+        n, header = block.n, block.header
+        events = block.step(st.pipeline)
+        if events:
+            self._emit(events, st)
+        if self.dump_features is not None:
+            self._keep_features(st, n)
+        done = time.monotonic_ns()
+        t_ns = np.array(block.t_ns, dtype=np.int64)
+        total = (done - t_ns) / 1000.0
+        st.latency.record_block(total, (done - np.array(block.t_recv, dtype=np.int64)) / 1000.0)
+        log = self.latency_log
+        if log is not None:
+            at = self.latency_logged
+            if at < log.shape[0]:
+                log[at:at + n] = total[:log.shape[0] - at]
+            self.latency_logged += n
+        st.t_ns = block.t_ns[-1]
+        st.seen_ns = block.t_recv[-1]
+        st.frames += n
+        st.frame = header["frame"] + n - 1
+        self.frames += n
 
     def _maybe_restart(self, st: StreamState, seq: int) -> bool:
         """True when a backwards seq means the publisher restarted: seq 0 right after a
@@ -601,9 +792,9 @@ class Monitor:
         st._restart_run = 0
         return True
 
-    def _keep_features(self, st: StreamState) -> None:
-        row = st.pipeline.ring.latest(1)[0]
-        self._feature_rows.setdefault(st.name, []).append(np.array(row, dtype=np.float64))
+    def _keep_features(self, st: StreamState, n: int) -> None:
+        rows = self._feature_rows.setdefault(st.name, [])
+        rows.extend(np.array(row, dtype=np.float64) for row in st.pipeline.ring.latest(n))
 
     # ------------------------------------------------------------ publishing
 
@@ -702,11 +893,13 @@ class Monitor:
         }
 
     def stream_status(self, name: str, now_ns: int, evicted: bool = False) -> dict[str, Any]:
-        """The ``status`` of one stream (its own topic ``status/<name>/``); starts its next
-        latency interval."""
+        """The ``status`` of one stream (its own topic ``status/<name>/``). Its latency
+        covers the frames up to the monitor's status that queued it (the same frames as
+        that one's), else up to now."""
         st = self.streams[name]
         pipeline_status = st.pipeline.status()
-        latency, service = st.latency.summary()
+        interval, st.interval = st.interval or st.latency.take(), None
+        latency, service = interval.summary()
         return {
             "v": protocol.SCHEMA_VERSION,
             "stream": name,
@@ -738,6 +931,8 @@ class Monitor:
             return None
         self._status_due.clear()
         self._status_due.extend(self.streams)
+        for st in self.streams.values():  # the interval `header` covered, for their own
+            st.interval = st.latency.take()
         return header
 
     def _publish_stream_status(self, name: str, now_ns: int, evicted: bool = False) -> None:
@@ -854,9 +1049,10 @@ def _pipeline_factory(
 def _warm_up(model: Any) -> None:
     """Compile (or load from cache) every kernel of the frame path before subscribing.
 
-    Runs a short simulated video through a throw-away pipeline: features, model fit and
+    Runs a short simulated video through throw-away pipelines: features, model fit and
     scoring, detector — with the loaded model when there is one (for one of its types),
-    else through a tiny self-calibration. A failure here is logged, not fatal: the
+    and through a tiny self-calibration; once frame by frame off the wire, once in
+    `FrameBlock`s as a burst arrives. A failure here is logged, not fatal: the
     kernels then compile on the first live frames instead.
     """
 
@@ -870,19 +1066,35 @@ def _warm_up(model: Any) -> None:
             type_id = int(model.types[0])
         sim = simulate_video(type_id, 0, 700)
         frames = np.ascontiguousarray(sim.image, dtype=np.uint16)
-        for pipe in (
-            [StreamPipeline("warm-up", model=model)] if model is not None else []
-        ) + [StreamPipeline("warm-up", calibration_frames=500)]:
+        wire = [[bytes(p) for p in protocol.encode_frame(
+            frames[i], stream="warm-up", video="warm-up", type=type_id, seq=i, index=i,
+            obstacle=0)] for i in range(frames.shape[0])]
+        pipes = [StreamPipeline("warm-up", calibration_frames=500)]
+        if model is not None:
+            pipes.append(StreamPipeline("warm-up", model=model))
+        for pipe in pipes:
+            # frame by frame off the wire (read-only views), then (a fresh pipeline, so
+            # self-calibration runs in blocks too) as frames queued in a burst arrive
             pipe.start_video("warm-up", type_id, sim.metadata)
-            header = {"frame": 0, "t_ns": 0, "obstacle": 0, "video": "warm-up", "type": type_id}
-            for i in range(frames.shape[0]):
-                header["frame"] = i
-                # read-only frames, like the ones decoded from the wire
-                pixels = np.frombuffer(frames[i].tobytes(), dtype=np.uint16).reshape(
-                    frames.shape[1:]
-                )
-                pipe.process(pixels, header)
-            pipe.note_lost(3, header)
+            for parts in wire:
+                message = protocol.decode(parts)
+                pipe.process(protocol.frame_array(message), message.header)
+            pipe.note_lost(3, message.header)
+            pipe.end_video_events()
+        block = FrameBlock()
+        for pipe in [StreamPipeline("warm-up", calibration_frames=500)] + pipes[1:]:
+            pipe.start_video("warm-up", type_id, sim.metadata)
+            at, size = 0, 50
+            while at < len(wire):
+                size = 51 - size  # blocks of 50 and of 1 (a `process` of a block's frame)
+                for parts in wire[at:at + size]:
+                    message = protocol.decode(parts)
+                    if block.n:
+                        block.append(message.header, message.payload, 0)
+                    else:
+                        block.start(message.header, message.payload, 0)
+                at += block.n
+                block.step(pipe)
             pipe.end_video_events()
     except Exception as exc:
         log(f"warm-up incomplete ({type(exc).__name__}: {exc}); first frames may be late")

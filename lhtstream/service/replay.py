@@ -33,7 +33,8 @@ from lhtstream.io.protocol import (
     DEFAULT_FRAME_ENDPOINT,
     FRAME_DTYPE,
     MAX_FRAME_SIDE,
-    FrameEncoder,
+    EncodedFrames,
+    ProtocolError,
     check_name,
     encode,
     topic_bytes,
@@ -42,7 +43,11 @@ from lhtstream.io.protocol import (
 MAX_STREAMS = 1024
 """Streams one replay publishes at most (each holds one video in memory)."""
 SEND_HWM = 10_000
-"""Frames queued per subscriber before a paced PUB drops (10 s at 1 kHz)."""
+"""Frames queued per subscriber before a paced PUB drops (10 s at 1 kHz); at ``--rate
+max`` the send waits instead."""
+SEND_WAIT_MS = 100
+"""At ``--rate max``, how long one send waits for a full subscriber before it looks at
+the stop flag and tries again."""
 
 
 class ReplayError(LhtstreamError):
@@ -108,8 +113,9 @@ class _Jitter:
         return out
 
 
-def _load(video: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Frames as C-contiguous ``<u2`` (converted once per video) and obstacle states."""
+def _load(video: Any, stream: str, first_seq: int) -> EncodedFrames:
+    """A video's frame messages for ``stream``, numbered from ``first_seq``, encoded once
+    (the frames converted to C-contiguous ``<u2``)."""
     frames = np.ascontiguousarray(video.load(), dtype=FRAME_DTYPE)
     obstacles = np.asarray(video.obstacle_states(), dtype=np.int64)
     n, rows, cols = frames.shape
@@ -118,7 +124,10 @@ def _load(video: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ReplayError(f"{where}: frames are {rows}x{cols}, outside 1..{MAX_FRAME_SIDE}")
     if len(obstacles) != n:
         raise ReplayError(f"{where}: {len(obstacles)} obstacle states for {n} frames")
-    return frames, obstacles
+    try:
+        return EncodedFrames(stream, video.name, video.type, frames, obstacles, first_seq)
+    except ProtocolError as exc:
+        raise ReplayError(f"{where}: {exc}") from None
 
 
 class _Stream:
@@ -130,18 +139,16 @@ class _Stream:
         self.playlist = playlist
         self.loop = loop
         self.loader = loader
-        self.encoder = FrameEncoder(name)
         self.seq = 0
         self.position = -1  # index into playlist of the current video
         self.video: Any = None
-        self.frames: np.ndarray | None = None
-        self.obstacles: list[int] = []
+        self.encoded: EncodedFrames | None = None  # the current video's frame messages
         self.index = 0
         self.count = 0
         self.finished = False
         self._next: Future | None = None
         self._empty_in_a_row = 0
-        self._prefetch()
+        self._prefetch(0)
         self._advance()
 
     def _following(self) -> int | None:
@@ -152,25 +159,25 @@ class _Stream:
             nxt = 0
         return nxt
 
-    def _prefetch(self) -> None:
+    def _prefetch(self, first_seq: int) -> None:
         nxt = self._following()
-        self._next = None if nxt is None else self.loader.submit(_load, self.playlist[nxt])
+        self._next = None if nxt is None else self.loader.submit(
+            _load, self.playlist[nxt], self.name, first_seq)
 
     def _advance(self) -> None:
         """Switch to the next video (waiting for its prefetch) or mark the stream finished."""
         nxt = self._following()
         if nxt is None or self._next is None:
             self.finished = True
-            self.video = self.frames = None
+            self.video = self.encoded = None
             return
-        frames, obstacles = self._next.result()
+        self.encoded = self._next.result()
         self.position = nxt
         self.video = self.playlist[nxt]
-        self.frames = frames
-        self.obstacles = obstacles.tolist()  # Python ints: cheap per-frame indexing
-        self.count = len(frames)
+        self.count = self.encoded.count
         self.index = 0
-        self._prefetch()
+        # every frame takes a seq, sent or skipped: the next video's first is known now
+        self._prefetch(self.seq + self.count)
         if self.count == 0:
             # A zero-frame video still gets start/end; a whole playlist of them ends the stream.
             self._empty_in_a_row += 1
@@ -244,7 +251,11 @@ def replay(
     socket.setsockopt(zmq.LINGER, 2000)  # deliver the tail at exit, but never hang on it
     if rate is None:
         # Lossless max-rate mode: a full subscriber queue blocks us instead of dropping.
+        # The send waits inside libzmq (for the subscriber's side to report progress)
+        # and gives up after SEND_WAIT_MS, so a stop request is seen. Not NOBLOCK + poll:
+        # an XPUB always polls writable, so that loop spins (it made 1.5 `Again` per frame).
         socket.setsockopt(zmq.XPUB_NODROP, 1)
+        socket.setsockopt(zmq.SNDTIMEO, SEND_WAIT_MS)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-load")
     stats = ReplayStats(streams=[f"{stream_prefix}{i + 1}" for i in range(streams)])
     # Frame subscriptions seen so far (XPUB_VERBOSE passes every one, duplicates too). A
@@ -300,15 +311,22 @@ def replay(
         context.term()
 
 
+MAX_RATE_RUN = 256
+"""Frames of one stream sent in a row at ``--rate max`` before the next stream's turn."""
+
+
 def _run(socket: Any, lanes: list[_Stream], rate: float | None, skip: frozenset[int],
          stop: threading.Event, stats: ReplayStats, jitter: _Jitter, spin_us: int,
          drain_subscriptions: Any, say: Any, progress_interval: float) -> None:
-    """The send loop: one tick per frame period, every active stream sends one frame."""
+    """The send loop. Paced: one tick per frame period, every active stream sends one
+    frame. ``rate`` None: every stream in turn sends a run of frames as fast as the
+    slowest subscriber takes them (lossless: the XPUB is NODROP, a full queue waits)."""
     monotonic_ns = time.monotonic_ns
     sleep = time.sleep
     spin_ns = spin_us * 1000
     period_ns = None if rate is None else 1e9 / rate
-    send = socket.send_multipart if rate is not None else _sender_nodrop(socket, stop)
+    run = 1 if rate is not None else MAX_RATE_RUN
+    send = socket.send
     t0 = monotonic_ns()
     next_housekeeping = t0 + 250_000_000
     next_progress = t0 + int(progress_interval * 1e9)
@@ -332,23 +350,12 @@ def _run(socket: Any, lanes: list[_Stream], rate: float | None, skip: frozenset[
             jitter.add(now - due)
         for lane in active:
             if lane.index == 0:
-                send(lane.video_message("start"))
+                _send_whole(socket, lane.video_message("start"), stop)
                 stats.videos_started += 1
             if lane.count:
-                seq = lane.seq
-                if seq in skip:
-                    stats.frames_skipped += 1
-                else:
-                    index = lane.index
-                    video = lane.video
-                    send(lane.encoder.encode(
-                        lane.frames[index], video=video.name, type=video.type, seq=seq,
-                        index=index, t_ns=monotonic_ns(), obstacle=lane.obstacles[index]))
-                    stats.frames_sent += 1
-                lane.seq = seq + 1
-                lane.index += 1
+                _send_frames(send, lane, run, skip, stats, stop)
             if lane.index >= lane.count:
-                send(lane.video_message("end"))
+                _send_whole(socket, lane.video_message("end"), stop)
                 lane._advance()
                 advanced = True
         tick += 1
@@ -362,20 +369,59 @@ def _run(socket: Any, lanes: list[_Stream], rate: float | None, skip: frozenset[
                 next_progress = now + int(progress_interval * 1e9)
                 say(f"replay: {(now - t0) / 1e9:.1f} s, {stats.frames_sent} frames sent, "
                     f"{stats.videos_started} video(s) started")
-    stats.ticks = tick
+    stats.ticks = tick if rate is not None else (
+        (stats.frames_sent + stats.frames_skipped) // max(1, len(lanes)))
     stats.seconds = (monotonic_ns() - t0) / 1e9
     stats.stopped = stop.is_set()
 
 
-def _sender_nodrop(socket: Any, stop: threading.Event) -> Any:
-    """send_multipart that waits while a subscriber's queue is full (XPUB_NODROP)."""
-    def send(parts: list[Any]) -> None:
-        while True:
+_MORE = int(zmq.SNDMORE)  # an int, not pyzmq's flag enum: combining those costs ~1 µs
+
+
+def _send_frames(send: Any, lane: _Stream, n: int, skip: frozenset[int],
+                 stats: ReplayStats, stop: threading.Event) -> None:
+    """Send up to ``n`` frames of ``lane``'s video from its position, each stamped with
+    ``t_ns`` = now. A lossless XPUB (``--rate max``) waits in a message's first part while
+    a subscriber's queue is full, up to SEND_WAIT_MS (then ``Again``: the frame is tried
+    again, stamped anew); once the first part is queued, libzmq takes the rest of the
+    message at once. A lossy (paced) XPUB never waits: it drops for a full subscriber."""
+    monotonic_ns = time.monotonic_ns
+    enc = lane.encoded
+    assert enc is not None
+    topic, stamp = enc.topic, enc.stamp
+    payloads, size = enc.payloads, enc.payload_size
+    i, seq = lane.index, lane.seq
+    end = min(i + n, lane.count)
+    sent = 0
+    while i < end:
+        if skip and seq in skip:
+            stats.frames_skipped += 1
+        else:
+            header = stamp(i, monotonic_ns())
             try:
-                socket.send_multipart(parts, flags=zmq.NOBLOCK)
-                return
+                send(topic, _MORE)
             except zmq.Again:
                 if stop.is_set():
-                    return
-                socket.poll(100, zmq.POLLOUT)
-    return send
+                    break
+                continue
+            send(header, _MORE)
+            send(payloads[i * size:(i + 1) * size])
+            sent += 1
+        i += 1
+        seq += 1
+    lane.index, lane.seq = i, seq
+    stats.frames_sent += sent
+
+
+def _send_whole(socket: Any, parts: list[Any], stop: threading.Event) -> None:
+    """A (video) message; at ``--rate max`` it waits, like a frame, for a full subscriber."""
+    while True:
+        try:
+            socket.send(parts[0], _MORE)
+            break
+        except zmq.Again:
+            if stop.is_set():
+                return
+    for part in parts[1:-1]:
+        socket.send(part, _MORE)
+    socket.send(parts[-1])
