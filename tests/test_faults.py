@@ -4,6 +4,12 @@ Each test starts replay and monitor as OS processes, breaks something on purpose
 a publisher SIGKILLed mid-video, the monitor SIGKILLed mid-video, a subscriber that
 stops reading, a journal whose disk fills up — and checks what the monitor did. Every
 wait is bounded; every process is gone when the test ends (``ProcessGroup``).
+
+The checks are what must hold whatever the machine's load (nothing lost, order, gapless
+seqs, who got fewer messages); no step may depend on how fast another process is: the
+faults are injected when the test has seen the state they need, and the waits are long
+enough for a loaded 2-core CI (each still bounded). Latency is the benchmarks' business
+(bench/, `lhtstream bench`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from lhtstream.io.journal import Journal
 from tests.processes import Subscriber, ipc_endpoint
 
 FRAMES = 2000  # per video, 2 videos: 4 s at 1 kHz
+WAIT = 120.0  # seconds any one condition may take on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +39,11 @@ def data(dataset_factory) -> Path:
 def start_monitor(procs, frames_ep, pub_ep, journal, *extra):
     mon = procs.cli("monitor", "--frames", frames_ep, "--publish", pub_ep, "--journal", journal,
                     "--status-interval", "0.2", "--calibration-seconds", "0.3", *extra)
-    mon.wait_for_stderr(r"ready in", timeout=120)
+    mon.wait_for_stderr(r"ready in", timeout=WAIT)
     return mon
 
 
-def collect(sub: Subscriber, until, timeout: float = 30.0) -> tuple[dict, list]:
+def collect(sub: Subscriber, until, timeout: float = WAIT) -> tuple[dict, list]:
     """Messages until a whole-monitor status satisfies ``until``: (that status, all
     decoded messages seen)."""
     seen = []
@@ -63,12 +70,14 @@ def test_publisher_killed_mid_video_and_restarted(procs, data, tmp_path):
     mon = start_monitor(procs, frames_ep, pub_ep, tmp_path / "journal.sqlite")
     with Subscriber(pub_ep, ["status", "verdict"]) as sub:
         collect(sub, lambda s: True)
-        first = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001")
-        killed_at, _ = collect(sub, lambda s: s["frames"] >= 800)
+        # at 500 frames/s the video lasts 4 s: the kill lands in it however late we are
+        first = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001",
+                          "--rate", "500")
+        killed_at, _ = collect(sub, lambda s: s["frames"] >= 300)
         first.kill()
         second = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001")
-        assert second.wait(timeout=60) == 0, second.stderr
-        status, seen = collect(sub, lambda s: s["verdicts"] >= 2 and s["frames"] >= 800 + FRAMES)
+        assert second.wait(timeout=WAIT) == 0, second.stderr
+        status, seen = collect(sub, lambda s: s["verdicts"] >= 2 and s["frames"] >= 300 + FRAMES)
     verdicts = [m.header for m in seen if m.topic == "verdict"]
     assert [(v["video"], v["partial"]) for v in verdicts] == [("0001", True), ("0001", False)]
     aborted, whole = verdicts
@@ -81,54 +90,63 @@ def test_publisher_killed_mid_video_and_restarted(procs, data, tmp_path):
 
 
 def test_monitor_sigkilled_mid_video_and_restarted(procs, data, tmp_path):
-    """SIGKILL the monitor while video 0001 streams (after a `sensor` alarm), start it
-    again on the same journal: the journal's alarm seq stays gapless and continues, the
-    interrupted video is reported as a partial verdict (kinds ["interrupted"], with the
-    alarm it had raised), and the new monitor carries on with the stream."""
+    """SIGKILL the monitor while a video streams (right after it raised a `sensor` alarm
+    in it), start it again on the same journal: the journal's alarm seq stays gapless and
+    continues, the interrupted video is reported as a partial verdict (kinds
+    ["interrupted"], with the alarm it had raised), and the new monitor carries on with
+    the stream (lost frames seen, alarms raised, videos judged)."""
     frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
     journal = tmp_path / "journal.sqlite"
-    # one gap early in 0001, one 14 s in (the replay loops 0001, 0002, ...: seq 14000 is in
-    # 0002's fourth pass), when the restarted monitor is up even on a crowded machine
-    gaps = [*range(500, 520), *range(14000, 14020)]
+    # a 20-frame gap in every video (the replay loops 0001, 0002, ...) 1 s in, so each
+    # video raises a sensor alarm and the restarted monitor meets gaps whenever it is up;
+    # at 500 frames/s the kill has 3 s to land in the video of the alarm it follows
+    gaps = [v * FRAMES + 500 + i for v in range(300) for i in range(20)]  # 20 min of replay
     mon = start_monitor(procs, frames_ep, pub_ep, journal)
     with Subscriber(pub_ep, ["status", "alarm"]) as sub:
         collect(sub, lambda s: True)
-        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--loop",
+        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--loop", "--rate", "500",
                            "--skip", ",".join(map(str, gaps)))
-        _, seen = collect(sub, lambda s: s["frames"] >= 900)
+        _, seen = collect(sub, lambda s: s["dropped"] >= 20 and s["alarms"] >= 1)
+        mon.signal(signal.SIGKILL)
     before = [m.header for m in seen if m.topic == "alarm"]
-    assert any(a["kind"] == "sensor" and a["video"] == "0001" for a in before), before
-    mon.signal(signal.SIGKILL)
-    mon.wait(timeout=10)
+    raised = [a for a in before if a["state"] == "raise"]
+    assert any(a["kind"] == "sensor" for a in raised), [(a["kind"], a["state"], a["frame"])
+                                                        for a in before]
+    killed_in = raised[-1]["video"]
+    mon.wait(timeout=WAIT)
     again = start_monitor(procs, frames_ep, pub_ep, journal)
     with Subscriber(pub_ep, ["status", "alarm", "verdict"]) as sub:
-        _, seen = collect(sub, lambda s: s["dropped"] >= 20 and s["alarms"] >= 1, timeout=60)
+        # its own counters: a gap it met, an alarm, a verdict besides the interrupted one
+        _, seen = collect(sub, lambda s: s["dropped"] >= 20 and s["alarms"] >= 1
+                          and s["verdicts"] >= 2)
     after = [m.header for m in seen if m.topic == "alarm"]
-    assert replay.terminate(timeout=20) == 0
+    judged = [m.header for m in seen if m.topic == "verdict"
+              and m.header["kinds"] != ["interrupted"]]
+    assert replay.terminate(timeout=WAIT) == 0
     again.signal(signal.SIGTERM)
-    assert again.wait(timeout=20) == 0
-    assert "video '0001' (Type1) was interrupted" in again.stderr
+    assert again.wait(timeout=WAIT) == 0
+    assert f"video {killed_in!r} (Type1) was interrupted" in again.stderr
     with Journal(journal, writer=False) as reader:
         seqs = [a["seq"] for a in reader.alarms()]
         verdicts = reader.verdicts()
     assert seqs == list(range(1, len(seqs) + 1))  # gapless across the SIGKILL
-    assert after[0]["seq"] > max(a["seq"] for a in before)  # continued, not restarted
+    assert after and after[0]["seq"] > max(a["seq"] for a in before)  # continued
     interrupted = [v for v in verdicts if v["kinds"] == ["interrupted"]]
     assert [(v["video"], v["partial"], v["alarms"] >= 1) for v in interrupted] == [
-        ("0001", True, True)]
-    assert any(v["video"] == "0002" and not v["kinds"] == ["interrupted"]
-               for v in verdicts)  # the stream went on being judged
+        (killed_in, True, True)]
+    assert judged and all(v["kinds"] != ["interrupted"] for v in judged)  # went on judging
 
 
 def test_subscriber_that_stops_reading_is_dropped_for_not_the_frames(procs, data, tmp_path):
     """A subscriber that never reads fills its queue; ZeroMQ's high-water mark then
-    drops what the monitor publishes for it alone. The frames are all handled, none
-    late on its account, and a reading subscriber still gets everything."""
+    drops what the monitor publishes for it alone. The frames are all handled (a monitor
+    blocked on it would handle none: its latency is measured in the benchmarks), and a
+    reading subscriber still gets everything."""
     frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
     mon = procs.cli("monitor", "--frames", frames_ep, "--publish", pub_ep, "--journal",
                     tmp_path / "journal.sqlite", "--status-interval", "0.05",
                     "--calibration-seconds", "0.3")
-    mon.wait_for_stderr(r"ready in", timeout=120)
+    mon.wait_for_stderr(r"ready in", timeout=WAIT)
     stuck = zmq.Context.instance().socket(zmq.SUB)
     stuck.setsockopt(zmq.RCVHWM, 1)
     stuck.setsockopt(zmq.RCVBUF, 4096)
@@ -140,9 +158,9 @@ def test_subscriber_that_stops_reading_is_dropped_for_not_the_frames(procs, data
             _, before = collect(reader, lambda s: True)
             replay = procs.cli("replay", data, "--endpoint", frames_ep, "--streams", "8",
                                "--videos", "0001")
-            assert replay.wait(timeout=60) == 0, replay.stderr
+            assert replay.wait(timeout=WAIT) == 0, replay.stderr
             status, seen = collect(reader, lambda s: s["frames"] >= 8 * FRAMES)
-            assert mon.terminate(timeout=20) == 0  # nothing more is published
+            assert mon.terminate(timeout=WAIT) == 0  # nothing more is published
             read = len(before) + len(seen)
             while reader.socket.poll(200):
                 reader.recv()
@@ -155,7 +173,6 @@ def test_subscriber_that_stops_reading_is_dropped_for_not_the_frames(procs, data
         stuck.close(0)
     assert (status["frames"], status["dropped"], status["malformed"]) == (8 * FRAMES, 0, 0)
     assert got < read, (got, read)  # the stuck subscriber lost messages, the reader did not
-    assert status["latency_us"]["p50"] < 1000.0, status["latency_us"]
 
 
 def _schema_pages(tmp_path: Path) -> int:
@@ -182,7 +199,7 @@ def test_journal_disk_full_alarms_still_published_and_error_in_status(procs, dat
         collect(sub, lambda s: True)
         replay = procs.cli("replay", data, "--endpoint", frames_ep,
                            "--skip", ",".join(map(str, gaps)))
-        assert replay.wait(timeout=60) == 0, replay.stderr
+        assert replay.wait(timeout=WAIT) == 0, replay.stderr
         status, seen = collect(
             sub, lambda s: s["frames"] + s["dropped"] >= 2 * FRAMES and s["journal"]["errors"])
     published = [m.header for m in seen if m.topic == "alarm"]
@@ -194,7 +211,7 @@ def test_journal_disk_full_alarms_still_published_and_error_in_status(procs, dat
     seqs = [a["seq"] for a in published]
     assert len(published) > 10 and seqs == list(range(1, len(seqs) + 1))
     mon.signal(signal.SIGTERM)
-    assert mon.wait(timeout=20) == 0
+    assert mon.wait(timeout=WAIT) == 0
     assert "could not be written" in mon.stderr
     with Journal(journal, writer=False) as reader:
         kept = reader.alarms()
@@ -213,7 +230,7 @@ def test_journal_that_cannot_be_created_is_a_one_line_error(procs, tmp_path):
     mon = procs.cli("monitor", "--frames", ipc_endpoint(tmp_path), "--publish",
                     ipc_endpoint(tmp_path, "pub"), "--journal", blocker / "journal.sqlite",
                     "--calibration-seconds", "0.3")
-    assert mon.wait(timeout=120) == 2
+    assert mon.wait(timeout=WAIT) == 2
     last = [line for line in mon.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("lhtstream: error: journal ") and "cannot create it" in last
     assert "Traceback" not in mon.stderr
@@ -234,15 +251,15 @@ def test_journal_disk_full_then_freed_catches_up_gapless(procs, data, tmp_path):
         resource.prlimit(mon.pid, resource.RLIMIT_FSIZE, (4096, hard))  # the disk is full
         replay = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001",
                            "--skip", ",".join(map(str, gaps)))
-        assert replay.wait(timeout=60) == 0, replay.stderr
+        assert replay.wait(timeout=WAIT) == 0, replay.stderr
         full, seen = collect(
             sub, lambda s: s["frames"] + s["dropped"] >= FRAMES and s["journal"]["errors"])
         published = [m.header for m in seen if m.topic == "alarm"]
         assert len(published) >= 3 and full["journal"]["pending"] >= len(published)
         resource.prlimit(mon.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space again
-        freed, _ = collect(sub, lambda s: s["journal"]["pending"] == 0, timeout=20)
+        freed, _ = collect(sub, lambda s: s["journal"]["pending"] == 0)
     assert freed["errors"] == 0 and freed["journal"]["lost"] == 0 and mon.returncode is None
-    assert mon.terminate(timeout=20) == 0
+    assert mon.terminate(timeout=WAIT) == 0
     with Journal(journal, writer=False) as reader:
         rows = reader.alarms()
         verdicts = reader.verdicts()
