@@ -498,8 +498,34 @@ def encode(topic: str, header: dict[str, Any], payload: Any = None) -> list[byte
     return parts
 
 
+_INT64_SLOT = b"\xd3" + bytes(8)  # msgpack int64, its value written in later
+
+
+def _header_template(stream: str, video: str, type: int, rows: int,
+                     cols: int) -> tuple[bytes, dict[str, int]]:
+    """A frame header with the per-frame ints (``seq``, ``frame``, ``t_ns``, ``obstacle``)
+    as fixed-width msgpack int64 slots (any msgpack int format is a valid int,
+    docs/protocol.md), and the byte offset of each slot's value: every frame of a video
+    then has a header of one length and layout, made by writing four slots."""
+    pack = _packer.pack
+    parts = [b"\x8a" + b"".join(pack(k) + pack(v) for k, v in (
+        ("v", SCHEMA_VERSION), ("stream", stream), ("video", video), ("type", type)))]
+    offsets: dict[str, int] = {}
+    for key in ("seq", "frame", "t_ns"):
+        parts.append(pack(key))
+        offsets[key] = sum(map(len, parts)) + 1
+        parts.append(_INT64_SLOT)
+    parts += [pack("shape") + pack([rows, cols]) + pack("dtype") + pack(FRAME_DTYPE),
+              pack("obstacle")]
+    offsets["obstacle"] = sum(map(len, parts)) + 1
+    parts.append(_INT64_SLOT)
+    return b"".join(parts), offsets
+
+
 class FrameEncoder:
-    """Encodes frames of one stream with a reused header dict and msgpack Packer.
+    """Encodes frames of one stream, one header template per video (`_header_template`:
+    a frame's header is the template with its four ints written in, ~3x cheaper than
+    packing a map, and decoded by the receiver's layout fast path).
 
     The payload part is the array's own buffer (``memoryview``, no copy here;
     ZeroMQ copies the <2 KB into its message on send, which measured as fast
@@ -508,12 +534,11 @@ class FrameEncoder:
     """
 
     def __init__(self, stream: str) -> None:
-        self._topic = topic_bytes("frame", check_name(stream))
-        self._packer = msgpack.Packer(use_bin_type=True)
-        self._header: dict[str, Any] = {
-            "v": SCHEMA_VERSION, "stream": str(stream), "video": "", "type": 0, "seq": 0,
-            "frame": 0, "t_ns": 0, "shape": [0, 0], "dtype": FRAME_DTYPE, "obstacle": 0,
-        }
+        self._stream = check_name(stream)
+        self._topic = topic_bytes("frame", stream)
+        self._key: tuple[Any, ...] | None = None
+        self._template = b""
+        self._slots: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def encode(
         self, frame: np.ndarray, *, video: str, type: int, seq: int, index: int,
@@ -525,31 +550,32 @@ class FrameEncoder:
                 f"frame array must be 2-D C-contiguous {FRAME_DTYPE}, got "
                 f"{frame.ndim}-D {frame.dtype.str}", "frame"
             )
-        h = self._header
-        h["video"] = video
-        h["type"] = type
-        h["seq"] = seq
-        h["frame"] = index
-        h["t_ns"] = t_ns
-        h["shape"] = frame.shape
-        h["obstacle"] = obstacle
-        return [self._topic, self._packer.pack(h), frame.data]
+        key = (video, type, frame.shape)
+        if key != self._key:
+            self._template, at = _header_template(self._stream, video, type, *frame.shape)
+            self._slots = (at["seq"], at["frame"], at["t_ns"], at["obstacle"])
+            self._key = key
+        header = bytearray(self._template)
+        pack_into = _INT64.pack_into
+        try:
+            for at, value in zip(self._slots, (seq, index, t_ns, obstacle), strict=True):
+                pack_into(header, at, value)
+        except struct.error:
+            raise ProtocolError("header field seq, frame, t_ns or obstacle: not an int64",
+                                "frame") from None
+        return [self._topic, bytes(header), frame.data]
 
 
 class EncodedFrames:
     """Every frame message of one video, encoded up front in a few numpy operations.
 
-    The integers that change from frame to frame (``seq``, ``frame``, ``t_ns``,
-    ``obstacle``) are written as fixed-width msgpack int64 (any msgpack int format is a
-    valid int, docs/protocol.md), so every header of the video has the same length and
-    layout: ``headers`` holds them back to back, ``header_size`` bytes each, and sending
+    Headers from one `_header_template` (fixed-width ints, so all of one length and
+    layout) lie back to back in ``headers``, ``header_size`` bytes each, and sending
     frame ``i`` only stamps its ``t_ns`` (8 bytes at ``t_ns_offset`` in its header, see
     `stamp`) right before the send. ``payloads`` holds the pixels, ``payload_size`` bytes
     per frame. The first and last messages are decoded here, so a video whose fields a
     receiver would reject (a bad name or type) fails before anything is sent.
     """
-
-    _SLOT = b"\xd3" + bytes(8)  # msgpack int64, value patched in
 
     def __init__(self, stream: str, video: str, type: int, frames: np.ndarray,
                  obstacles: Any, first_seq: int) -> None:
@@ -559,21 +585,8 @@ class EncodedFrames:
         n, rows, cols = frames.shape
         self.topic = topic_bytes("frame", check_name(stream))
         self.count = n
-        pack = _packer.pack
-        head = b"\x8a" + b"".join(pack(k) + pack(v) for k, v in (
-            ("v", SCHEMA_VERSION), ("stream", stream), ("video", str(video)),
-            ("type", int(type))))
-        layout: list[bytes] = [head]
-        offsets: dict[str, int] = {}
-        for key in ("seq", "frame", "t_ns"):
-            layout.append(pack(key))
-            offsets[key] = sum(map(len, layout)) + 1
-            layout.append(self._SLOT)
-        layout += [pack("shape") + pack([rows, cols]) + pack("dtype") + pack(FRAME_DTYPE),
-                   pack("obstacle")]
-        offsets["obstacle"] = sum(map(len, layout)) + 1
-        layout.append(self._SLOT)
-        template = np.frombuffer(b"".join(layout), dtype=np.uint8)
+        raw, offsets = _header_template(stream, str(video), int(type), rows, cols)
+        template = np.frombuffer(raw, dtype=np.uint8)
         size = self.header_size = template.size
         self.t_ns_offset = offsets["t_ns"]
         table = np.empty((n, size), dtype=np.uint8)

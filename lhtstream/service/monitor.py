@@ -292,6 +292,7 @@ class StreamState:
         # the latency interval the last monitor status covered, until this stream's own
         self.interval: LatencyRecorder | None = None
         self.block = FrameBlock()
+        self.frame_topic = protocol.topic_bytes("frame", name)
         # A run of consecutive seqs below last_seq means the publisher restarted
         # (seq starts again at 0): after RESTART_RUN of them the stream is re-based.
         self._restart_next: int | None = None
@@ -374,7 +375,10 @@ class Monitor:
         self.refused = 0  # messages of new streams beyond max_streams
         self.evicted = 0  # streams evicted for silence
         self._t_recv = 0
-        self._pending: list[StreamState] = []  # streams with frames in their block
+        # the stream whose block holds frames (one at a time: a message of any other
+        # topic steps it first, so no frame waits for another stream's) and its topic
+        self._pending: StreamState | None = None
+        self._pending_topic = b""
         self.started_ns = time.monotonic_ns()
         self.stop_requested = False
         self._bad_input = RateLimitedLog()
@@ -460,12 +464,20 @@ class Monitor:
                         drained = True
                         break
                     self._t_recv = monotonic_ns()
-                    parts = [part]
-                    while part.more and len(parts) < 3:
-                        part = recv(copy=False)
-                        parts.append(part)
+                    topic = part.bytes
+                    if self._pending is not None and topic != self._pending_topic:
+                        self._flush_all()  # before this message of another stream or kind
                     if part.more:
-                        self._reject_long(parts)
+                        header = recv(copy=False)
+                        if header.more:
+                            payload = recv(copy=False)
+                            parts = [topic, header, payload]
+                            if payload.more:
+                                self._reject_long(parts)
+                        else:
+                            parts = [topic, header]
+                    else:
+                        parts = [topic]
                     if not flags:
                         if not events_of(option_events) & pollin:  # a single message
                             handle(parts, False)
@@ -475,7 +487,7 @@ class Monitor:
                     handle(parts, True)
                     if self.stop_requested:
                         break
-                if self._pending:
+                if self._pending is not None:
                     self._flush_all()
                 self._drained = drained
             else:
@@ -592,7 +604,7 @@ class Monitor:
             if topic == "frame":
                 self._on_frame(message, queued)
             elif topic == "video":
-                if self._pending:  # a stream's frames before its video boundary
+                if self._pending is not None:  # its frames come before its video's end
                     self._flush_all()
                 self._on_video(message.header)
             # status/alarm/verdict from another monitor on the same bus: not ours, ignore
@@ -615,17 +627,15 @@ class Monitor:
         self._bad_input(f"stream message of {count} parts: dropping the parts past the third")
 
     def _flush_all(self) -> None:
-        """Step every stream's waiting block (the queue is empty, or another message needs
-        them done first)."""
-        for st in self._pending:
-            if st.block.n:
-                try:
-                    self._flush(st)
-                except Exception as exc:  # as in handle: a stage's bug must not stop us
-                    self.errors += 1
-                    self._internal(f"internal error on a block of stream {st.name!r}: "
-                                   f"{type(exc).__name__}: {exc}")
-        self._pending.clear()
+        """Step the waiting block (the queue is empty, or a message of another topic came)."""
+        st, self._pending = self._pending, None
+        if st is not None and st.block.n:
+            try:
+                self._flush(st)
+            except Exception as exc:  # as in handle: a stage's bug must not stop us
+                self.errors += 1
+                self._internal(f"internal error on a block of stream {st.name!r}: "
+                               f"{type(exc).__name__}: {exc}")
 
     def _stream(self, name: str) -> StreamState | None:
         """The state of stream ``name``, made on its first message; None when it is not
@@ -724,7 +734,7 @@ class Monitor:
             self._start(st, header["video"], header["type"], {}, header["frame"] != 0)
         if queued:  # more behind it: wait for them in the block (`_flush_all` follows)
             block.start(header, message.payload, self._t_recv)
-            self._pending.append(st)
+            self._pending, self._pending_topic = st, st.frame_topic
             return
         events = st.pipeline.process(protocol.frame_array(message), header)
         if events:
