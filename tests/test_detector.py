@@ -118,13 +118,31 @@ def test_lost_frames_raise_sensor_once():
     assert d.process_alarms == 0
 
 
-def test_tail_threshold_extrapolates_beyond_the_sample():
+def _spiky_videos(videos: int, rng) -> list:
+    """Videos of 10,000 frames at 0 with a spike of height Exp(1) every 1000 frames: the
+    level exceeded at rate r per hour is ln(spikes per hour / r)."""
+    out = []
+    for _ in range(videos):
+        v = np.zeros(10_000)
+        v[500::1000] = rng.exponential(1.0, 10)
+        out.append(v)
+    return out
+
+
+def test_tail_threshold_extrapolates_beyond_the_sample_and_widens_with_less_footage():
     rng = np.random.default_rng(0)
-    v = rng.exponential(1.0, 100_000)
-    thr = tail_threshold(v, 1e-7, 0.0)
-    # exponential(1): P(X > t) = exp(-t), so the 1e-7 level is ~16.1
-    assert 14.0 < thr < 18.5
-    assert thr > v.max()
+    big = _spiky_videos(50, rng)
+    hours = 50 * 10_000 / 3.6e6
+    thr, k = tail_threshold(big, hours, 1.0)
+    assert k == 500  # every spike is one excursion
+    true_level = np.log(500 / hours)  # exceeded once an hour: ~8.2
+    assert thr > max(v.max() for v in big)  # beyond anything seen (~7)
+    assert true_level < thr < true_level + 2.0  # conservative, by the confidence bounds
+    # a tenth of the footage: the same process, a wider threshold (fewer excursions seen)
+    small, _ = tail_threshold(big[:5], hours / 10, 1.0)
+    assert small > thr + 0.5
+    # too few excursions to say anything: not judged
+    assert tail_threshold([big[0][:3000]], hours / 500 * 3, 1.0)[0] == np.inf
 
 
 def test_cycle_comb_groups_raise_trajectory_and_frequency():

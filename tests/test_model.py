@@ -11,6 +11,7 @@ import pytest
 from lhtstream.io.dataset import Dataset, obstacle_states
 from lhtstream.io.simulate import simulate_video
 from lhtstream.kernels.features import INTENSITY, PEAK, video_features
+from lhtstream.kernels.scoring import ADAPT_MEAN_SD, ADAPT_VAR_RATIO
 from lhtstream.model.normality import (
     COMB,
     INT_HIGH,
@@ -18,6 +19,7 @@ from lhtstream.model.normality import (
     TRAJ,
     ModelError,
     NormalityModel,
+    adaptation_extent,
 )
 
 FRAMES = 2500
@@ -136,7 +138,11 @@ def test_refuses_tampered_other_version_and_mismatched_settings(model, tmp_path)
     assert zipfile.is_zipfile(src)
 
 
-def test_learn_one_follows_a_slow_intensity_drift(model):
+def test_learn_one_follows_a_drift_only_as_far_as_its_bound(model):
+    """Online learning may follow slow differences between normal videos, but not
+    absorb a fault: a 50 % brighter spot, learned at length, moves each cell's mean by
+    at most ADAPT_MEAN_SD trained sd (and variances by ADAPT_VAR_RATIO), so it stays
+    alarming; a small offset is learned fully."""
     m = model.copy()
     rows = _rows(1, 70)
     brighter = rows.copy()
@@ -149,10 +155,29 @@ def test_learn_one_follows_a_slow_intensity_drift(model):
             m.learn_one(1, r, state, eta=0.02)
     after, ok2 = m.score_rows(1, brighter)
     assert before[ok == 1, INT_HIGH].mean() > 4.0
-    assert after[ok2 == 1, INT_HIGH].mean() < 1.0
+    # it moved (learning is on) and stopped at the bound: the mean by ADAPT_MEAN_SD sd,
+    # the sd by sqrt(ADAPT_VAR_RATIO) at most
+    z0 = before[ok == 1, INT_HIGH].mean()
+    z1 = after[ok2 == 1, INT_HIGH].mean()
+    assert (z0 - ADAPT_MEAN_SD) / np.sqrt(ADAPT_VAR_RATIO) - 0.2 < z1 < z0 - 0.5
+    extent = adaptation_extent(m.table, m.trained, m.slot(1))
+    assert ADAPT_MEAN_SD * 0.9 < extent["mean_shift_sd"] <= ADAPT_MEAN_SD + 1e-9
+    assert extent["var_ratio"] <= ADAPT_VAR_RATIO + 1e-9
     # the shared model was not touched by learning on its copy
     again, _ = model.score_rows(1, brighter)
     assert np.array_equal(again, before)
+    # a slightly brighter spot (well inside the bound) is learned as normal
+    m = model.copy()
+    lighter = rows.copy()
+    lighter[:, INTENSITY] *= 1.02
+    lighter[:, PEAK] *= 1.02
+    z0 = m.score_rows(1, lighter)[0][ok == 1, INT_HIGH].mean()
+    for _ in range(20):
+        state = m.new_state()
+        for r in lighter:
+            m.learn_one(1, r, state, eta=0.02)
+    z1 = m.score_rows(1, lighter)[0][ok == 1, INT_HIGH].mean()
+    assert z0 > 0.2 and abs(z1) < 0.1
 
 
 def test_known_types_are_judged_and_an_unknown_type_is_not(model):

@@ -31,26 +31,40 @@ def roc_auc(scores_neg: Sequence[float] | np.ndarray, scores_pos: Sequence[float
     return float(u / (neg.size * pos.size))
 
 
-def poisson_upper(k: int, confidence: float = 0.95) -> float:
-    """One-sided upper confidence bound on a Poisson mean after observing `k` events."""
-    alpha = 1.0 - confidence
+def _poisson_cdf(k: int, lam: float) -> float:
+    """P(Poisson(lam) <= k)."""
+    term = math.exp(-lam)
+    total = term
+    for i in range(1, k + 1):
+        term *= lam / i
+        total += term
+    return total
 
-    def cdf(lam: float) -> float:
-        term = math.exp(-lam)
-        total = term
-        for i in range(1, k + 1):
-            term *= lam / i
-            total += term
-        return total
 
-    lo, hi = float(k), float(k) + 10.0 * math.sqrt(k + 1) + 10.0
+def _bisect_decreasing(f, target: float, lo: float, hi: float) -> tuple[float, float]:
+    """Bracket of the x where the decreasing f(x) crosses `target`, to float precision."""
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if cdf(mid) > alpha:
+        if f(mid) > target:
             lo = mid
         else:
             hi = mid
-    return hi
+    return lo, hi
+
+
+def poisson_upper(k: int, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound on a Poisson mean after observing `k` events."""
+    return _bisect_decreasing(lambda lam: _poisson_cdf(k, lam), 1.0 - confidence, float(k),
+                              float(k) + 10.0 * math.sqrt(k + 1) + 10.0)[1]
+
+
+def gamma_lower(n: int, confidence: float = 0.95) -> float:
+    """The (1 - confidence) quantile of a Gamma(n, 1) sum of `n` unit exponentials: an
+    exponential mean estimated as S / n is below S / gamma_lower(n) with `confidence`."""
+    if n < 1:
+        raise ValueError("gamma_lower needs n >= 1")
+    # P(Gamma(n) > x) = P(Poisson(x) <= n - 1)
+    return _bisect_decreasing(lambda x: _poisson_cdf(n - 1, x), confidence, 0.0, float(n))[0]
 
 
 def roc_curve(neg: Sequence[float], pos: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

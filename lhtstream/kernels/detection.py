@@ -18,35 +18,39 @@ from numba import njit
 from lhtstream.kernels.scoring import (
     COMB,
     FREQ,
+    IMAGE,
+    IMAGE_CHANGE,
+    INT_FALL,
     INT_HIGH,
     INT_LOW,
+    INT_RISE,
     MOVE,
     N_GROUPS,
+    POS_CHANGE,
     SENSOR,
     SIZE,
+    SIZE_CHANGE,
     SLIP,
     STALL,
     TRAJ,
 )
 
 ALARM_KINDS: tuple[str, ...] = (
-    "trajectory", "intensity_low", "intensity_high", "stall", "frequency", "spot_size", "sensor",
+    "trajectory", "intensity_low", "intensity_high", "stall", "frequency", "spot_size",
+    "image", "sensor",
 )
 K_SENSOR = ALARM_KINDS.index("sensor")  # the last kind (the kernel relies on it)
 N_KINDS = len(ALARM_KINDS)
 
 # group -> alarm kind
 KIND_OF_GROUP = np.zeros(N_GROUPS, dtype=np.int64)
-KIND_OF_GROUP[TRAJ] = ALARM_KINDS.index("trajectory")
-KIND_OF_GROUP[MOVE] = ALARM_KINDS.index("trajectory")
-KIND_OF_GROUP[INT_LOW] = ALARM_KINDS.index("intensity_low")
-KIND_OF_GROUP[INT_HIGH] = ALARM_KINDS.index("intensity_high")
-KIND_OF_GROUP[SIZE] = ALARM_KINDS.index("spot_size")
-KIND_OF_GROUP[STALL] = ALARM_KINDS.index("stall")
-KIND_OF_GROUP[FREQ] = ALARM_KINDS.index("frequency")
-KIND_OF_GROUP[COMB] = ALARM_KINDS.index("trajectory")
-KIND_OF_GROUP[SLIP] = ALARM_KINDS.index("frequency")
-KIND_OF_GROUP[SENSOR] = K_SENSOR
+for _g, _k in ((TRAJ, "trajectory"), (MOVE, "trajectory"), (COMB, "trajectory"),
+               (POS_CHANGE, "trajectory"), (INT_LOW, "intensity_low"),
+               (INT_FALL, "intensity_low"), (INT_HIGH, "intensity_high"),
+               (INT_RISE, "intensity_high"), (SIZE, "spot_size"), (SIZE_CHANGE, "spot_size"),
+               (STALL, "stall"), (FREQ, "frequency"), (SLIP, "frequency"), (IMAGE, "image"),
+               (IMAGE_CHANGE, "image"), (SENSOR, "sensor")):
+    KIND_OF_GROUP[_g] = ALARM_KINDS.index(_k)
 KIND_OF_GROUP.setflags(write=False)  # compiled into the kernels as a constant
 
 VIDEO_SCORE_EXPECTED = 4.0  # chi2(2) + chi2(2) expectation subtracted from the verdict score

@@ -22,8 +22,24 @@ is followed with no lag once locked. The image term (the fundamental's
 negative-frequency half) is subtracted from each sample before averaging so a
 short time constant does not leave a ripple. The loop only learns from valid
 frames: non-empty, not repeated, outside obstacle windows (there the pattern
-changes shape while the scanner period stays 10 ms); otherwise the NCO
-free-runs at the last RATE.
+changes shape while the scanner period stays 10 ms), and not in the
+`SETTLE_FRAMES` after an obstacle key frame (the scanner finishes the pattern
+it was on).
+
+Inside an obstacle window the loop does not coast open-loop: the scanner's
+clock wanders (real galvos do; the simulator's rate has a random walk), so a
+free-running NCO drifts by up to a frame over a 2-s window, and every
+phase-keyed statistic (cells, the comb) goes wrong. The window's pattern is
+unknown but repeats every 10 frames, so the tracker locks to the pattern
+itself: after the window settles it averages `WINDOW_ACQUIRE` frames of the
+first two harmonics of x and y (four phasors, against the NCO) as a
+*reference*, and from then on the least-squares phase shift of the current
+phasors against that reference (weighted by harmonic number and amplitude) is
+the loop's error. The reference is taken a few cycles into the window, when the
+NCO is still locked from the obstacle-free part, so the phase stays continuous
+with it; the rate keeps being corrected, so when the window ends there is no
+phase error to pull in (a pull-in moves RATE by ~0.5 %, which is not the
+scanner's frequency changing).
 """
 
 from __future__ import annotations
@@ -46,22 +62,31 @@ AREA = 4  #: number of pixels above the threshold, px
 EMPTY = 5  #: 1.0 when no pixel is above the threshold
 REPEAT = 6  #: 1.0 when the frame is byte-identical to the previous non-empty frame
 SPREAD = 7  #: RMS radius of the above-threshold weights around the centroid, px
-VX = 8  #: position change since the previous frame, px/frame
-VY = 9
-PHASE = 10  #: cycle phase, frames in [0, 10)
-CYCLE = 11  #: completed cycles since the stream (video) started
-RATE = 12  #: phase advance per frame (1.0 at exactly 100 Hz)
-OBSTACLE = 13  #: obstacle state of the frame, 0/1/2
-CX = 14  #: running centre of the pattern (EWMA of valid positions), px
-CY = 15
-LOCK = 16  #: phase-lock quality in [0, 1]: share of y's variance in the 10-frame fundamental
-N_FEATURES = 17
+MXX = 8  #: weighted second central moments of the above-threshold pixels, px^2
+MYY = 9
+MXY = 10
+FAR = 11  #: counts of above-threshold pixels farther than FAR_RADIUS from the centroid
+BACKGROUND = 12  #: mean value of the pixels at or below the threshold, counts per pixel
+VX = 13  #: position change since the previous frame, px/frame
+VY = 14
+PHASE = 15  #: cycle phase, frames in [0, 10)
+CYCLE = 16  #: completed cycles since the stream (video) started
+RATE = 17  #: phase advance per frame (1.0 at exactly 100 Hz)
+OBSTACLE = 18  #: obstacle state of the frame, 0/1/2
+CX = 19  #: running centre of the pattern (EWMA of valid positions), px
+CY = 20
+LOCK = 21  #: phase-lock quality in [0, 1]: share of y's variance in the 10-frame fundamental
+N_FEATURES = 22
 
 COLUMNS: tuple[str, ...] = (
     "x", "y", "intensity", "peak", "area", "empty", "repeat", "spread",
+    "mxx", "myy", "mxy", "far", "background",
     "vx", "vy", "phase", "cycle", "rate", "obstacle", "cx", "cy", "lock",
 )
-MEASURED = (X, Y, INTENSITY, PEAK, AREA, EMPTY, REPEAT, SPREAD)  #: columns set by measure_frame
+#: columns set by measure_frame (the pixels' evidence; the rest is sequential)
+MEASURED = (X, Y, INTENSITY, PEAK, AREA, EMPTY, REPEAT, SPREAD, MXX, MYY, MXY, FAR, BACKGROUND)
+
+FAR_RADIUS = 3.5  #: px; "away from the spot": beyond this distance from the centroid
 
 CYCLE_FRAMES = 10.0  #: nominal frames per scan cycle
 DEFAULT_THRESHOLD = 8.0  #: counts; see measure_frame
@@ -92,7 +117,21 @@ _S_ACQUIRE = 18  # valid frames before the loop closes
 _S_MIN_LOCK = 19  # below this LOCK the loop does not steer
 _S_RATE_MIN = 20
 _S_RATE_MAX = 21
-TRACK_STATE_SIZE = 22
+# the in-window loop (see the module doc)
+_S_OBS = 22  # obstacle state of the previous frame (-1 before the first)
+_S_SINCE = 23  # frames since the obstacle state changed
+_S_WN = 24  # valid in-window frames learned since the window settled
+_S_WZ = 25  # raw phasors (x, y at harmonics 1, 2), the NCO's own (1, 2), means x, y
+_W_SIZE = 14
+_S_WREF = _S_WZ + _W_SIZE  # the 4 centred phasors at WINDOW_ACQUIRE (re, im)
+_S_RING_N = _S_WREF + 8  # consecutive valid samples in the main loop's cycle ring (<= 10)
+_S_RING_I = _S_RING_N + 1  # where the next one goes
+_S_RING = _S_RING_I + 1  # the last cycle's demodulated samples (re, im): 20 values
+TRACK_STATE_SIZE = _S_RING + 20
+
+SETTLE_FRAMES = 20  #: frames after an obstacle key frame the loops do not learn from
+WINDOW_ACQUIRE = 50  #: in-window frames averaged into the window loop's reference
+WINDOW_ALPHA = 0.02  #: EWMA weight floor of the window phasors (50-frame time constant)
 
 _TWO_PI_OVER_CYCLE = 2.0 * math.pi / CYCLE_FRAMES
 
@@ -132,6 +171,7 @@ def new_track_state(
     s[_S_MIN_LOCK] = min_lock
     s[_S_RATE_MIN] = rate_min
     s[_S_RATE_MAX] = rate_max
+    s[_S_OBS] = -1.0
     return s
 
 
@@ -140,17 +180,23 @@ def new_track_state(
 
 @njit(cache=True, nogil=True)
 def measure_frame(frame, previous, threshold, row):
-    """Measure one difference frame into `row` (columns X..SPREAD); no allocation.
+    """Measure one difference frame into `row` (the `MEASURED` columns); no allocation.
 
     Centroid weights are ``value - threshold`` for pixels strictly above the
     threshold: a pixel crossing the threshold then enters with weight ~0, so
     the centroid is a continuous function of the pixel values and noise
     pixels near the threshold barely pull it (plain ``value`` weights would
     add a jump of ``threshold`` each time one flickers across). INTENSITY is
-    the sum of the raw values of those pixels, PEAK the frame's maximum.
-    An empty frame gets X = Y = NaN (the tracker carries the last position).
-    `previous` (same shape, uint16) holds the last non-empty frame: REPEAT is
-    1 when this non-empty frame equals it byte for byte, then it is updated.
+    the sum of the raw values of those pixels, PEAK the frame's maximum,
+    MXX/MYY/MXY the weights' central second moments (the spot's shape: a
+    streak along the motion, wider when out of focus), FAR the raw counts of
+    those pixels more than `FAR_RADIUS` from the centroid (a reflection, a hot
+    pixel, spatter, stray light: energy away from the spot) and BACKGROUND the
+    mean of all other pixels (sensor noise, banding, glow below the threshold).
+    An empty frame gets X = Y = NaN (the tracker carries the last position) and
+    moments, FAR NaN. `previous` (same shape, uint16) holds the last non-empty
+    frame: REPEAT is 1 when this non-empty frame equals it byte for byte, then it
+    is updated.
     """
     rows, cols = frame.shape
     sw = 0.0
@@ -158,9 +204,15 @@ def measure_frame(frame, previous, threshold, row):
     swy = 0.0
     swxx = 0.0
     swyy = 0.0
+    swxy = 0.0
     total = 0.0
+    background = 0.0
     peak = 0
     area = 0
+    rmin = rows
+    rmax = -1
+    cmin = cols
+    cmax = -1
     same = True
     for r in range(rows):
         for c in range(cols):
@@ -176,24 +228,56 @@ def measure_frame(frame, previous, threshold, row):
                 swy += w * r
                 swxx += w * (c * c)
                 swyy += w * (r * r)
+                swxy += w * (r * c)
                 total += v
                 area += 1
+                if r < rmin:
+                    rmin = r
+                if r > rmax:
+                    rmax = r
+                if c < cmin:
+                    cmin = c
+                if c > cmax:
+                    cmax = c
+            else:
+                background += v
     row[INTENSITY] = total
     row[PEAK] = peak
     row[AREA] = area
+    row[BACKGROUND] = background / max(rows * cols - area, 1)
     if area == 0:
         row[X] = np.nan
         row[Y] = np.nan
         row[SPREAD] = np.nan
+        row[MXX] = np.nan
+        row[MYY] = np.nan
+        row[MXY] = np.nan
+        row[FAR] = np.nan
         row[EMPTY] = 1.0
         row[REPEAT] = 0.0
         return
     x = swx / sw
     y = swy / sw
-    var = swxx / sw - x * x + swyy / sw - y * y
+    mxx = max(swxx / sw - x * x, 0.0)
+    myy = max(swyy / sw - y * y, 0.0)
     row[X] = x
     row[Y] = y
-    row[SPREAD] = math.sqrt(var) if var > 0.0 else 0.0
+    row[SPREAD] = math.sqrt(mxx + myy)
+    row[MXX] = mxx
+    row[MYY] = myy
+    row[MXY] = swxy / sw - x * y
+    # energy away from the spot: only the box of above-threshold pixels can hold it
+    far = 0.0
+    r2 = FAR_RADIUS * FAR_RADIUS
+    for r in range(rmin, rmax + 1):
+        dy = r - y
+        for c in range(cmin, cmax + 1):
+            v = frame[r, c]
+            if v > threshold:
+                dx = c - x
+                if dx * dx + dy * dy > r2:
+                    far += v
+    row[FAR] = far
     row[EMPTY] = 0.0
     if same:
         row[REPEAT] = 1.0
@@ -248,9 +332,25 @@ def track_step(state, row):
     zim = state[_S_ZIM]
     var = state[_S_VAR]
 
-    valid = measured and row[REPEAT] == 0.0 and row[OBSTACLE] == 0.0
-    if valid:
-        n = state[_S_NVALID]
+    obstacle = row[OBSTACLE]
+    if obstacle != state[_S_OBS]:
+        state[_S_OBS] = obstacle
+        # a video's first frame is no key frame: nothing to settle from
+        state[_S_SINCE] = 0.0 if started else SETTLE_FRAMES
+        state[_S_WN] = 0.0
+    else:
+        state[_S_SINCE] += 1.0
+    fresh = measured and row[REPEAT] == 0.0 and state[_S_SINCE] >= SETTLE_FRAMES
+    if fresh and obstacle != 0.0 and state[_S_NVALID] > state[_S_ACQUIRE]:
+        nco, rate = _window_step(state, x, y, nco, rate)
+
+    valid = fresh and obstacle == 0.0
+    rn = 0.0
+    a = 0.0
+    n = state[_S_NVALID]
+    if not valid:
+        state[_S_RING_N] = 0.0  # the ring holds consecutive samples only
+    else:
         a = max(state[_S_ALPHA], 1.0 / (n + 1.0))
         ac = max(state[_S_ALPHA_CENTRE], 1.0 / (n + 1.0))
         if math.isnan(state[_S_CX]):
@@ -263,17 +363,26 @@ def track_step(state, row):
         ang = _TWO_PI_OVER_CYCLE * nco
         c = math.cos(ang)
         s = math.sin(ang)
-        # d * exp(-i ang), minus the image conj(Z) * exp(-2i ang) once Z means something
-        pre = d * c
-        pim = -d * s
-        if n >= CYCLE_FRAMES:
-            c2 = c * c - s * s
-            s2 = 2.0 * s * c
-            pre -= zre * c2 - zim * s2
-            pim -= -zre * s2 - zim * c2
-        zre += a * (pre - zre)
-        zim += a * (pim - zim)
         var += a * (d * d - var)
+        # d * exp(-i ang) into the ring of the last cycle: the mean of ten consecutive
+        # samples is exactly y's fundamental (every other harmonic of a 10-frame
+        # pattern sums to zero over them), so the phase carries no ripple that depends
+        # on which phases the samples sit at (that ripple would differ after a window,
+        # when the samples have precessed, and jolt the phase)
+        k = int(state[_S_RING_I])
+        state[_S_RING + 2 * k] = d * c
+        state[_S_RING + 2 * k + 1] = -d * s
+        state[_S_RING_I] = (k + 1) % 10
+        rn = min(state[_S_RING_N] + 1.0, 10.0)
+        state[_S_RING_N] = rn
+    if valid and rn == 10.0:
+        pre = 0.0
+        pim = 0.0
+        for j in range(10):
+            pre += state[_S_RING + 2 * j]
+            pim += state[_S_RING + 2 * j + 1]
+        zre += a * (0.1 * pre - zre)
+        zim += a * (0.1 * pim - zim)
         n += 1.0
         state[_S_NVALID] = n
         mag2 = zre * zre + zim * zim
@@ -290,18 +399,18 @@ def track_step(state, row):
             rate += state[_S_KI] * offset
             rate = min(max(rate, state[_S_RATE_MIN]), state[_S_RATE_MAX])
         if delta != 0.0:
-            nco += delta
-            if nco >= CYCLE_FRAMES:
-                nco -= CYCLE_FRAMES
-                state[_S_NCO_TURNS] += 1.0
-            elif nco < 0.0:
-                nco += CYCLE_FRAMES
-                state[_S_NCO_TURNS] -= 1.0
+            nco = _advance_nco(state, nco, delta)
             # rotate Z by -delta so that nco + offset (the reported phase) is unchanged
             ang = _TWO_PI_OVER_CYCLE * delta
             c = math.cos(ang)
             s = math.sin(ang)
             zre, zim = zre * c + zim * s, zim * c - zre * s
+            for j in range(10):  # the ring's samples are phasors against the NCO too
+                rr = state[_S_RING + 2 * j]
+                ri = state[_S_RING + 2 * j + 1]
+                state[_S_RING + 2 * j] = rr * c + ri * s
+                state[_S_RING + 2 * j + 1] = ri * c - rr * s
+    if valid:
         state[_S_ZRE] = zre
         state[_S_ZIM] = zim
         state[_S_VAR] = var
@@ -334,6 +443,109 @@ def track_step(state, row):
     row[CX] = state[_S_CX]
     row[CY] = state[_S_CY]
     row[LOCK] = lock
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _advance_nco(state, nco, delta):
+    nco += delta
+    if nco >= CYCLE_FRAMES:
+        nco -= CYCLE_FRAMES
+        state[_S_NCO_TURNS] += 1.0
+    elif nco < 0.0:
+        nco += CYCLE_FRAMES
+        state[_S_NCO_TURNS] -= 1.0
+    return nco
+
+
+@njit(cache=True, nogil=True)
+def _window_step(state, x, y, nco, rate):
+    """One valid in-window frame of the window loop; returns the new (nco, rate).
+
+    Demodulates x and y at harmonics 1 and 2 about their own weighted mean: with
+    the same EWMA weights for the raw phasors (x e^{-ik ang}), the oscillator's
+    phasors (e^{-ik ang}) and the means, ``raw - mean * osc`` is exactly the
+    demodulation of (x - mean), even over the first partial cycles (a running
+    centre there would bias the reference).
+    """
+    wn = state[_S_WN]
+    a = max(WINDOW_ALPHA, 1.0 / (wn + 1.0))
+    z = _S_WZ
+    if wn == 0.0:
+        for j in range(_W_SIZE):
+            state[z + j] = 0.0
+    ang = _TWO_PI_OVER_CYCLE * nco
+    c1 = math.cos(ang)
+    s1 = math.sin(ang)
+    c2 = c1 * c1 - s1 * s1
+    s2 = 2.0 * s1 * c1
+    # raw phasors x1, y1, x2, y2 (re, im), oscillator phasors 1, 2 (re, im), means x, y
+    state[z] += a * (x * c1 - state[z])
+    state[z + 1] += a * (-x * s1 - state[z + 1])
+    state[z + 2] += a * (y * c1 - state[z + 2])
+    state[z + 3] += a * (-y * s1 - state[z + 3])
+    state[z + 4] += a * (x * c2 - state[z + 4])
+    state[z + 5] += a * (-x * s2 - state[z + 5])
+    state[z + 6] += a * (y * c2 - state[z + 6])
+    state[z + 7] += a * (-y * s2 - state[z + 7])
+    state[z + 8] += a * (c1 - state[z + 8])
+    state[z + 9] += a * (-s1 - state[z + 9])
+    state[z + 10] += a * (c2 - state[z + 10])
+    state[z + 11] += a * (-s2 - state[z + 11])
+    state[z + 12] += a * (x - state[z + 12])
+    state[z + 13] += a * (y - state[z + 13])
+    wn += 1.0
+    state[_S_WN] = wn
+    if wn < WINDOW_ACQUIRE:
+        return nco, rate
+    r = _S_WREF
+    if wn == WINDOW_ACQUIRE:
+        for h in range(4):
+            zr, zi = _window_phasor(state, h)
+            state[r + 2 * h] = zr
+            state[r + 2 * h + 1] = zi
+        return nco, rate
+    # phase error: least squares over the phasors, Z_k ~ REF_k exp(i k 2 pi e / 10); for
+    # small e: e = sum k Im(Z conj(REF)) / sum k^2 |Z| |REF| (radians of harmonic 1)
+    num = 0.0
+    den = 0.0
+    for h in range(4):
+        k = 1.0 if h < 2 else 2.0
+        zr, zi = _window_phasor(state, h)
+        rr = state[r + 2 * h]
+        ri = state[r + 2 * h + 1]
+        num += k * (zi * rr - zr * ri)
+        den += k * k * math.sqrt((zr * zr + zi * zi) * (rr * rr + ri * ri))
+    if den <= 0.0:
+        return nco, rate
+    e = num / den / _TWO_PI_OVER_CYCLE
+    delta = state[_S_KP] * e
+    rate = min(max(rate + state[_S_KI] * e, state[_S_RATE_MIN]), state[_S_RATE_MAX])
+    state[_S_RATE] = rate
+    nco = _advance_nco(state, nco, delta)
+    # the NCO moved by delta: every phasor against it turns by -k delta
+    ang = _TWO_PI_OVER_CYCLE * delta
+    c1 = math.cos(ang)
+    s1 = math.sin(ang)
+    c2 = c1 * c1 - s1 * s1
+    s2 = 2.0 * s1 * c1
+    for j in range(6):  # x1, y1, x2, y2, osc1, osc2
+        c = c1 if j == 0 or j == 1 or j == 4 else c2
+        sn = s1 if j == 0 or j == 1 or j == 4 else s2
+        zr = state[z + 2 * j]
+        zi = state[z + 2 * j + 1]
+        state[z + 2 * j] = zr * c + zi * sn
+        state[z + 2 * j + 1] = zi * c - zr * sn
+    return nco, rate
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _window_phasor(state, h):
+    """Phasor h (0: x1, 1: y1, 2: x2, 3: y2) of the window loop about the signal's mean."""
+    z = _S_WZ
+    osc = z + 8 if h < 2 else z + 10
+    mean = state[z + 12] if h % 2 == 0 else state[z + 13]
+    return (state[z + 2 * h] - mean * state[osc],
+            state[z + 2 * h + 1] - mean * state[osc + 1])
 
 
 @njit(cache=True, nogil=True)
@@ -500,7 +712,7 @@ def _check_obstacles(obstacles: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def measure_video(video: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Measurements (columns X..SPREAD) of every frame; the other columns are NaN."""
+    """Measurements (the `MEASURED` columns) of every frame; the other columns are NaN."""
     video = _check_video(video)
     out = np.full((video.shape[0], N_FEATURES), np.nan, dtype=np.float64)
     previous = np.zeros(video.shape[1:], dtype=np.uint16)

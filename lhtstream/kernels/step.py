@@ -44,6 +44,9 @@ from lhtstream.kernels.features import (
     track_step,
 )
 from lhtstream.kernels.scoring import (
+    LEARN_ESTABLISH,
+    LEARN_FOLLOW,
+    LEARN_NONE,
     N_GROUPS,
     S_LASTOBS,
     SCORE_STATE_SIZE,
@@ -111,10 +114,23 @@ def _level(det, level, i):
     level[i] = best
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _ref_mode(state, det):
+    # the stream's own reference learns nothing while an alarm is active, and follows
+    # slowly once established only where the stream adapts
+    if any_active(det):
+        return LEARN_NONE
+    return LEARN_FOLLOW if state[P_ADAPT] != 0.0 else LEARN_ESTABLISH
+
+
 @njit(cache=True, nogil=True)
-def frame_step(frame, obstacle, prev, ring, state, table):
-    """One frame (uint16 rows x cols) in obstacle state 0/1/2: #alarm-kind changes (0: none)."""
+def frame_step(frame, obstacle, prev, ring, state, table, trained):
+    """One frame (uint16 rows x cols) in obstacle state 0/1/2: #alarm-kind changes (0: none).
+
+    `table` is the stream's model (online learning writes it), `trained` the model as
+    fitted (read only: it bounds how far learning may move the cells)."""
     cells, states = tables(table)
+    fitted, _ = tables(trained)
     mstate = state[S_SCORE:S_SCORE + SCORE_STATE_SIZE]
     scores = state[S_SCORES:S_SCORES + N_GROUPS]
     work = state[S_WORK:S_WORK + WORK_SIZE]
@@ -123,10 +139,10 @@ def frame_step(frame, obstacle, prev, ring, state, table):
     row = _features(frame, obstacle, prev, ring, state)
     # the analysis, as in `block` (written out: a helper taking these views costs a
     # reference count per array per frame)
-    scored = score_frame(row, slot, cells, states, mstate, scores, work)
+    scored = score_frame(row, slot, cells, states, mstate, scores, work, _ref_mode(state, det))
     changes = detect_step(scores, scored, det)
     if state[P_ADAPT] != 0.0 and scored == 1 and not any_active(det):
-        learn_frame(row, slot, cells, states, mstate, state[P_LEARN_RATE], work)
+        learn_frame(row, slot, cells, fitted, states, mstate, state[P_LEARN_RATE], work)
     return changes
 
 
@@ -137,12 +153,12 @@ def feature_step(frame, obstacle, prev, ring, state):
 
 
 FRAMES = 0    #: `block` input: pixels (n, rows, cols) uint16
-MEASURED_ROWS = 1  #: measured rows (n, N_FEATURES; columns X..SPREAD, e.g. perturbed X/Y)
+MEASURED_ROWS = 1  #: measured rows (n, N_FEATURES; the `MEASURED` columns, e.g. perturbed X/Y)
 TRACKED_ROWS = 2   #: tracked feature rows (n, N_FEATURES), e.g. from `video_features`
 
 
 @njit(cache=True, nogil=True)
-def block(kind, frames, rows, obstacles, start, prev, ring, state, table, level):
+def block(kind, frames, rows, obstacles, start, prev, ring, state, table, trained, level):
     """`frame_step` over consecutive frames of one video from index `start` on.
 
     `kind` says what the input is: `FRAMES` (`frames`, with `prev`), `MEASURED_ROWS`
@@ -152,6 +168,7 @@ def block(kind, frames, rows, obstacles, start, prev, ring, state, table, level)
     gets each frame's highest smoothed score / raise threshold, unless it is empty.
     """
     cells, states = tables(table)
+    fitted, _ = tables(trained)
     track = state[S_TRACK:S_TRACK + TRACK_STATE_SIZE]
     mstate = state[S_SCORE:S_SCORE + SCORE_STATE_SIZE]
     scores = state[S_SCORES:S_SCORES + N_GROUPS]
@@ -175,10 +192,11 @@ def block(kind, frames, rows, obstacles, start, prev, ring, state, table, level)
                 for j in range(N_FEATURES):
                     new[j] = rows[i, j]
             _mirror(new, row)
-        scored = score_frame(row, slot, cells, states, mstate, scores, work)
+        scored = score_frame(row, slot, cells, states, mstate, scores, work,
+                             _ref_mode(state, det))
         changes = detect_step(scores, scored, det)
         if state[P_ADAPT] != 0.0 and scored == 1 and not any_active(det):
-            learn_frame(row, slot, cells, states, mstate, state[P_LEARN_RATE], work)
+            learn_frame(row, slot, cells, fitted, states, mstate, state[P_LEARN_RATE], work)
         _level(det, level, i)
         if changes != 0:
             return i

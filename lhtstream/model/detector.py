@@ -15,14 +15,24 @@ Process alarms are not raised while a sensor alarm is active (a blank camera
 says nothing about the process).
 
 Thresholds are calibrated by `calibrate` on normal videos held out from
-training: for each group, the smoothed scores of all held-out frames are
-pooled; above their 99th percentile u the tail is modelled as exponential
-(peaks over threshold: mean excess beta), and the raise threshold is the
-level exceeded with probability ``fa_per_hour * run / 3.6e6`` per frame
-(``run`` = mean frames per excursion above u, so excursions, i.e. alarms,
-happen `fa_per_hour` times per hour at 1 kHz). It is never below 1.1 x the
-largest held-out value nor below a per-group floor. The clear threshold is
-half-way between the held-out median and the raise threshold.
+training, per group: the smoothed scores of every held-out video are cut into
+*excursions* above their pooled 99th percentile u (lower where that leaves fewer
+than 5 excursions; runs above u less than
+`CLUSTER_GAP` frames apart are one excursion: one alarm), one peak each. The
+peaks' excess over u is modelled as exponential (peaks over threshold), and
+the raise threshold is the level whose excursions would happen `fa_per_hour`
+/ (number of judged groups) times per hour: any group raising is a false
+alarm, so the groups share the promise. Both estimates are taken at their one-sided 95 % confidence
+bound for the number of excursions seen (`gamma_lower`, `poisson_upper`), so a
+small held-out set gives wider thresholds, never narrower ones; and excursions,
+not frames, are what is counted, because consecutive frames (and the frames of
+one video, whose level is that video's) are not independent draws. No hand-set
+floors: a threshold above what the group's score can ever reach (its clip) is
+reported as `unreachable` and the group is not judged, and so is every group
+that held-out footage cannot calibrate (see `calibrate`'s `population`). The
+clear threshold is half-way between the held-out median and the raise threshold.
+The sensor group's raise level is not statistical: 0.45, about 3 blank or
+frozen frames in a row.
 
 Verdict: one video-level score on a threshold scale (1.0 = at a threshold), the
 largest of
@@ -46,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from lhtstream.base.stats import gamma_lower, poisson_upper
 from lhtstream.kernels.detection import (
     ALARM_KINDS,
     D_ACTIVE,
@@ -70,11 +81,42 @@ from lhtstream.kernels.detection import (
     detect_step,
     smooth_rows,
 )
-from lhtstream.kernels.scoring import COMB, GROUPS, MOVE, N_GROUPS, SENSOR, TRAJ
+from lhtstream.kernels.scoring import (
+    CHANGE_CLIP,
+    CHANGE_GROUPS,
+    CHANGE_Z_CLIP,
+    COMB,
+    COMB_CLIP,
+    D2_CLIP,
+    FREQ,
+    GROUPS,
+    IMAGE,
+    IMAGE_CHANGE,
+    IMAGE_CLIP,
+    INT_FALL,
+    INT_HIGH,
+    INT_LOW,
+    INT_RISE,
+    LEVEL_CLIP,
+    MOVE,
+    N_GROUPS,
+    N_IMAGE,
+    POS_CHANGE,
+    SENSOR,
+    SIZE,
+    SIZE_CHANGE,
+    SLIP,
+    SLIP_CLIP,
+    STALL,
+    STALL_CLIP,
+    TRAJ,
+    Z_CLIP,
+)
 from lhtstream.model.normality import NormalityModel
 
 __all__ = ["ALARM_KINDS", "K_SENSOR", "KIND_OF_GROUP", "N_KINDS", "Alarm", "Verdict",
-           "Detector", "calibrate", "smoothed_scores", "tail_threshold"]
+           "Detector", "POPULATION_GROUPS", "SINGLE_VIDEO_GROUPS", "calibrate",
+           "smoothed_scores", "tail_threshold"]
 
 #: The score groups of each alarm kind (indices into GROUPS).
 GROUPS_OF_KIND: tuple[np.ndarray, ...] = tuple(
@@ -97,17 +139,48 @@ ALARM_KIND_FOR_ANOMALY: dict[str, str] = {
 
 DEFAULT_ALPHA = 0.2
 # Per-group EWMA weights: trajectory/move average over ~2 cycles (their per-frame
-# scores are chi2-distributed and heavy-tailed), the rest over half a cycle.
+# scores are chi2-distributed and heavy-tailed), the rest over half a cycle; the change
+# groups are an EWMA of the residual itself (scoring.CHANGE_ALPHA), passed through.
 DEFAULT_ALPHAS = np.full(N_GROUPS, DEFAULT_ALPHA)
-DEFAULT_ALPHAS[TRAJ] = DEFAULT_ALPHAS[MOVE] = DEFAULT_ALPHAS[COMB] = 0.1
+DEFAULT_ALPHAS[TRAJ] = DEFAULT_ALPHAS[MOVE] = DEFAULT_ALPHAS[COMB] = DEFAULT_ALPHAS[IMAGE] = 0.1
+DEFAULT_ALPHAS[list(CHANGE_GROUPS)] = 1.0
 DEFAULT_CLEAR_FRAMES = 100
 FRAMES_PER_HOUR = 3_600_000.0
-TAIL_QUANTILE = 0.99
-# Lowest raise thresholds (smoothed units), for tiny held-out sets.
-THRESHOLD_FLOOR = np.array([6.0, 6.0, 4.0, 4.0, 4.0, 4.0, 6.0, 10.0, 5.0, 0.45])
+TAIL_QUANTILES = (0.99, 0.98, 0.95, 0.9, 0.8, 0.5)  # tried in turn, see tail_threshold
+MIN_EXCURSIONS = 5  # below this even the confidence bounds say little
+CLUSTER_GAP = 100  # frames: excursions closer than this are one alarm (the clear hold)
+CONFIDENCE = 0.95  # of the bounds a threshold is computed from
+SENSOR_RAISE = 0.45  # ~3 consecutive blank frames through the 0.2 EWMA
+#: The highest smoothed score each group can reach (its per-frame clip).
+ATTAINABLE = np.full(N_GROUPS, Z_CLIP)  # frequency
+ATTAINABLE[[INT_LOW, INT_HIGH, SIZE]] = LEVEL_CLIP
+ATTAINABLE[STALL] = STALL_CLIP
+ATTAINABLE[[TRAJ, MOVE]] = D2_CLIP
+ATTAINABLE[IMAGE] = IMAGE_CLIP
+ATTAINABLE[COMB] = COMB_CLIP
+ATTAINABLE[SLIP] = SLIP_CLIP
+ATTAINABLE[[POS_CHANGE, IMAGE_CHANGE]] = CHANGE_CLIP
+ATTAINABLE[[INT_FALL, INT_RISE, SIZE_CHANGE]] = CHANGE_Z_CLIP
+ATTAINABLE[SENSOR] = 1.0
+#: Groups whose level differs between normal videos (laser power, spot size, placement,
+#: scanner frequency): only held-out footage from videos not trained on can calibrate them.
+POPULATION_GROUPS = (TRAJ, MOVE, INT_LOW, INT_HIGH, SIZE, FREQ, SLIP, IMAGE)
+#: Groups the end of the training videos themselves can calibrate: a stopped spot, and the
+#: cycle comb (geometry-free: its noise is the scanner's jitter). The change groups compare
+#: a video with its own past, but how much a video varies within itself differs from video
+#: to video too (measured: a self-calibrated model's size_change, learned from one video,
+#: raised 53 false alarms in 0.3 h of the next ones), so they need other videos as well.
+SINGLE_VIDEO_GROUPS = (STALL, COMB)
+#: Groups that are a z against the model's own (within + between video) spread: a normal
+#: video's smoothed level is at most N(0, 1) by construction, and mostly it is the video's
+#: own level, so their excursions are few per video (see `nominal_threshold`).
+LEVEL_Z_GROUPS = (INT_LOW, INT_HIGH, SIZE, STALL, FREQ)
+MIN_POPULATION_HELDOUT = 3  # held-out videos the POPULATION_GROUPS need at least
+VIDEO_FRAMES = 15_000  # a real video's length (~15 s): one level excursion per video at most
 # Neutral (normal-expectation) level of each group: where smoothing starts.
 NEUTRAL = np.zeros(N_GROUPS)
-NEUTRAL[TRAJ] = NEUTRAL[MOVE] = NEUTRAL[COMB] = 2.0
+NEUTRAL[[TRAJ, MOVE, COMB, IMAGE, POS_CHANGE]] = 2.0
+NEUTRAL[IMAGE_CHANGE] = float(N_IMAGE)
 # Lowest video threshold (units of the mean statistic, excess chi2 per frame): a held-out
 # set of a few videos (a KDE-AMD protocol fold: 3, in-sample) underestimates how much
 # the statistic varies between videos of different geometry (a full model: ~18).
@@ -273,28 +346,90 @@ def smoothed_scores(model: NormalityModel, type_id: int, rows: np.ndarray,
     return scores, scored, out
 
 
-def tail_threshold(values: np.ndarray, per_frame_p: float, floor: float) -> float:
-    """Level exceeded with probability `per_frame_p`, exponential tail above the 99th pct."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 100:
-        return max(floor, 1.1 * float(v.max()) if len(v) else floor)
-    u = float(np.quantile(v, TAIL_QUANTILE))
-    exc = v[v > u] - u
-    beta = float(exc.mean()) if len(exc) else 0.0
-    p_u = max(len(exc) / len(v), 1e-12)
-    level = u + beta * math.log(max(p_u / per_frame_p, 1.0))
-    vmax = float(v.max())
-    return max(floor, level, vmax + 0.1 * abs(vmax))
+def _excursion_peaks(series: list[np.ndarray], u: float) -> np.ndarray:
+    """Peak of every excursion above `u` in each video's series (runs less than
+    CLUSTER_GAP frames apart merged: the detector would raise once)."""
+    peaks = []
+    for v in series:
+        idx = np.flatnonzero(v > u)
+        if len(idx) == 0:
+            continue
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(idx) > CLUSTER_GAP) + 1))
+        ends = np.concatenate((starts[1:], [len(idx)]))
+        for a, b in zip(starts, ends, strict=True):
+            peaks.append(float(v[idx[a]:idx[b - 1] + 1].max()))
+    return np.array(peaks)
+
+
+def tail_threshold(series: list[np.ndarray], hours: float, fa_per_hour: float,
+                   confidence: float = CONFIDENCE) -> tuple[float, int]:
+    """Raise level whose excursions happen `fa_per_hour` per hour of footage like the
+    held-out `series` (one array of smoothed scores per video, `hours` of footage in all),
+    at the `confidence` bound of what they show; and the number of excursions it rests on.
+
+    Excursions above u (the pooled 99th percentile, or a lower one where that leaves fewer
+    than MIN_EXCURSIONS) are counted per video with
+    `_excursion_peaks`; their rate per hour is bounded above by `poisson_upper` and the
+    mean excess of their peaks (exponential tail) by `gamma_lower`; the level is
+    u + excess * ln(rate / fa_per_hour). With fewer than MIN_EXCURSIONS even above the
+    median, the footage cannot say how far the score may go: inf (see `calibrate`).
+    """
+    pooled = np.concatenate(series) if series else np.zeros(0)
+    if len(pooled) == 0 or hours <= 0:
+        return math.inf, 0
+    # u: the 99th percentile, lowered until the tail rests on MIN_EXCURSIONS excursions
+    # (a score whose level is mostly its video's has few excursions per video)
+    for q in TAIL_QUANTILES:
+        u = float(np.quantile(pooled, q))
+        peaks = _excursion_peaks(series, u)
+        if len(peaks) >= MIN_EXCURSIONS:
+            break
+    vmax = float(pooled.max())
+    if len(peaks) < MIN_EXCURSIONS:  # too few to say how far the score may go
+        return math.inf, len(peaks)
+    beta_up = float((peaks - u).sum()) / gamma_lower(len(peaks), confidence)
+    rate_up = poisson_upper(len(peaks), confidence) / hours
+    level = u + beta_up * math.log(max(rate_up / fa_per_hour, 1.0))
+    return max(level, vmax + 1e-6 * max(abs(vmax), 1.0)), len(peaks)
+
+
+def nominal_threshold(group: int, fa_per_hour: float) -> float:
+    """The level a `LEVEL_Z_GROUPS` score would exceed `fa_per_hour` times an hour if the
+    model's spread were right: one excursion per `VIDEO_FRAMES` video at most, a standard
+    normal level, so the one-sided normal quantile at fa_per_hour per video-length; 0 for
+    other groups (their scores vary within a video, and held-out footage shows their tail)."""
+    if group not in LEVEL_Z_GROUPS:
+        return 0.0
+    p = min(fa_per_hour * VIDEO_FRAMES / FRAMES_PER_HOUR, 0.5)
+    return float(_normal_quantile(1.0 - p))
+
+
+def _normal_quantile(q: float) -> float:
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * math.erfc(-mid / math.sqrt(2.0)) < q:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
               fa_per_hour: float = 1.0, alpha: np.ndarray | None = None,
-              clear_frames: int = DEFAULT_CLEAR_FRAMES) -> dict[str, Any]:
+              clear_frames: int = DEFAULT_CLEAR_FRAMES,
+              population: bool = True) -> dict[str, Any]:
     """Set the model's raise/clear/video thresholds from held-out normal videos.
 
     Thresholds are pooled over types (scores are already normalised per cell).
-    Returns (and stores in `model.calibration`) what was set and how many
-    alarms the held-out footage itself raises with them.
+    `population`: whether the held-out videos are other videos than the training
+    ones (and the model knows the spread between videos, `training["between_video_
+    dof"]` >= 1, and there are MIN_POPULATION_HELDOUT of them at least). If not (a stream
+    calibrating on the end of the videos it trained on) only the `SINGLE_VIDEO_GROUPS`
+    (and the sensor) are judged, the others' threshold is inf: how they vary differs
+    from video to video by more than the footage can show. Returns (and stores in
+    `model.calibration`) what was set and how many alarms the held-out footage itself
+    raises with them.
     """
     if not heldout:
         raise ValueError("calibration needs at least one held-out normal video")
@@ -311,22 +446,54 @@ def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
                                   - VIDEO_SCORE_EXPECTED) if n else 0.0)
         cache.append((scores, scored))
     total = sum(len(r) for _, r in heldout)
-    raise_thr = np.zeros(N_GROUPS)
-    clear_thr = np.zeros(N_GROUPS)
+    hours = total / FRAMES_PER_HOUR
+    alphas = DEFAULT_ALPHAS if alpha is None else np.asarray(alpha, dtype=np.float64)
+    judge_population = (population and model.training.get("between_video_dof", 1) >= 1
+                        and len(heldout) >= MIN_POPULATION_HELDOUT)
+    raise_thr = np.full(N_GROUPS, math.inf)
+    clear_thr = np.full(N_GROUPS, math.inf)
+    excursions: dict[str, int] = {}
+    not_judged: list[str] = []
+    unreachable: list[str] = []
+    judged = [g for g in range(N_GROUPS)
+              if g != SENSOR and (judge_population or g in SINGLE_VIDEO_GROUPS)]
+    # every judged group may raise: the promise is shared among them (any of them raising
+    # is a false alarm), so each gets its part of the rate
+    per_group_rate = fa_per_hour / max(len(judged), 1)
     for g in range(N_GROUPS):
-        v = np.concatenate(per_group[g]) if per_group[g] else np.zeros(0)
-        if len(v) == 0:
-            raise_thr[g] = THRESHOLD_FLOOR[g]
-            clear_thr[g] = 0.5 * THRESHOLD_FLOOR[g]
+        name = GROUPS[g]
+        if g == SENSOR:
+            raise_thr[g] = SENSOR_RAISE
+            clear_thr[g] = 0.5 * SENSOR_RAISE
             continue
-        u = np.quantile(v, TAIL_QUANTILE)
-        above = v > u
-        excursions = max(int(np.count_nonzero(above[1:] & ~above[:-1])) + int(above[0]), 1)
-        run = max(above.sum() / excursions, 1.0)
-        p = fa_per_hour * run / FRAMES_PER_HOUR
-        raise_thr[g] = tail_threshold(v, p, float(THRESHOLD_FLOOR[g]))
-        level = float(np.median(v))
-        clear_thr[g] = level + 0.5 * (raise_thr[g] - level)
+        if g not in judged:
+            not_judged.append(name)
+            continue
+        series = [v for v in per_group[g] if len(v)]
+        if not series:  # never judged in the held-out footage
+            not_judged.append(name)
+            continue
+        thr, k = tail_threshold(series, hours, per_group_rate)
+        excursions[name] = k
+        a = float(alphas[g])
+        if a < 1.0:
+            # no lower than one frame at the clip gives: one frame alone cannot raise
+            floor = a * ATTAINABLE[g]
+        else:  # an EWMA of the residual already: a frame moves it by CHANGE_ALPHA at most
+            floor = 0.0
+        nominal = nominal_threshold(g, per_group_rate)
+        if not math.isfinite(thr):
+            if nominal <= 0.0:  # nothing to go by: the footage cannot calibrate it
+                not_judged.append(name)
+                continue
+            thr = 0.0  # a level score with few excursions: its nominal level decides
+        thr = max(thr, floor, nominal)
+        if thr >= ATTAINABLE[g]:
+            unreachable.append(name)
+            continue
+        raise_thr[g] = thr
+        level = float(np.median(np.concatenate(series)))
+        clear_thr[g] = level + 0.5 * (thr - level)
     vs = np.array(video_scores)
     video_thr = max(float(vs.max() + max(3.0 * vs.std(), 1.0)), VIDEO_THR_FLOOR)
     model.raise_thr[:] = raise_thr
@@ -338,15 +505,21 @@ def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
         det = Detector(raise_thr, clear_thr, video_thr, alpha, clear_frames)
         alarms += count_raises(scores, scored, det.state)
     info = {
+        "method": "excursion peaks over the 99th percentile, exponential tail, "
+                  f"{CONFIDENCE:.0%} bounds",
         "alpha": [float(a) for a in (DEFAULT_ALPHAS if alpha is None else alpha)],
         "clear_frames": clear_frames,
         "fa_per_hour_target": fa_per_hour,
+        "fa_per_hour_per_group": per_group_rate,
         "raise": {g: float(raise_thr[i]) for i, g in enumerate(GROUPS)},
         "clear": {g: float(clear_thr[i]) for i, g in enumerate(GROUPS)},
+        "excursions": excursions,
+        "not_judged": not_judged,
+        "unreachable": unreachable,
         "video": video_thr,
         "heldout_videos": len(heldout),
         "heldout_frames": int(total),
-        "heldout_hours": total / FRAMES_PER_HOUR,
+        "heldout_hours": hours,
         "heldout_alarms": alarms,
         "heldout_video_scores": {"max": float(vs.max()), "mean": float(vs.mean())},
     }

@@ -53,6 +53,7 @@ import numpy as np
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.kernels import features as F
 from lhtstream.kernels.scoring import (
+    CELL_CHOL,
     CELL_COV4,
     CELL_CPREC,
     CELL_MEAN,
@@ -60,21 +61,36 @@ from lhtstream.kernels.scoring import (
     CELL_PREC4,
     CELL_SVAR,
     CELL_VALID,
+    CHOL_IMAGE,
+    CHOL_LOGI,
+    CHOL_POS,
+    CHOL_SPREAD,
     COMB,
     CYCLE_FRAMES,
     FREQ,
     GROUPS,
+    IMAGE,
+    IMAGE_CHANGE,
+    INT_FALL,
     INT_HIGH,
     INT_LOW,
+    INT_RISE,
     MOVE,
+    N_CHANGE,
+    N_CHOL,
     N_GROUPS,
+    N_IMAGE,
     N_MEAN,
     N_OBSTACLE,
     N_SCALAR,
+    POS_CHANGE,
+    REF_MIN,
+    S_REF,
+    S_REF0,
     SENSOR,
     SIZE,
+    SIZE_CHANGE,
     SLIP,
-    SPEED_OFFSET,
     ST_KNOWN,
     ST_RATE,
     ST_SLIP,
@@ -83,7 +99,9 @@ from lhtstream.kernels.scoring import (
     TRANSITION_FRAMES,
     WARMUP_FRAMES,
     WORK_SIZE,
+    change_rows,
     comb_rows,
+    derived_rows,
     learn_frame,
     new_score_state,
     running_centres,
@@ -92,19 +110,27 @@ from lhtstream.kernels.scoring import (
     table_size,
     tables,
 )
+from lhtstream.kernels.scoring import LEARN_FOLLOW as _LEARN_FOLLOW
 
-__all__ = ["COMB", "FREQ", "GROUPS", "INT_HIGH", "INT_LOW", "MOVE", "N_GROUPS", "SENSOR",
-           "SIZE", "SLIP", "STALL", "TRAJ", "DEFAULT_LEARN_RATE", "DEFAULT_PHASE_BINS",
+__all__ = ["adaptation_extent", "reference_shift", "COMB", "FREQ", "GROUPS", "IMAGE",
+           "IMAGE_CHANGE", "INT_FALL", "INT_HIGH", "INT_LOW",
+           "INT_RISE", "MOVE", "N_GROUPS", "POS_CHANGE", "SENSOR", "SIZE", "SIZE_CHANGE", "SLIP",
+           "STALL", "TRAJ", "DEFAULT_LEARN_RATE", "DEFAULT_PHASE_BINS",
            "ModelError", "NormalityModel", "feature_columns", "feature_settings"]
 
 FORMAT = "lhtstream-model"
-FORMAT_VERSION = 2  # 2: cycle-comb groups (cycle_residual, cycle_slip) and their arrays
+FORMAT_VERSION = 3  # 3: image quantities, change groups (`chol`), image kind; 2: cycle comb
 
 DEFAULT_PHASE_BINS = 50
 PRIOR_WEIGHT = 5.0           # frames' worth of pooled covariance mixed into each cell
 MIN_CELL_COUNT = 3.0         # a cell with fewer training frames is not judged
 MIN_STATE_COUNT = 50.0       # an obstacle state with fewer training frames is not judged
 COV_FLOOR = 1e-4             # px^2; keeps every covariance positive definite
+# Variance floors of the scalars (log intensity, spread, log speed, log area, log major,
+# log minor, far share, background counts): a quantity that never varied in training
+# (a constant background) is not judged to the last bit.
+SCALAR_FLOOR = np.array([1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-5, 1e-3])
+MIN_VIDEO_FRAMES = 20        # judged frames a video needs to count for between-video spread
 DEFAULT_LEARN_RATE = 1e-3    # per update of a cell
 
 
@@ -133,8 +159,8 @@ def feature_settings() -> dict[str, Any]:
 
 
 # The feature columns a model depends on (recorded in its file, checked on load).
-_COL_ORDER = ("X", "Y", "INTENSITY", "PEAK", "AREA", "EMPTY", "REPEAT",
-              "VX", "VY", "PHASE", "RATE", "OBSTACLE")
+_COL_ORDER = ("X", "Y", "INTENSITY", "PEAK", "AREA", "EMPTY", "REPEAT", "MXX", "MYY", "MXY",
+              "FAR", "BACKGROUND", "VX", "VY", "PHASE", "RATE", "OBSTACLE")
 
 
 class _TableView:
@@ -162,14 +188,16 @@ class _TableView:
 class NormalityModel:
     """Per-(type, obstacle state, phase bin) Gaussians of normal frames.
 
-    Arrays (T types, B phase bins): `mean` (T,3,B,7), `cov4`/`prec4`
-    (T,3,B,4,4), `prec2` (T,3,B,2,2), `svar` (T,3,B,3), `cprec` (T,3,B,2,2),
-    `valid` (T,3,B), `rate`/`slip` (T,3,2), `known` (T,3): named views of one
-    flat float64 `table` that the scoring kernels read and the online update
-    writes (`lhtstream.kernels.scoring`); `count` (T,3,B) and the detector
-    thresholds `raise_thr`/`clear_thr` (T, N_GROUPS) and `video_thr` (T,) are
-    plain arrays. Their size depends on T and B only, never on the number of
-    training frames.
+    Arrays (T types, B phase bins): `mean` (T,3,B,N_MEAN), `cov4`/`prec4`
+    (T,3,B,4,4), `prec2` (T,3,B,2,2), `svar` (T,3,B,N_SCALAR), `cprec` (T,3,B,2,2),
+    `chol` (T,3,B,N_CHOL: the change residual's within-video covariance blocks,
+    lower Cholesky factors), `valid` (T,3,B), `rate`/`slip` (T,3,2), `known` (T,3):
+    named views of one flat float64 `table` that the scoring kernels read and the
+    online update writes (`lhtstream.kernels.scoring`); `count` (T,3,B) and the
+    detector thresholds `raise_thr`/`clear_thr` (T, N_GROUPS) and `video_thr` (T,)
+    are plain arrays. Their size depends on T and B only, never on the number of
+    training frames. `trained` is the table as fitted (or loaded): online learning
+    of a stream's copy is bounded by it, and `adaptation` says how far it went.
     """
 
     mean = _TableView()
@@ -178,6 +206,7 @@ class NormalityModel:
     prec2 = _TableView()
     svar = _TableView()
     cprec = _TableView()
+    chol = _TableView()
     valid = _TableView()
     rate = _TableView()
     slip = _TableView()
@@ -205,6 +234,7 @@ class NormalityModel:
             "prec2": _split(cells[..., CELL_PREC2:CELL_PREC2 + 4], (2, 2)),
             "svar": cells[..., CELL_SVAR:CELL_SVAR + N_SCALAR],
             "cprec": _split(cells[..., CELL_CPREC:CELL_CPREC + 4], (2, 2)),
+            "chol": cells[..., CELL_CHOL:CELL_CHOL + N_CHOL],
             "valid": cells[..., CELL_VALID],
             "rate": states[..., ST_RATE:ST_RATE + 2],
             "slip": states[..., ST_SLIP:ST_SLIP + 2],
@@ -215,6 +245,7 @@ class NormalityModel:
         self.prec2 = np.eye(2)
         self.svar = 1.0
         self.cprec = np.eye(2)
+        self.chol = _IDENTITY_CHOL
         self.rate = (1.0, 1e-4)
         self.slip = (0.0, 1.0)
         self.count = np.zeros((T, N_OBSTACLE, B))
@@ -224,6 +255,8 @@ class NormalityModel:
         self.training: dict[str, Any] = {}
         self.calibration: dict[str, Any] = {}
         self._slots = {int(t): i for i, t in enumerate(self.types)}
+        self.trained = self.table.copy()
+        self._between_dof = 0
         self._state = self.new_state()
         self._work = np.zeros(WORK_SIZE)
         self._out = np.zeros(N_GROUPS)
@@ -244,11 +277,14 @@ class NormalityModel:
 
     @property
     def calibrated(self) -> bool:
-        return bool(np.all(np.isfinite(self.raise_thr)))
+        """Whether `detector.calibrate` set the thresholds (some groups may be left
+        unjudged, threshold inf: see `calibration["not_judged"]`)."""
+        return "raise" in self.calibration
 
     def copy(self) -> NormalityModel:
         m = NormalityModel(self.types, self.phase_bins, self.columns, self.settings)
         m.table[:] = self.table
+        m.trained = self.trained  # read only: what every copy's learning is bounded by
         for name in _PLAIN_ARRAYS:
             setattr(m, name, getattr(self, name).copy())
         m.training = json.loads(json.dumps(self.training))
@@ -270,7 +306,8 @@ class NormalityModel:
         if out is None:
             out = self._out
         cells, states = tables(self.table)
-        score_frame(row, self.slot(type_id), cells, states, state, out, self._work)
+        score_frame(row, self.slot(type_id), cells, states, state, out, self._work,
+                    _LEARN_FOLLOW)
         return out
 
     def learn_one(self, type_id: int, row: np.ndarray, state: np.ndarray | None = None,
@@ -285,8 +322,9 @@ class NormalityModel:
             state = self._state
         slot = self.slot(type_id)
         cells, states = tables(self.table)
-        if score_frame(row, slot, cells, states, state, self._out, self._work):
-            learn_frame(row, slot, cells, states, state, eta, self._work)
+        fitted, _ = tables(self.trained)
+        if score_frame(row, slot, cells, states, state, self._out, self._work, _LEARN_FOLLOW):
+            learn_frame(row, slot, cells, fitted, states, state, eta, self._work)
 
     def score_rows(self, type_id: int, rows: np.ndarray,
                    state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -321,30 +359,26 @@ class NormalityModel:
         for _ in range(iterations):
             model._fit_pass(videos, centres="stream")
         model._fit_comb(videos)
+        model._fit_change(videos)
+        model.trained = model.table.copy()
         model.training = {
             "types": [int(t) for t in model.types],
             "videos": len(videos),
             "frames": int(sum(len(r) for _, r in videos)),
             "videos_per_type": {str(t): sum(1 for tt, _ in videos if tt == t)
                                 for t in model.types.tolist()},
+            "between_video_dof": model._between_dof,
         }
         return model
 
     def _prepare(self, slot: int, rows: np.ndarray, centres: str | None):
         c = self.columns
         x = np.zeros((len(rows), N_MEAN))
-        x[:, 0] = rows[:, c["X"]]
-        x[:, 1] = rows[:, c["Y"]]
-        x[:, 2] = rows[:, c["VX"]]
-        x[:, 3] = rows[:, c["VY"]]
-        li = np.log(np.maximum(rows[:, c["INTENSITY"]], 0.0) + 1.0)
-        x[:, 4] = li
-        x[:, 5] = li - np.log(np.maximum(rows[:, c["PEAK"]], 0.0) + 1.0)
-        x[:, 6] = np.log(np.hypot(x[:, 2], x[:, 3]) + SPEED_OFFSET)
+        derived_rows(rows, x)  # the quantities exactly as the scorer derives them
         phase = rows[:, c["PHASE"]]
         obs = rows[:, c["OBSTACLE"]].astype(np.int64)
         ok = ((rows[:, c["EMPTY"]] < 0.5) & (rows[:, c["REPEAT"]] < 0.5)
-              & np.isfinite(phase) & (obs >= 0) & (obs <= 2))
+              & np.isfinite(phase) & (obs >= 0) & (obs <= 2) & np.isfinite(x).all(axis=1))
         ok[:WARMUP_FRAMES] = False
         gap = (rows[:, c["EMPTY"]] > 0.5) | (rows[:, c["REPEAT"]] > 0.5)
         ok[1:] &= ~gap[:-1]  # velocity across an empty/repeated frame is not a move
@@ -370,7 +404,8 @@ class NormalityModel:
         for t, rows in videos:
             slot = self.slot(t)
             x, phase, obs, ok = self._prepare(slot, rows, centres)
-            prepared.append((slot, x[ok], phase[ok], obs[ok]))
+            half = (np.arange(len(rows)) >= len(rows) // 2)[ok]  # which half of the video
+            prepared.append((slot, x[ok], phase[ok], obs[ok], half))
         X = np.concatenate([p[1] for p in prepared])
         ph = np.concatenate([p[2] for p in prepared])
         ob = np.concatenate([p[3] for p in prepared])
@@ -425,22 +460,12 @@ class NormalityModel:
         k = PRIOR_WEIGHT
         cov = (C + k * pooledC[:, :, None]) / (n3 + k)[..., None, None]
         cov = cov + COV_FLOOR * np.eye(4)
-        svar = (V + k * pooledV[:, :, None]) / (n3 + k)[..., None] + COV_FLOOR
-        # Laser power, spot size and scan speed vary from video to video (a per-video
-        # offset much larger than the frame-to-frame noise); a z-score against the
-        # within-cell variance alone would flag every other normal video. Add the
-        # variance of per-video mean residuals, pooled over types (more videos).
+        svar = (V + k * pooledV[:, :, None]) / (n3 + k)[..., None] + SCALAR_FLOOR
         vid = np.concatenate([np.full(len(p[1]), i) for i, p in enumerate(prepared)])
-        sel0 = ob == 0
-        if len(prepared) >= 2 and sel0.any():
-            nv = np.bincount(vid[sel0], minlength=len(prepared)).astype(np.float64)
-            have = nv >= 20
-            if have.sum() >= 2:
-                between = np.zeros(N_SCALAR)
-                for kk in range(N_SCALAR):
-                    mv = np.bincount(vid[sel0], R[sel0, 4 + kk], len(prepared))[have] / nv[have]
-                    between[kk] = mv.var(ddof=1)
-                svar = svar + between
+        vid_type = np.array([p[0] for p in prepared])
+        svar = svar + self._between_scalars(R, vid, vid_type, ob)
+        half = np.concatenate([p[4] for p in prepared])
+        cov = cov + self._between_positions(R, vid, vid_type, cell, half, ncell)
         self.count = n3
         self.cov4 = cov
         self.prec4 = np.linalg.inv(cov)
@@ -462,6 +487,156 @@ class NormalityModel:
             if len(v) >= 2:
                 rate[:, o] = (v.mean(), max(v.var(), 1e-6))
         self.rate = rate
+
+    def _between_scalars(self, R: np.ndarray, vid: np.ndarray, vid_type: np.ndarray,
+                         ob: np.ndarray) -> np.ndarray:
+        """Predictive between-video variance of the scalars, (T, 3, 1, N_SCALAR).
+
+        Laser power, spot size and scan speed vary from video to video (a per-video
+        offset much larger than the frame-to-frame noise); a z-score against the
+        within-cell variance alone would flag every other normal video. Per obstacle
+        state, pooled over types. A video's offset is the mean of its residuals about
+        its type's cell means; those means came from the type's own n_t videos, so the
+        offsets scatter with n_t - 1 degrees of freedom (not n_t), and a new video also
+        carries the error of the type's mean: variance sigma_b^2 (1 + 1/n_t). Estimated
+        from `dof` degrees of freedom, a new video's offset is Student-t, not normal: the
+        variance is widened by `_few_videos_factor(dof)`, so the tail the detector's
+        thresholds sit in is as wide as the t's (x4.9 with 5 degrees of freedom, x1.2 with
+        36, x1.03 with 250). With none (one video per type) it is unknown: 0 here, and
+        `training["between_video_dof"]` says so (calibration does not judge the
+        population groups of such a model).
+        """
+        T = len(self.types)
+        out = np.zeros((T, N_OBSTACLE, 1, N_SCALAR))
+        nvid = len(vid_type)
+        self._between_dof = 0
+        for o in range(N_OBSTACLE):  # inside windows the spot retraces warm metal: own spread
+            sel = ob == o
+            nv = np.bincount(vid[sel], minlength=nvid).astype(np.float64)
+            have = nv >= MIN_VIDEO_FRAMES
+            per_type = np.bincount(vid_type[have], minlength=T).astype(np.float64)
+            dof = float(np.maximum(per_type - 1.0, 0.0).sum())
+            if o == 0:
+                self._between_dof = int(dof)
+            if dof < 1:
+                continue
+            inflate = _few_videos_factor(dof)
+            for kk in range(N_SCALAR):
+                mv = np.bincount(vid[sel], R[sel, 4 + kk], nvid)[have] / nv[have]
+                vt = vid_type[have]
+                tmean = np.bincount(vt, mv, T) / np.maximum(per_type, 1.0)
+                sigma_b2 = float(((mv - tmean[vt]) ** 2).sum() / dof)
+                out[:, o, 0, kk] = (inflate * sigma_b2
+                                    * (1.0 + 1.0 / np.maximum(per_type, 1.0)))
+        return out
+
+    def _between_positions(self, R: np.ndarray, vid: np.ndarray, vid_type: np.ndarray,
+                           cell: np.ndarray, half: np.ndarray, ncell: int) -> np.ndarray:
+        """Predictive between-video covariance of (dx, dy, vx, vy) per (type, obstacle
+        window), (T, 3, 1, 4, 4) (0 for obstacle-free frames), added to the cells'
+        covariance.
+
+        Where the spot is measured at a phase depends a little on the video (spot size
+        and power shape the heat trail the centroid sees, the eight's size varies), most
+        inside obstacle windows, where the path retraces warm metal: measured there, a
+        normal held-out video sat at 2-3 cell sd for a whole window. A video's part of a
+        cell's residual is what the two halves of the video share: E[m1 m2^T] over the
+        (video, cell) means of the first and second half (frame noise, and the slow phase
+        wander within a video, do not carry from one half to the other), corrected for the
+        type means fitted from the same n_t videos and made predictive like the scalars'
+        (x n_t / (n_t - 1) (1 + 1/n_t)).
+        """
+        T, B = len(self.types), self.phase_bins
+        out = np.zeros((T, N_OBSTACLE, 1, 4, 4))
+        nvid = len(vid_type)
+        key = (vid * ncell + cell) * 2 + half.astype(np.int64)
+        size = nvid * ncell * 2
+        nk = np.bincount(key, minlength=size).astype(np.float64).reshape(nvid * ncell, 2)
+        used = np.flatnonzero((nk >= 3).all(axis=1))
+        if len(used) == 0:
+            return out
+        m = np.zeros((len(used), 2, 4))
+        for i in range(4):
+            m[:, :, i] = (np.bincount(key, R[:, i], size).reshape(nvid * ncell, 2)[used]
+                          / nk[used])
+        c_of = used % ncell
+        v_of = used // ncell
+        group = (c_of // (N_OBSTACLE * B)) * N_OBSTACLE + (c_of // B) % N_OBSTACLE
+        ng = T * N_OBSTACLE
+        tot = np.bincount(group, minlength=ng).astype(np.float64)
+        M = np.zeros((ng, 4, 4))
+        for i in range(4):
+            for j in range(4):
+                M[:, i, j] = np.bincount(group, 0.5 * (m[:, 0, i] * m[:, 1, j]
+                                                      + m[:, 1, i] * m[:, 0, j]), ng)
+        for g in np.flatnonzero(tot > 0):
+            if g % N_OBSTACLE == 0:
+                # obstacle-free: the running centre takes each video's placement out, and
+                # what is left between videos is small next to the frame noise (a normal
+                # video's mean |z| 0.7-1.1); adding it would only blunt the trajectory
+                # evidence (the KDE-AMD protocol's 0.05-0.14 px noise)
+                continue
+            nt = len(np.unique(v_of[group == g]))
+            if nt < 2:
+                continue
+            w, v = np.linalg.eigh(M[g] / tot[g])
+            b = (v * np.maximum(w, 0.0)) @ v.T
+            out[g // N_OBSTACLE, g % N_OBSTACLE, 0] = b * nt / (nt - 1.0) * (1.0 + 1.0 / nt)
+        return out
+
+    def _fit_change(self, videos) -> None:
+        """Within-video covariance of the change residual per cell (nearest bin, as
+        scored): each training video runs through the scorer with its own reference
+        (`change_rows`), the residuals go into per-cell blocks (position 2x2, log
+        intensity, spread, image 5x5), shrunk towards the (type, state) pool like the
+        other covariances, floored, and stored as lower Cholesky factors."""
+        T, B = len(self.types), self.phase_bins
+        self.chol = _IDENTITY_CHOL  # the scorer whitens with it while the residuals are made
+        S = np.zeros((T, N_OBSTACLE, B, N_CHANGE, N_CHANGE))
+        n = np.zeros((T, N_OBSTACLE, B))
+        work = np.zeros(WORK_SIZE)
+        for t, rows in videos:
+            slot = self.slot(t)
+            out = np.zeros((len(rows), N_CHANGE))
+            valid = np.zeros(len(rows), dtype=np.int64)
+            change_rows(rows, slot, self.table, self.new_state(), out, valid, work)
+            sel = valid == 1
+            if not sel.any():
+                continue
+            obs = rows[sel, self.columns["OBSTACLE"]].astype(np.int64)
+            u = rows[sel, self.columns["PHASE"]] * B / CYCLE_FRAMES - 0.5
+            fl = np.floor(u)
+            b = (fl.astype(np.int64) + (u - fl >= 0.5)) % B
+            key = obs * B + b
+            d = out[sel]
+            for i in range(N_CHANGE):
+                for j in range(i, N_CHANGE):
+                    v = np.bincount(key, d[:, i] * d[:, j], N_OBSTACLE * B).reshape(N_OBSTACLE, B)
+                    S[slot, :, :, i, j] += v
+                    if j != i:
+                        S[slot, :, :, j, i] += v
+            n[slot] += np.bincount(key, minlength=N_OBSTACLE * B).reshape(N_OBSTACLE, B)
+        ntot = n.sum(axis=2)
+        pooled = S.sum(axis=2) / np.maximum(ntot, 1.0)[:, :, None, None]
+        cov = (S + PRIOR_WEIGHT * pooled[:, :, None]) / (n + PRIOR_WEIGHT)[..., None, None]
+        floor = np.concatenate([[COV_FLOOR, COV_FLOOR], SCALAR_FLOOR[[0, 1]],
+                                SCALAR_FLOOR[3:]])
+        cov = cov + np.diag(floor)
+        chol = np.zeros((T, N_OBSTACLE, B, N_CHOL))
+        lp = np.linalg.cholesky(cov[..., 0:2, 0:2])
+        chol[..., CHOL_POS] = lp[..., 0, 0]
+        chol[..., CHOL_POS + 1] = lp[..., 1, 0]
+        chol[..., CHOL_POS + 2] = lp[..., 1, 1]
+        chol[..., CHOL_LOGI] = np.sqrt(cov[..., 2, 2])
+        chol[..., CHOL_SPREAD] = np.sqrt(cov[..., 3, 3])
+        li = np.linalg.cholesky(cov[..., 4:, 4:])
+        for i in range(N_IMAGE):
+            for j in range(i + 1):
+                chol[..., CHOL_IMAGE + i * (i + 1) // 2 + j] = li[..., i, j]
+        # states never seen keep the identity (they are not judged: `known`)
+        unseen = ntot < MIN_STATE_COUNT
+        chol[unseen] = _IDENTITY_CHOL
+        self.chol = chol
 
     def _fit_comb(self, videos) -> None:
         """Cycle-comb statistics. Per cell (type, obstacle state, phase bin): E[d d^T]
@@ -603,13 +778,92 @@ class NormalityModel:
             setattr(model, name, np.array(got))
         model.training = header.get("training", {})
         model.calibration = header.get("calibration", {})
+        model.trained = model.table.copy()
         return model
 
 
-_ARRAYS = ("types", "mean", "cov4", "prec4", "prec2", "svar", "rate", "cprec", "slip", "count",
-           "valid", "known", "raise_thr", "clear_thr", "video_thr")
+_ARRAYS = ("types", "mean", "cov4", "prec4", "prec2", "svar", "rate", "cprec", "slip", "chol",
+           "count", "valid", "known", "raise_thr", "clear_thr", "video_thr")
 _PLAIN_ARRAYS = ("count", "raise_thr", "clear_thr", "video_thr")  # not views of the table
 _FILE_DTYPES = {"valid": np.uint8, "known": np.uint8}  # flags, float64 in the table
+
+
+def adaptation_extent(table: np.ndarray, trained: np.ndarray, slot: int) -> dict[str, float]:
+    """How far online learning moved type `slot`'s cells of `table` from `trained` (the
+    same model as fitted): the largest |mean - trained mean| in trained sd and the largest
+    variance ratio (adapted / trained, or its inverse when smaller) over every judged
+    cell and modelled quantity. The kernels bound them by ADAPT_MEAN_SD, ADAPT_VAR_RATIO."""
+    cells, _ = tables(table)
+    fitted, _ = tables(trained)
+    c, f = cells[slot], fitted[slot]
+    ok = f[..., CELL_VALID] > 0
+    if not ok.any():
+        return {"mean_shift_sd": 0.0, "var_ratio": 1.0}
+    var0 = np.concatenate([f[..., CELL_COV4 + 5 * np.arange(4)],
+                           f[..., CELL_SVAR:CELL_SVAR + N_SCALAR]], axis=-1)[ok]
+    var = np.concatenate([c[..., CELL_COV4 + 5 * np.arange(4)],
+                          c[..., CELL_SVAR:CELL_SVAR + N_SCALAR]], axis=-1)[ok]
+    shift = np.abs(c[..., CELL_MEAN:CELL_MEAN + N_MEAN] - f[..., CELL_MEAN:CELL_MEAN + N_MEAN])
+    ratio = var / var0
+    return {"mean_shift_sd": round(float((shift[ok] / np.sqrt(var0)).max()), 3),
+            "var_ratio": round(float(np.maximum(ratio, 1.0 / ratio).max()), 3)}
+
+
+def reference_shift(model: NormalityModel, score_state: np.ndarray, slot: int) -> float:
+    """How far a stream's own change reference (its scoring state) moved since it was
+    established, in within-video sd (the median over the type's obstacle-free cells of the
+    change residual's sd), the largest over its quantities; 0 before it is established."""
+    ref = score_state[S_REF:S_REF + N_CHANGE]
+    weight = score_state[S_REF + N_CHANGE]
+    if weight < REF_MIN:
+        return 0.0
+    ref0 = score_state[S_REF0:S_REF0 + N_CHANGE]
+    ch = model.chol[slot, 0][model.valid[slot, 0] > 0]
+    if len(ch) == 0:
+        return 0.0
+    sd = np.median(_chol_sds(ch), axis=0)
+    return round(float((np.abs(ref - ref0) / sd).max()), 3)
+
+
+def _chol_sds(chol: np.ndarray) -> np.ndarray:
+    """(n, N_CHANGE) sd of each change component from (n, N_CHOL) Cholesky factors."""
+    out = np.zeros((len(chol), N_CHANGE))
+    out[:, 0] = chol[:, CHOL_POS]
+    out[:, 1] = np.hypot(chol[:, CHOL_POS + 1], chol[:, CHOL_POS + 2])
+    out[:, 2] = chol[:, CHOL_LOGI]
+    out[:, 3] = chol[:, CHOL_SPREAD]
+    for i in range(N_IMAGE):
+        b = CHOL_IMAGE + i * (i + 1) // 2
+        out[:, 4 + i] = np.sqrt((chol[:, b:b + i + 1] ** 2).sum(axis=1))
+    return out
+
+
+#: Two-sided tail probability of a video's level the thresholds sit in: the promise of 1
+#: false alarm an hour shared by ~16 groups, 240 real (15-s) videos an hour.
+LEVEL_TAIL = 2.6e-4
+
+
+def _few_videos_factor(dof: float) -> float:
+    """(t quantile / normal quantile)^2 at LEVEL_TAIL for a variance estimated with `dof`
+    degrees of freedom (Cornish-Fisher expansion of the t quantile; dof < 2: 100)."""
+    if dof < 2:
+        return 100.0
+    z = 3.47  # the normal quantile at LEVEL_TAIL
+    v = float(dof)
+    t = (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+         + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
+    return (t / z) ** 2
+
+
+def _identity_chol() -> np.ndarray:
+    c = np.zeros(N_CHOL)
+    c[CHOL_POS] = c[CHOL_POS + 2] = c[CHOL_LOGI] = c[CHOL_SPREAD] = 1.0
+    for i in range(N_IMAGE):
+        c[CHOL_IMAGE + i * (i + 1) // 2 + i] = 1.0
+    return c
+
+
+_IDENTITY_CHOL = _identity_chol()
 
 
 def _split(view: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -12,12 +12,23 @@ scores are the same code path.
 
 Without a model for the stream's workpiece type the pipeline *self-calibrates*:
 it collects the first `calibration_frames` frames (default 10 s) of that type,
-fits a model on the first 75% of each video's collected frames and calibrates
-thresholds on the last 25% (`service.training.fit_collected`) on a thread,
-while the stream's frames keep being handled, and scores from `FIT_FRAMES`
-frames later on (0.5 s; the same frame live and offline). This is logged as a
-warning and shown by `status()`; nothing is judged (no alarms, verdicts marked
-`calibrating`) until then.
+fits a model on them and calibrates thresholds (`service.training.fit_collected`)
+on a thread, while the stream's frames keep being handled, and scores from
+`FIT_FRAMES` frames later on (0.5 s; the same frame live and offline). Nothing is
+judged (no alarms, verdicts marked `calibrating`) until then. Ten seconds are
+usually one video: they teach how a video varies within itself, not how normal
+videos differ from each other (laser power, spot size, placement, scanner
+frequency), so that first model judges only the groups one video can calibrate
+(the video against its own past, the cycle comb, stalls, the camera) and leaves
+the population groups unjudged. The stream then *keeps calibrating*: it goes on
+collecting the type's videos and refits beside the stream after each one (a
+refit is used from the type's second video after it on) until its model judges
+every group from at least `SELF_CALIBRATION_VIDEOS` whole videos, or its buffer
+(`COLLECT_LIMIT` x calibration_frames rows) is full. From six whole videos on,
+every other one is held out whole; a group is judged once its held-out footage shows
+enough excursions to bound its threshold at the promised false-alarm rate
+(`detector.calibrate`). The log and `status()` say how much footage the model
+learned from and what it does not judge yet.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from lhtstream.kernels.features import (
     RingBuffer,
     new_track_state,
 )
-from lhtstream.kernels.scoring import SCORE_STATE_SIZE
+from lhtstream.kernels.scoring import ADAPT_MEAN_SD, ADAPT_VAR_RATIO, REF_BOUND, SCORE_STATE_SIZE
 from lhtstream.kernels.step import (
     FRAMES,
     MEASURED_ROWS,
@@ -70,6 +81,8 @@ from lhtstream.model.normality import (
     GROUPS,
     N_GROUPS,
     NormalityModel,
+    adaptation_extent,
+    reference_shift,
 )
 from lhtstream.service.training import BackgroundFit
 
@@ -80,6 +93,12 @@ FIT_FRAMES = 500
 """Frames a self-calibration fit runs beside (0.5 s at 1 kHz; at most a tenth of the
 calibration): scoring starts this many frames after the last calibration frame, live and
 offline alike, so the same footage gives the same alarms whatever the machine's speed."""
+SELF_CALIBRATION_VIDEOS = 6
+"""Whole videos of a type a self-calibrating stream collects at least (three to fit, three
+held out whole); it goes on while some group cannot be judged yet."""
+COLLECT_LIMIT = 12
+"""A type's collection holds at most this many times `calibration_frames` rows (bounded
+memory: 120 s of features, 21 MB, at the default; freed when done)."""
 MAX_COAST_FRAMES = 1_000
 """Longest seq gap (frames) the tracker and scoring state coast over; after a longer one
 they restart as at a video's start (phase lock, centre and warm-up anew)."""
@@ -131,6 +150,7 @@ class StreamPipeline:
         self.self_calibrated: dict[int, NormalityModel] = {}
         self._active_model: NormalityModel | None = None
         self._table: np.ndarray | None = None  # the active model's table while scoring
+        self._trained: np.ndarray | None = None  # ... and that model as fitted (bounds learning)
         self.detector: Detector | None = None
         self.video: str | None = None
         self.type: int | None = None
@@ -138,11 +158,8 @@ class StreamPipeline:
         self.frames = 0
         self.alarms_in_video = 0
         self._fits: dict[int, BackgroundFit] = {}  # self-calibration fits under way
-        self._calib_type: int | None = None
-        self._calib_buf: np.ndarray | None = None
-        self._calib_n = 0
-        self._calib_starts: list[int] = []
-        self._video_start_in_buf = 0
+        self._collections: dict[int, _Collection] = {}  # self-calibrating types' footage
+        self._collecting: _Collection | None = None  # the current video's, if collected
         self.last_verdict: Verdict | None = None
 
     # ------------------------------------------------------------ video boundaries
@@ -163,6 +180,10 @@ class StreamPipeline:
         self._prev[:] = 0
         self.ring.clear()
         model = self._model_for(self.type)
+        self._collecting = None
+        coll = self._collections.get(self.type)
+        if coll is not None:
+            coll.count_video()
         if model is None:
             self._active_model = None
             self._table = None
@@ -170,6 +191,9 @@ class StreamPipeline:
             self._begin_calibration_video()
         else:
             self._use(model)
+            if coll is not None and coll.wants_more(model):
+                coll.begin_video()
+                self._collecting = coll
         return events
 
     def _restart_tracking(self) -> None:
@@ -181,6 +205,7 @@ class StreamPipeline:
         slot = model.slot(self.type)
         self._active_model = model
         self._table = model.table
+        self._trained = model.trained
         self.state[P_SLOT] = slot
         self.detector = Detector(model.raise_thr[slot], model.clear_thr[slot],
                                  float(model.video_thr[slot]), state=self._det_state)
@@ -207,6 +232,11 @@ class StreamPipeline:
                               0, ["calibrating"])
         events.append(verdict)
         self.last_verdict = verdict
+        coll = self._collecting
+        if coll is not None:
+            coll.end_video()
+            self._collecting = None
+            self._refit(coll)
         self.video = None
         self.detector = None
         self._table = None
@@ -245,11 +275,13 @@ class StreamPipeline:
         self.frames += 1
         if self._table is not None:
             if frame_step(frame, header.get("obstacle", 0), self._prev, self._ring,
-                          self.state, self._table):
+                          self.state, self._table, self._trained):
                 events = self._events(int(header.get("frame", self.frames - 1)),
                                       int(header.get("t_ns", 0)))
             else:
                 events = NO_EVENTS
+            if self._collecting is not None:
+                self._collecting.add(self.ring.latest(1))
         else:
             feature_step(frame, header.get("obstacle", 0), self._prev, self._ring, self.state)
             events = self._calibration_row(self.ring.latest(1)[0])
@@ -294,8 +326,19 @@ class StreamPipeline:
                     out[i] = np.nan
                 i += 1
                 continue
-            j = block(FRAMES, frames, _NO_ROWS, obstacles, i, self._prev, self._ring,
-                      self.state, self._table, out)
+            if self._collecting is None:
+                j = block(FRAMES, frames, _NO_ROWS, obstacles, i, self._prev, self._ring,
+                          self.state, self._table, self._trained, out)
+            else:  # no more frames per call than the ring holds: their rows are collected
+                end = min(n, i + self.ring.capacity)
+                j = block(FRAMES, frames[:end], _NO_ROWS, obstacles[:end], i, self._prev,
+                          self._ring, self.state, self._table, self._trained,
+                          out if level is None else out[:end])
+                self._collecting.add(self.ring.latest(min(j + 1, end) - i))
+                if j == end and end < n:  # the chunk ended, not an alarm change
+                    self.frames += end - i
+                    i = end
+                    continue
             self.frames += min(j + 1, n) - i
             if j < n:
                 events.extend(self._events(first + j, t0 if t_ns is None else int(t_ns[j])))
@@ -304,7 +347,7 @@ class StreamPipeline:
 
     def process_measured(self, measured: np.ndarray, obstacles: np.ndarray,
                          header: dict[str, Any]) -> list:
-        """Like `process_block` from measured rows (n, N_FEATURES; columns X..SPREAD, e.g.
+        """Like `process_block` from measured rows (n, N_FEATURES; the `MEASURED` columns, e.g.
         with perturbed X/Y, as in the KDE-AMD protocol): track -> score -> detect -> learn."""
         return self._rows(measured, obstacles, header, measured=True)
 
@@ -329,7 +372,7 @@ class StreamPipeline:
         i = 0
         while i < n:
             j = block(kind, _NO_FRAMES, rows, obstacles, i, self._prev, self._ring, self.state,
-                      self._table, _NO_LEVEL)
+                      self._table, self._trained, _NO_LEVEL)
             self.frames += min(j + 1, n) - i
             if j < n:
                 events.extend(self._events(first + j, t0))
@@ -393,37 +436,41 @@ class StreamPipeline:
     def _model_for(self, type_id: int) -> NormalityModel | None:
         if self.model is not None and self.model.has_type(type_id) and self.model.calibrated:
             return self.model
-        fit = self._fits.pop(type_id, None)
-        if fit is not None:  # fitted beside an earlier video: a new video waits for it
+        fit = self._fits.get(type_id)
+        coll = self._collections.get(type_id)
+        # the first fit: a new video waits for it; a refit is taken at the start of the
+        # type's second video after the one that ended its footage (it had a whole video's
+        # time to run, so this rarely waits, and where it is used does not depend on the
+        # machine's speed: offline results equal live ones)
+        if fit is not None and (type_id not in self.self_calibrated
+                                or coll.started >= fit.use_from):
+            del self._fits[type_id]
             self._adopt(fit)
+            self._refit(coll)
         return self.self_calibrated.get(type_id)
 
     def _fit_frames(self) -> int:
         return max(1, min(FIT_FRAMES, self.calibration_frames // 10))
 
     def _begin_calibration_video(self) -> None:
-        if self._calib_type != self.type:
-            self._calib_type = self.type
-            self._calib_buf = np.zeros((self.calibration_frames + self._fit_frames(),
-                                        N_FEATURES))
-            self._calib_n = 0
-            self._calib_starts = []
+        coll = self._collections.get(self.type)
+        if coll is None:
+            coll = self._collections[self.type] = _Collection(
+                self.type, COLLECT_LIMIT * self.calibration_frames + self._fit_frames())
             log.warning("stream %s: no model for Type%d: SELF-CALIBRATING on the first %d "
                         "frames (%.1f s) of this type; no alarms until then", self.stream,
                         self.type, self.calibration_frames, self.calibration_frames / 1000)
-        self._calib_starts.append(self._calib_n)
-        self._video_start_in_buf = self._calib_n
+        coll.begin_video()
+        self._collecting = coll
 
     def _calibration_row(self, row: np.ndarray) -> tuple | list:
-        buf = self._calib_buf
-        buf[self._calib_n] = row
-        self._calib_n += 1
-        n, t = self._calib_n, int(self._calib_type)
+        coll = self._collecting
+        coll.add(row[None, :])
+        n, t = coll.n, coll.type
         if n == self.calibration_frames:
             # fit on a thread; this video's frames keep coming (their rows go on filling
             # the buffer) and are scored from a fixed number of frames on
-            self._fits[t] = BackgroundFit(t, buf[:n], self._calib_starts,
-                                          self._video_start_in_buf)
+            self._fits[t] = BackgroundFit(t, coll.rows[:n], coll.starts, coll.starts[-1])
             log.warning("stream %s: fitting Type%d on %d frames beside the stream; "
                         "scoring from %d frames on", self.stream, t, n, self._fit_frames())
         elif n == self.calibration_frames + self._fit_frames():
@@ -432,18 +479,41 @@ class StreamPipeline:
             # this video's scoring state: the thread's, plus the frames since the fit began
             self._use(self.self_calibrated[t])
             self._score_state[:] = state
-            self.self_calibrated[t].score_rows(t, buf[fit.frames:n], self._score_state)
-            self._calib_type = None
-            self._calib_buf = None
+            self.self_calibrated[t].score_rows(t, coll.rows[fit.frames:n], self._score_state)
+            if not coll.wants_more(self.self_calibrated[t]):
+                self._collecting = None
         return NO_EVENTS
 
-    def _adopt(self, fit: BackgroundFit) -> np.ndarray:
+    def _refit(self, coll: _Collection) -> None:
+        """After a collected video: refit the type on every whole video so far (beside the
+        stream); `_Collection.wants_more` says until when."""
+        t = coll.type
+        if t in self._fits or t not in self.self_calibrated:
+            return
+        if coll.complete <= coll.fitted:
+            if not coll.wants_more(self.self_calibrated[t]):
+                coll.release()  # calibrated: the footage is not needed any more
+            return
+        n = coll.whole_rows()
+        fit = BackgroundFit(t, coll.rows[:n], coll.starts[:coll.complete], None)
+        fit.use_from = coll.started + 1
+        self._fits[t] = fit
+        coll.fitted = coll.complete
+
+    def _adopt(self, fit: BackgroundFit) -> np.ndarray | None:
         """The fitted model of `fit` (waiting for it if need be); its scoring state."""
         waited = not fit.done()
         model, state = fit.result()
         self.self_calibrated[fit.type] = model
-        log.warning("stream %s: self-calibration of Type%d done on %d frames; scoring now%s",
-                    self.stream, fit.type, fit.frames,
+        tr = model.training
+        left = (model.calibration.get("not_judged", [])
+                + model.calibration.get("unreachable", []))
+        log.warning("stream %s: self-calibration of Type%d done on %d frames (%.1f s, %d "
+                    "video(s), %s held out); %s; scoring now%s", self.stream, fit.type,
+                    fit.frames, fit.frames / 1000, tr.get("videos", 0),
+                    tr.get("heldout", "?"),
+                    f"NOT judged until more videos: {', '.join(left)}" if left
+                    else "every group judged",
                     " (the fit outlasted its frames: this frame waited for it)" if waited else "")
         return state
 
@@ -460,10 +530,28 @@ class StreamPipeline:
                       else "self-calibrated" if self._active_model is not None else "none"),
             "self_calibrated_types": sorted(self.self_calibrated),
         }
+        coll = self._collections.get(self.type) if self.type is not None else None
         if calibrating:
-            st["calibration_progress"] = min(self._calib_n / self.calibration_frames, 1.0)
+            n = coll.n if coll is not None else 0
+            st["calibration_progress"] = min(n / self.calibration_frames, 1.0)
             # collected: the fit runs beside the stream (scoring starts FIT_FRAMES later)
             st["fitting"] = any(not fit.done() for fit in self._fits.values())
+        model = self._active_model
+        if model is not None and model is not self.model:
+            tr = model.training
+            st["calibration"] = {
+                "videos": int(tr.get("videos", 0)),
+                "seconds": round(tr.get("frames", 0) / 1000.0, 1),
+                "heldout": tr.get("heldout"),
+                # groups the footage could not calibrate yet (their threshold is inf)
+                "not_judged": list(model.calibration.get("not_judged", []))
+                + list(model.calibration.get("unreachable", [])),
+                "collecting": coll is not None and coll.wants_more(model),
+                "refitting": self.type in self._fits,
+            }
+        if model is not None and self.video is not None:
+            st["adaptation"] = adaptation_status(model, self._table, self._trained,
+                                                 int(self.state[P_SLOT]), self._score_state)
         if self.detector is not None:
             st["alarms_active"] = [ALARM_KINDS[k] for k in np.flatnonzero(self.detector.active)]
             # for live displays (`lhtstream view`): how close each kind is to raising
@@ -477,3 +565,66 @@ def _block_column(values: Any, n: int, what: str) -> np.ndarray:
     if a.shape != (n,):
         raise FeatureError(f"{what} must have shape ({n},), got {a.shape}")
     return a
+
+
+class _Collection:
+    """The feature rows a self-calibrating stream collected of one type, video by video."""
+
+    def __init__(self, type_id: int, capacity: int) -> None:
+        self.type = int(type_id)
+        self.rows = np.zeros((int(capacity), N_FEATURES))
+        self.n = 0
+        self.starts: list[int] = []  # first row of each video
+        self.complete = 0  # videos collected to their end
+        self.fitted = 0  # whole videos the type's latest fit was given
+        self.started = 0  # videos of the type started since collecting began
+        self._open = False
+
+    def wants_more(self, model: NormalityModel) -> bool:
+        """Whether to go on collecting, the type's model being `model`."""
+        if self.n >= len(self.rows):
+            return False
+        cal = model.calibration
+        unjudged = cal.get("not_judged", []) or cal.get("unreachable", [])
+        return self.complete < SELF_CALIBRATION_VIDEOS or bool(unjudged)
+
+    def begin_video(self) -> None:
+        self.starts.append(self.n)
+        self._open = True
+
+    def count_video(self) -> None:
+        self.started += 1
+
+    def add(self, rows: np.ndarray) -> None:
+        k = min(len(rows), len(self.rows) - self.n)
+        if k < len(rows):
+            self._open = False  # full: this video is not whole
+        self.rows[self.n:self.n + k] = rows[:k]
+        self.n += k
+
+    def end_video(self) -> None:
+        if self._open and len(self.starts) == self.complete + 1:
+            self.complete += 1
+        self._open = False
+
+    def release(self) -> None:
+        self.rows = np.zeros((0, N_FEATURES))
+
+    def whole_rows(self) -> int:
+        """Rows of the whole videos (the rest belongs to a video cut short)."""
+        return self.starts[self.complete] if self.complete < len(self.starts) else self.n
+
+
+def adaptation_status(model: NormalityModel, table: np.ndarray, trained: np.ndarray,
+                      slot: int, score_state: np.ndarray) -> dict[str, Any]:
+    """How far online learning moved the stream's copy of `model` from what was trained
+    (type `slot`): the largest cell-mean shift in trained sd and variance ratio, against
+    their bounds; and how far the stream's own reference moved since it was set, in
+    within-video sd, against its bound."""
+    return {
+        "bound_mean_sd": ADAPT_MEAN_SD,
+        "bound_var_ratio": ADAPT_VAR_RATIO,
+        **adaptation_extent(table, trained, slot),
+        "reference_bound_sd": REF_BOUND,
+        "reference_shift_sd": reference_shift(model, score_state, slot),
+    }

@@ -97,27 +97,45 @@ def fit_dataset(root: str | Path, types: list[int] | None = None, holdout_every:
 # ---------------------------------------------------------------- self-calibration
 
 HOLDOUT_FRACTION = 0.25
-"""Share of each collected video's frames (its end) that calibrates the thresholds."""
+"""Share of each collected video's frames (its end) that calibrates the thresholds while
+fewer than `WHOLE_HOLDOUT_VIDEOS` videos are collected."""
 MIN_SPLIT_FRAMES = 200
 """A collected video shorter than this (frames) only trains."""
+WHOLE_HOLDOUT_VIDEOS = 6
+"""From this many collected videos on, half of them are held out whole (at least the three
+`detector.calibrate` needs to see how normal videos differ from each other)."""
 
 
 def fit_collected(type_id: int, rows: np.ndarray, starts: list[int]) -> NormalityModel:
     """A model of one type from the feature rows a stream collected (videos begin at
-    `starts`): fit on the first 75 % of each video's rows, calibrate on the rest."""
+    `starts`). With `WHOLE_HOLDOUT_VIDEOS` or more videos, every other one is held out whole
+    and every group can be calibrated; with fewer, each video's first
+    75 % trains and its end calibrates, and the groups whose normal level differs between
+    videos are not judged (`detector.calibrate(population=False)`): one video cannot show how
+    much another may differ."""
     bounds = list(starts) + [len(rows)]
+    segments = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    usable = [seg for seg in segments if len(seg) >= MIN_SPLIT_FRAMES]
     train, held = [], []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        seg = rows[a:b]
-        if len(seg) < MIN_SPLIT_FRAMES:
-            train.append((type_id, seg))
-            continue
-        cut = int(len(seg) * (1.0 - HOLDOUT_FRACTION))
-        train.append((type_id, seg[:cut]))
-        held.append((type_id, seg[cut:]))
+    whole = len(usable) >= WHOLE_HOLDOUT_VIDEOS
+    if whole:
+        train = [(type_id, seg) for seg in usable[0::2]]
+        held = [(type_id, seg) for seg in usable[1::2]]
+    else:
+        for seg in segments:
+            if len(seg) < MIN_SPLIT_FRAMES:
+                train.append((type_id, seg))
+                continue
+            cut = int(len(seg) * (1.0 - HOLDOUT_FRACTION))
+            train.append((type_id, seg[:cut]))
+            held.append((type_id, seg[cut:]))
     model = NormalityModel.fit(train)
-    calibrate(model, held or train)
+    calibrate(model, held or train, population=whole)
     model.training["self_calibrated"] = True
+    model.training["videos"] = len(segments)
+    model.training["frames"] = int(len(rows))
+    model.training["heldout"] = (f"{len(held)} whole video(s)" if whole
+                                 else "the last quarter of each video")
     return model
 
 
@@ -145,8 +163,9 @@ def _fast_gil_handoff() -> Iterator[None]:
 
 
 class BackgroundFit:
-    """`fit_collected` on a daemon thread, then the scoring state of the current video's
-    rows so far (`rows[video_start:]`), so the stream can switch to scoring at once.
+    """`fit_collected` on a daemon thread, then (unless `video_start` is None) the scoring
+    state of the current video's rows so far (`rows[video_start:]`), so the stream can
+    switch to scoring at once.
 
     The fit's kernels release the interpreter lock and the switch interval is short
     while it runs, so the thread handling frames is delayed by ~0.1 ms at most.
@@ -154,11 +173,13 @@ class BackgroundFit:
     """
 
     def __init__(self, type_id: int, rows: np.ndarray, starts: list[int],
-                 video_start: int) -> None:
+                 video_start: int | None) -> None:
         self.type = int(type_id)
         self.frames = len(rows)
-        self._args = (self.type, rows, list(starts), int(video_start))
-        self._result: tuple[NormalityModel, np.ndarray] | None = None
+        self.use_from = 0  # the stream's bookkeeping: from which of the type's videos on
+        # the rows are copied: the stream goes on filling its buffer while this fits
+        self._args = (self.type, np.array(rows), list(starts), video_start)
+        self._result: tuple[NormalityModel, np.ndarray | None] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"fit-Type{self.type}",
                                         daemon=True)
@@ -169,8 +190,10 @@ class BackgroundFit:
         try:
             with _fast_gil_handoff():
                 model = fit_collected(type_id, rows, starts)
-                state = model.new_state()
-                model.score_rows(type_id, rows[video_start:], state)
+                state = None
+                if video_start is not None:
+                    state = model.new_state()
+                    model.score_rows(type_id, rows[video_start:], state)
                 self._result = (model, state)
         except BaseException as exc:  # handed to the frame path by result()
             self._error = exc
@@ -178,7 +201,7 @@ class BackgroundFit:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def result(self) -> tuple[NormalityModel, np.ndarray]:
+    def result(self) -> tuple[NormalityModel, np.ndarray | None]:
         self._thread.join()
         if self._error is not None:
             raise self._error
