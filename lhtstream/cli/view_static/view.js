@@ -6,7 +6,8 @@
 
 const KIND_COLOURS = {
   trajectory: "#4e9af1", intensity_low: "#f1c84e", intensity_high: "#f17f4e",
-  stall: "#c54ef1", frequency: "#4ef1c8", spot_size: "#9af14e", sensor: "#b0b0b0",
+  stall: "#c54ef1", frequency: "#4ef1c8", spot_size: "#9af14e", image: "#f14e9a",
+  sensor: "#b0b0b0",
 };
 const PLOT_CONFIG = { displayModeBar: false, responsive: true, staticPlot: false };
 const DARK = { paper_bgcolor: "#1d2128", plot_bgcolor: "#1d2128",
