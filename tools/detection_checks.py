@@ -22,7 +22,8 @@ What each check does:
 - small-training: a model from 2 normal videos x 3 s per type plus 1 held out, scored on
   216 s of other normal footage.
 - self-calibration: per type a monitor with no model calibrates itself on the first 10 s
-  (one 10-s video), then judges three more 10-s normal videos.
+  (one 10-s video), then judges three more 10-s normal videos (`--videos 12`: eleven, to
+  see it keep calibrating until it judges every group).
 - ramps: power loss, spot growth, pattern shrink and whole-pattern drift ramped over 8 s
   (synth --ramp-frames 8000), adaptation on (the default) and off: alarmed before the ramp
   ended?
@@ -35,9 +36,9 @@ Wall time on the 2-core machine shared with other jobs: false-alarms ~10 min, un
 ~20 min (most of it writing the 1440 videos), the others 1-3 min each.
 
 Seeds: training 101 (36 types x 10 normal videos x 5 s), false-alarm footage 202
-(36 x 21 x 15 s = 3.15 h), small training 303 (36 x 3 x 3 s) scored on 404 (36 x 2 x 3 s
-= 216 s), self-calibration 505, ramps 606, unseen-fault sources 707. No seed is shared,
-so no scored footage was ever trained on.
+(36 x 21 x 15 s = 3.15 h; `--seed 212` another 3.15 h), small training 303
+(36 x 3 x 3 s) scored on 404 (36 x 2 x 3 s = 216 s), self-calibration 505, ramps 606,
+unseen-fault sources 707. No seed is shared, so no scored footage was ever trained on.
 """
 
 from __future__ import annotations
@@ -144,12 +145,13 @@ def check_false_alarms(args) -> dict[str, Any]:
     work = Path(args.work)
     model = main_model(work)
     per_type = args.videos_per_type
-    data = dataset(work, "false-alarms", seed=202, videos_per_type=per_type,
+    name = "false-alarms" if args.seed == 202 else f"false-alarms-seed{args.seed}"
+    data = dataset(work, name, seed=args.seed, videos_per_type=per_type,
                    frames=FALSE_ALARM_FRAMES)
     results = score_all(model, data)
     report = summarise(results)
     print("false alarms, model 36 types x 10 normal videos x 5 s (seed 101), normal footage "
-          f"36 x {per_type} x 15 s (seed 202):")
+          f"36 x {per_type} x 15 s (seed {args.seed}):")
     print(fa_summary(report))
     print("\n".join(false_alarm_lines(results)))
     return {"report": report, "raises": false_alarm_lines(results)}
@@ -174,30 +176,44 @@ def check_self_calibration(args) -> dict[str, Any]:
     """Per type: a monitor with no model self-calibrates on the first 10 s of the stream
     (one 10-s video), then judges three more normal 10-s videos."""
     work = Path(args.work)
-    data = dataset(work, "self-calibration", seed=505, videos_per_type=4, frames=10_000)
+    per_type = args.videos
+    name = "self-calibration" if per_type == 4 else f"self-calibration-{per_type}"
+    data = dataset(work, name, seed=505, videos_per_type=per_type, frames=10_000)
     ds = Dataset(data)
     raises, judged, statuses = [], 0, {}
+    # per video index: groups the stream does not judge yet (median over types), alarms
+    unjudged: list[list[int]] = [[] for _ in range(per_type)]
+    alarms_at: list[int] = [0] * per_type
     for t in ds.types:
         pipe = StreamPipeline(STREAM, model=None)
         for i, v in enumerate(ds.videos(types=[t])):
             _, alarms, _, _ = run_video(pipe, v.name, t, v.load(), v.obstacle_states(),
                                         v.metadata, timings=False)
             statuses[t] = pipe.status()  # the last one: what it learned from, what it judges
+            cal = statuses[t].get("calibration") or {}
+            unjudged[i].append(len(cal.get("not_judged", [])))
             if i == 0:
                 continue  # the calibration video
             judged += v.shape[0]
-            raises += [f"  Type{t}/{v.name} frame {a.frame}: {a.kind}" for a in alarms
-                       if a.state == "raise"]
+            new = [f"  Type{t}/{v.name} frame {a.frame}: {a.kind}" for a in alarms
+                   if a.state == "raise"]
+            alarms_at[i] += len(new)
+            raises += new
         log(f"  self-calibration Type{t}: {len(raises)} alarm(s) so far")
     hours = judged / FRAMES_PER_HOUR
-    print("self-calibrating monitor: per type 10 s of calibration (seed 505), then 3 x 10 s "
-          "judged:")
+    print(f"self-calibrating monitor: per type 10 s of calibration (seed 505), then "
+          f"{per_type - 1} x 10 s judged:")
     print(f"{len(raises)} false alarm(s) in {hours:.3f} h ({judged / 1000:.0f} s); 95 % upper "
           f"bound {poisson_upper(len(raises)) / hours:.1f} /h")
     print("\n".join(raises))
+    print("after video   groups not judged (median over types, of "
+          f"{len(GROUPS) - 1})   false alarms in that video")
+    for i in range(per_type):
+        print(f"{i + 1:>11}   {float(np.median(unjudged[i])):>27.0f}   {alarms_at[i]:>26}")
     print(f"status after the last video (Type1): {statuses.get(1)}")
     return {"false_alarms": len(raises), "hours": hours, "raises": raises,
-            "status_type1": statuses.get(1)}
+            "not_judged_median": [float(np.median(u)) for u in unjudged],
+            "alarms_per_video_index": alarms_at, "status_type1": statuses.get(1)}
 
 
 def check_ramps(args) -> dict[str, Any]:
@@ -297,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "false-alarms":
             p.add_argument("--videos-per-type", type=int, default=21,
                            help="normal 15-s videos per type to score (default 21: 3.15 h)")
+            p.add_argument("--seed", type=int, default=202,
+                           help="seed of the scored footage (default 202; another seed gives "
+                                "more hours of footage never trained on, e.g. 212)")
+        if name == "self-calibration":
+            p.add_argument("--videos", type=int, default=4,
+                           help="10-s normal videos per type streamed into one monitor "
+                                "(default 4: 1 to calibrate, 3 judged)")
         if name == "ramps":
             p.add_argument("--ramp-frames", type=int, default=8000,
                            help="frames over which each fault grows (default 8000 = 8 s)")
