@@ -483,9 +483,14 @@ def score_frame(row, slot, cells, states, state, out, work, ref_mode):
     out[INT_LOW] = -zi
     out[INT_HIGH] = zi
     out[SIZE] = min(max(zs, -LEVEL_CLIP), LEVEL_CLIP)
-    zf = (x[Q_FAR] - mu[Q_FAR]) / math.sqrt(cell[sv + Q_FAR])
-    zb = (x[Q_BG] - mu[Q_BG]) / math.sqrt(cell[sv + Q_BG])
-    out[IMAGE] = min(zf * zf + zb * zb, IMAGE_CLIP)
+    if obs == 0:
+        # inside an obstacle window the small pattern retraces metal it heated a moment
+        # ago: the far energy and the background grow with the window's length, which
+        # training's windows need not have shown (every false `image` alarm over 6.3 h
+        # sat in a window longer than any trained one)
+        zf = (x[Q_FAR] - mu[Q_FAR]) / math.sqrt(cell[sv + Q_FAR])
+        zb = (x[Q_BG] - mu[Q_BG]) / math.sqrt(cell[sv + Q_BG])
+        out[IMAGE] = min(zf * zf + zb * zb, IMAGE_CLIP)
     # stall only when the spot is really slow: a smaller or slower pattern is not a stall
     speed = math.exp(x[Q_SPEED]) - SPEED_OFFSET
     slow = speed < STALL_SPEED_FRACTION * (math.exp(mu[Q_SPEED]) - SPEED_OFFSET)
