@@ -190,8 +190,9 @@ def check_self_calibration(args) -> dict[str, Any]:
             _, alarms, _, _ = run_video(pipe, v.name, t, v.load(), v.obstacle_states(),
                                         v.metadata, timings=False)
             statuses[t] = pipe.status()  # the last one: what it learned from, what it judges
-            cal = statuses[t].get("calibration") or {}
-            unjudged[i].append(len(cal.get("not_judged", [])))
+            cal = statuses[t].get("calibration")
+            if cal is not None:  # None: still calibrating, no model yet
+                unjudged[i].append(len(cal.get("not_judged", [])))
             if i == 0:
                 continue  # the calibration video
             judged += v.shape[0]
@@ -209,10 +210,11 @@ def check_self_calibration(args) -> dict[str, Any]:
     print("after video   groups not judged (median over types, of "
           f"{len(GROUPS) - 1})   false alarms in that video")
     for i in range(per_type):
-        print(f"{i + 1:>11}   {float(np.median(unjudged[i])):>27.0f}   {alarms_at[i]:>26}")
+        left = f"{float(np.median(unjudged[i])):.0f}" if unjudged[i] else "no model yet"
+        print(f"{i + 1:>11}   {left:>27}   {alarms_at[i]:>26}")
     print(f"status after the last video (Type1): {statuses.get(1)}")
     return {"false_alarms": len(raises), "hours": hours, "raises": raises,
-            "not_judged_median": [float(np.median(u)) for u in unjudged],
+            "not_judged_median": [float(np.median(u)) if u else None for u in unjudged],
             "alarms_per_video_index": alarms_at, "status_type1": statuses.get(1)}
 
 
