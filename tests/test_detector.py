@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lhtstream.io.simulate import ANOMALY_KINDS, SENSOR_KINDS
@@ -223,3 +225,29 @@ def test_kind_levels_give_each_kind_its_strongest_group_relative_to_its_threshol
     assert levels["frequency"] > 1.0 and d.active[ALARM_KINDS.index("frequency")] == 1
     assert abs(levels["trajectory"] - 2.0 / 5.0) < 1e-6  # trajectory/move at their normal 2.0
     assert abs(levels["sensor"]) < 1e-9
+
+
+def test_student_t_quantiles_against_the_tables():
+    # two-sided tables: t(0.975; 5) = 2.5706, t(0.999; 10) = 4.1437, t(0.95; 1) = 6.3138;
+    # a large dof is the normal quantile; dof 2 in closed form: t = sqrt(2 / (4p(1-p)) - 2)
+    from lhtstream.base.stats import student_t_upper
+
+    assert abs(student_t_upper(0.025, 5) - 2.5706) < 1e-4
+    assert abs(student_t_upper(0.001, 10) - 4.1437) < 1e-4
+    assert abs(student_t_upper(0.05, 1) - 6.3138) < 1e-4
+    assert abs(student_t_upper(0.05, 1e6) - 1.6449) < 1e-4
+    p = 1.85e-4
+    assert abs(student_t_upper(p, 2) - math.sqrt(2 / (4 * p * (1 - p)) - 2)) < 1e-6
+
+
+def test_prediction_bound_of_a_new_video_widens_with_fewer_videos():
+    """The next video's peak: mean + t sd sqrt(1 + 1/n), so three held-out videos bound it
+    far above their own maximum, thirty barely above theirs; one cannot bound it."""
+    from lhtstream.base.stats import prediction_upper
+
+    rng = np.random.default_rng(3)
+    peaks = rng.normal(10.0, 1.0, size=30)
+    few, many = prediction_upper(peaks[:3], 1e-4), prediction_upper(peaks, 1e-4)
+    assert few > peaks[:3].max() + 20  # t(1e-4; 2) = 70.7
+    assert peaks.max() < many < peaks.mean() + 5.0 * peaks.std(ddof=1)
+    assert prediction_upper(peaks[:1], 1e-4) == math.inf

@@ -67,6 +67,57 @@ def gamma_lower(n: int, confidence: float = 0.95) -> float:
     return _bisect_decreasing(lambda x: _poisson_cdf(n - 1, x), confidence, 0.0, float(n))[0]
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_upper(p: float, dof: float) -> float:
+    """The t with P(T > t) = p (0 < p <= 0.5) for Student's t with `dof` degrees of freedom."""
+    if not 0.0 < p <= 0.5 or dof <= 0:
+        raise ValueError("student_t_upper needs 0 < p <= 0.5 and dof > 0")
+    tail = lambda t: 0.5 * _betainc(0.5 * dof, 0.5, dof / (dof + t * t))  # noqa: E731
+    return _bisect_decreasing(tail, p, 0.0, 1e7)[1]
+
+
+def prediction_upper(values: Sequence[float] | np.ndarray, p: float) -> float:
+    """Level a new draw from the population that gave `values` exceeds with probability
+    `p`: the normal prediction bound mean + t(p, n - 1) sd sqrt(1 + 1/n); inf for n < 2."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    if n < 2:
+        return math.inf
+    sd = float(v.std(ddof=1))
+    return float(v.mean()) + student_t_upper(p, n - 1) * sd * math.sqrt(1.0 + 1.0 / n)
+
+
 def roc_curve(neg: Sequence[float], pos: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) over all thresholds, from (0,0) to (1,1)."""
     neg = np.asarray(neg, dtype=np.float64)

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from lhtstream.base.stats import gamma_lower, poisson_upper
+from lhtstream.base.stats import gamma_lower, poisson_upper, prediction_upper
 from lhtstream.kernels.detection import (
     ALARM_KINDS,
     D_ACTIVE,
@@ -488,6 +488,13 @@ def calibrate(model: NormalityModel, heldout: list[tuple[int, np.ndarray]],
                 continue
             thr = 0.0  # a level score with few excursions: its nominal level decides
         thr = max(thr, floor, nominal)
+        if g not in SINGLE_VIDEO_GROUPS:
+            # a group whose level differs between videos: the excursions of a few held-out
+            # videos say how one of them varies, not how far the next video sits; bound the
+            # next video's peak from the held-out videos' peaks (normal prediction bound,
+            # Student-t for how few they are) at the per-video share of the promise
+            peaks = [float(v.max()) for v in series]
+            thr = max(thr, prediction_upper(peaks, per_group_rate * hours / len(series)))
         if thr >= ATTAINABLE[g]:
             unreachable.append(name)
             continue
