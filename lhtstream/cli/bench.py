@@ -729,8 +729,8 @@ def summary_table(results: dict[str, Any]) -> str:
         if batch.get("kdeamd_ratio"):
             lines.append(f"  KDE-AMD at real training size ({batch['kdeamd_us']:.1f} us) / our "
                          "per-frame analysis in batch (side by side): "
-                         f"{batch['kdeamd_ratio']:.0f}x (goal 100x: "
-                         f"{'met' if batch['kdeamd_ratio'] >= 100 else 'NOT met'})")
+                         f"{batch['kdeamd_ratio']:.0f}x (goal {batch['kdeamd_goal']:.0f}x: "
+                         f"{'met' if batch['kdeamd_goal_met'] else 'NOT met'})")
     e2e = results.get("endtoend") or []
     if e2e:
         lines.append("end-to-end at 1 kHz/stream     frames  lost >1ms  p50    p99    p99.9  max"
