@@ -99,6 +99,10 @@ class Message(NamedTuple):
     payload: bytes | None = None
 
 
+# NamedTuple's __new__ is a Python function; the frame fast path builds the tuple directly
+_new_message = tuple.__new__
+
+
 # Required fields per topic: name -> exact Python types accepted after unpacking.
 # Exact types (not isinstance) so that True is not accepted as an int.
 _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -347,8 +351,11 @@ class _FrameLayout:
             pos = at + 8
         self._unpack = struct.Struct(fmt + f"{len(raw) - pos}s").unpack
         self.size = len(raw)
-        self.keys = tuple(key for _at, key in slots)
-        self.fixed = self._unpack(raw)[0::2]
+        keys = [key for _at, key in slots]
+        # unpacked: fixed bytes, int, fixed bytes, int, ..., fixed bytes
+        self._fixed_of = itemgetter(*range(0, 2 * len(slots) + 1, 2))
+        self._ints_of = itemgetter(*(2 * keys.index(key) + 1 for key in _SLOT_KEYS))
+        self.fixed = self._fixed_of(self._unpack(raw))
         self.header = dict(header)
         self.payload_size = payload_size
 
@@ -375,15 +382,14 @@ class _FrameLayout:
         if len(raw) != self.size or len(payload) != self.payload_size:
             return None
         values = self._unpack(raw)
-        if values[0::2] != self.fixed:
+        if self._fixed_of(values) != self.fixed:
             return None
-        header = self.header.copy()
-        for key, value in zip(self.keys, values[1::2], strict=True):
-            header[key] = value
-        if header["seq"] < 0 or header["frame"] < 0 or header["t_ns"] < 0 \
-                or header["obstacle"] not in _OBSTACLE_STATES:
+        seq, frame, t_ns, obstacle = self._ints_of(values)
+        if seq < 0 or frame < 0 or t_ns < 0 or obstacle not in _OBSTACLE_STATES:
             return None
-        return header
+        # one C call (a copy and four stores in Python cost 2.5x as much); the keys keep
+        # the template's order
+        return dict(self.header, seq=seq, frame=frame, t_ns=t_ns, obstacle=obstacle)
 
 
 _layouts: dict[bytes, _FrameLayout | None] = {}  # per frame topic: its publisher's layout
@@ -407,17 +413,18 @@ def decode(parts: Sequence[Any]) -> Message:
     raw_topic = parts[0]
     if type(raw_topic) is not bytes:
         raw_topic = bytes(raw_topic)
-    topic, stream = _route(raw_topic)
     raw_header = parts[1]
     if n == 3:
         payload = parts[2]
         if type(payload) is not bytes and type(payload) is not _ZMQ_FRAME:
             payload = bytes(payload)  # a memoryview's len() need not count bytes
+        # a layout is only learnt for a valid frame topic: its route needs no check
         layout = _layouts.get(raw_topic)
         if layout is not None:
             header = layout.decode(raw_header, payload)
             if header is not None:
-                return Message(topic, header, payload)
+                return _new_message(Message, ("frame", header, payload))
+    topic, stream = _route(raw_topic)
     if len(raw_header) > MAX_HEADER_BYTES:
         raise ProtocolError(
             f"part 1: header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}", topic
