@@ -14,6 +14,7 @@ from lhtstream.base.errors import LhtstreamError
 from lhtstream.io.protocol import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
+    FrameBuffer,
     FrameEncoder,
     Message,
     ProtocolError,
@@ -97,6 +98,31 @@ def test_frame_round_trip_keeps_fields_and_pixels(encoder):
     assert not pixels.flags.writeable
     # a view over the received payload, not a copy
     assert np.shares_memory(pixels, np.frombuffer(message.payload, dtype=np.uint8))
+
+
+def test_frame_buffer_copies_each_frame_into_one_reused_array():
+    encoder = FrameEncoder("ws1")
+    first, second = sample_frame(16, 22), sample_frame(16, 22)[::-1].copy()
+    small = sample_frame(3, 5)
+
+    def message(frame, seq):
+        return decode([bytes(p) for p in encoder.encode(frame, video="0007", type=3, seq=seq,
+                                                        index=seq, t_ns=seq)])
+
+    buffer = FrameBuffer()
+    a = buffer.load(message(first, 0))
+    assert a.dtype == np.dtype("<u2") and a.shape == (16, 22)
+    np.testing.assert_array_equal(a, first)
+    b = buffer.load(message(second, 1))
+    assert b is a  # no array per frame: the next frame overwrites it
+    np.testing.assert_array_equal(a, second)
+    c = buffer.load(message(small, 2))  # a new ROI gets an array of its shape
+    assert c.shape == (3, 5)
+    np.testing.assert_array_equal(c, small)
+    # as the monitor receives it: the payload a zmq.Frame, not bytes
+    m = message(first, 3)
+    np.testing.assert_array_equal(buffer.load(Message(m.topic, m.header, zmq.Frame(m.payload))),
+                                  first)
 
 
 def test_frame_encoder_reuse_does_not_leak_fields_between_frames():

@@ -461,6 +461,30 @@ def frame_array(message: Message) -> np.ndarray:
     return array
 
 
+class FrameBuffer:
+    """One stream's frames copied off the wire into one reused (rows, cols) uint16 array:
+    a copy of a frame's bytes costs a third of building an array over each payload
+    (`frame_array`), so the monitor's per-frame path uses this. The array returned by
+    `load` is overwritten by the next `load`; keep a copy to hold a frame longer."""
+
+    def __init__(self) -> None:
+        self._shape: list[int] | None = None  # the first `load` makes the array
+        self._array = np.zeros((1, 1), dtype=_DTYPE)
+        self._bytes = memoryview(self._array).cast("B")
+
+    def load(self, message: Message) -> np.ndarray:
+        """The pixels of a decoded frame ``message``, in this buffer's array."""
+        shape = message.header["shape"]
+        if shape != self._shape:  # a new ROI: at a video boundary, off the hot path
+            self._array = np.zeros((shape[0], shape[1]), dtype=_DTYPE)
+            self._bytes = memoryview(self._array).cast("B")
+            self._shape = list(shape)
+        # via memoryview(): assigning a zmq.Frame itself to a memoryview slice segfaults
+        # (pyzmq 27)
+        self._bytes[:] = memoryview(message.payload)
+        return self._array
+
+
 # ---------------------------------------------------------------- encoding
 
 

@@ -292,6 +292,7 @@ class StreamState:
         # the latency interval the last monitor status covered, until this stream's own
         self.interval: LatencyRecorder | None = None
         self.block = FrameBlock()
+        self.pixels = protocol.FrameBuffer()  # a lone frame's pixels, off the wire
         self.frame_topic = protocol.topic_bytes("frame", name)
         # A run of consecutive seqs below last_seq means the publisher restarted
         # (seq starts again at 0): after RESTART_RUN of them the stream is re-based.
@@ -736,7 +737,7 @@ class Monitor:
             block.start(header, message.payload, self._t_recv)
             self._pending, self._pending_topic = st, st.frame_topic
             return
-        events = st.pipeline.process(protocol.frame_array(message), header)
+        events = st.pipeline.process(st.pixels.load(message), header)
         if events:
             self._emit(events, st)
         if self.dump_features is not None:
@@ -1083,12 +1084,13 @@ def _warm_up(model: Any) -> None:
         if model is not None:
             pipes.append(StreamPipeline("warm-up", model=model))
         for pipe in pipes:
-            # frame by frame off the wire (read-only views), then (a fresh pipeline, so
+            # frame by frame off the wire (into a FrameBuffer, as `_on_frame`), then (a fresh pipeline, so
             # self-calibration runs in blocks too) as frames queued in a burst arrive
             pipe.start_video("warm-up", type_id, sim.metadata)
+            pixels = protocol.FrameBuffer()
             for parts in wire:
                 message = protocol.decode(parts)
-                pipe.process(protocol.frame_array(message), message.header)
+                pipe.process(pixels.load(message), message.header)
             pipe.note_lost(3, message.header)
             pipe.end_video_events()
         block = FrameBlock()
