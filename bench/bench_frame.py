@@ -11,7 +11,7 @@ benchmark asserts the ratio, measured side by side).
 from __future__ import annotations
 
 import numpy as np
-from conftest import QUICK, ROUNDS, TYPE, CpuTimes, record
+from conftest import QUICK, ROUNDS, TYPE, record, run_timed
 
 
 def _stepper(n: int):
@@ -42,8 +42,7 @@ def test_feature_push(benchmark, live_video, obstacles):
 
     for _ in range(len(frames)):  # warm: compiled, and the phase loop locked
         push()
-    cpu = CpuTimes(ROUNDS + 100)
-    benchmark.pedantic(cpu.wrap(push), rounds=ROUNDS, iterations=1, warmup_rounds=100)
+    cpu = run_timed(benchmark, push, ROUNDS, warmup_rounds=100)
     record(benchmark, cpu)
 
 
@@ -69,8 +68,7 @@ def test_pipeline_process(benchmark, live_video, model, obstacles):
 
     for _ in range(len(frames)):
         step()
-    cpu = CpuTimes(ROUNDS + 100)
-    benchmark.pedantic(cpu.wrap(step), rounds=ROUNDS, iterations=1, warmup_rounds=100)
+    cpu = run_timed(benchmark, step, ROUNDS, warmup_rounds=100)
     record(benchmark, cpu)
 
 
@@ -117,8 +115,7 @@ def test_batch_analysis_vs_kdeamd(benchmark, live_video, model, obstacles, kdeam
         pipe.end_video_events()
 
     rounds = 30 if QUICK else 200
-    cpu = CpuTimes(rounds + 2)
-    benchmark.pedantic(cpu.wrap(video), rounds=rounds, iterations=1, warmup_rounds=2)
+    cpu = run_timed(benchmark, video, rounds, warmup_rounds=2)
     wall = np.asarray(benchmark.stats.stats.data, dtype=np.float64) * 1e6 / n
     ours = float(np.percentile(wall, 50))
     ours_cpu = float(np.percentile(cpu.micros() / n, 50))
@@ -166,9 +163,10 @@ def test_batch_analysis_vs_kdeamd(benchmark, live_video, model, obstacles, kdeam
 
 
 def test_monitor_step(benchmark, live_video, model, obstacles):
-    """The monitor's whole per-frame step: protocol.decode of the wire parts, then
-    `StreamPipeline.process` (features, ring, model, detector). Sockets excluded."""
-    from lhtstream.io.protocol import FrameEncoder, decode, frame_array
+    """The monitor's whole per-frame step: protocol.decode of the wire parts, the pixels
+    into the stream's `FrameBuffer`, then `StreamPipeline.process` (features, ring, model,
+    detector). Sockets excluded."""
+    from lhtstream.io.protocol import FrameBuffer, FrameEncoder, decode
     from lhtstream.service.pipeline import StreamPipeline
 
     frames = np.ascontiguousarray(live_video.image, dtype="<u2")
@@ -180,6 +178,7 @@ def test_monitor_step(benchmark, live_video, model, obstacles):
             for i in range(len(frames))]
     pipe = StreamPipeline("ws1", model=model)
     pipe.start_video("0001", TYPE, live_video.metadata)
+    pixels = FrameBuffer()  # as the monitor takes a frame off the wire
     nxt = _stepper(len(wire))
 
     def step() -> None:
@@ -188,12 +187,11 @@ def test_monitor_step(benchmark, live_video, model, obstacles):
             pipe.end_video_events()
             pipe.start_video("0001", TYPE, live_video.metadata)
         message = decode(wire[i])
-        pipe.process(frame_array(message), message.header)
+        pipe.process(pixels.load(message), message.header)
 
     for _ in range(len(wire)):
         step()
-    cpu = CpuTimes(ROUNDS + 100)
-    benchmark.pedantic(cpu.wrap(step), rounds=ROUNDS, iterations=1, warmup_rounds=100)
+    cpu = run_timed(benchmark, step, ROUNDS, warmup_rounds=100)
     record(benchmark, cpu)
 
 
@@ -212,8 +210,7 @@ def test_kdeamd_frame(benchmark, live_video, kdeamd, obstacles, training_videos)
         kdeamd.score_move(pos[i, 0], pos[i, 1], pos[i + 1, 0], pos[i + 1, 1], int(win[i]))
 
     rounds = max(ROUNDS // 4, 500)  # it is slow; fewer rounds keep this under ~10 s
-    cpu = CpuTimes(rounds + 20)
-    benchmark.pedantic(cpu.wrap(move), rounds=rounds, iterations=1, warmup_rounds=20)
+    cpu = run_timed(benchmark, move, rounds, warmup_rounds=20)
     cells = kdeamd.cell_sizes()
     benchmark.extra_info["training_frames"] = int(sum(len(v.image) for v in training_videos))
     benchmark.extra_info["cell_points_median"] = float(np.median(cells)) if cells.size else 0.0
@@ -236,8 +233,7 @@ def test_kdeamd_frame_realsize(benchmark, live_video, kdeamd_realsize, obstacles
         model.score_move(pos[i, 0], pos[i, 1], pos[i + 1, 0], pos[i + 1, 1], int(win[i]))
 
     rounds = 300 if QUICK else 1_500
-    cpu = CpuTimes(rounds + 10)
-    benchmark.pedantic(cpu.wrap(move), rounds=rounds, iterations=1, warmup_rounds=10)
+    cpu = run_timed(benchmark, move, rounds, warmup_rounds=10)
     cells = model.cell_sizes()
     benchmark.extra_info["cell_points_median"] = float(np.median(cells)) if cells.size else 0.0
     record(benchmark, cpu, budget_us=None)
@@ -269,8 +265,7 @@ def test_kdeamd_published_frame_realsize(benchmark, live_video, kdeamd_published
         score(xs[i], ys[i], xs[i + 1], ys[i + 1], win[i])
 
     rounds = 2_000 if QUICK else 20_000
-    cpu = CpuTimes(rounds + 100)
-    benchmark.pedantic(cpu.wrap(move), rounds=rounds, iterations=1, warmup_rounds=100)
+    cpu = run_timed(benchmark, move, rounds, warmup_rounds=100)
     cost = measure_frame_cost(model, pos, states, max_moves=len(win))
     info = benchmark.extra_info
     info["hit_fraction"] = round(cost["hit_fraction"], 4)
