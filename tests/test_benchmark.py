@@ -45,6 +45,16 @@ def test_check_endtoend_flags_loss_and_the_p999_budget():
     tail = {"p50": 1, "p99": 2, "p999": 1000.0, "max": 3}
     over = check_endtoend(_result(latency_us=tail))
     assert len(over) == 1 and "p99.9" in over[0]
+    # a host whose bare hop misses the budget at p99.9: judged on what the monitor adds
+    def hop(p999):
+        return {"floor_us": {"p50": 1.0, "p99": 2.0, "p999": p999},
+                "added_p999_us": round(3000.0 - p999, 1)}
+
+    host_tail = {"p50": 1, "p99": 2, "p999": 3000.0, "max": 4000.0}
+    assert check_endtoend(_result(latency_us=host_tail, over_floor=hop(2500.0))) == []
+    assert len(check_endtoend(_result(latency_us=host_tail, over_floor=hop(1500.0)))) == 1
+    assert len(check_endtoend(_result(latency_us=host_tail, over_floor=hop(900.0)))) == 1
+    assert len(check_endtoend(_result(latency_us=host_tail))) == 1  # no hop measured
     # short (non-strict) runs report the tail but still fail on loss and on the typical frame
     assert check_endtoend(_result(latency_us=tail), strict=False) == []
     assert len(check_endtoend(_result(frames_lost=1, latency_us=tail), strict=False)) == 1
