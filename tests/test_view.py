@@ -217,7 +217,10 @@ def test_the_page_in_chromium_shows_the_streams_heat_map_path_and_the_faults_ala
     page.wait_for_selector(f".alarm-log tr.raise td.kind:text-is('{FAULT_ALARM}')",
                            timeout=30_000)
     row = page.locator("#overview tr[data-stream='ws1']")
-    assert row.locator(".badge").inner_text() in ("normal", "ALARM " + FAULT_ALARM)
+    # the faulty video raises image evidence a frame after intensity_low (offline too)
+    badge = row.locator(".badge").inner_text()
+    assert badge == "normal" or (badge.startswith("ALARM ")
+                                 and FAULT_ALARM in badge[6:].split(", ")), badge
     assert "T1/0002" in row.inner_text()
     # the heat map is drawn: the canvas has dark and bright pixels
     heat = page.evaluate("""() => {
