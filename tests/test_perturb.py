@@ -12,7 +12,13 @@ import pytest
 
 from lhtstream.cli import main
 from lhtstream.io.dataset import Dataset, obstacle_states, read_labels, validate
-from lhtstream.io.perturb import PERTURBATIONS, PerturbError, perturb_video, read_manifest
+from lhtstream.io.perturb import (
+    PERTURBATIONS,
+    PerturbError,
+    first_change,
+    perturb_video,
+    read_manifest,
+)
 from lhtstream.io.simulate import simulate_video
 
 ONSET = 600
@@ -118,6 +124,23 @@ def test_timing_faults_reorder_drop_or_repeat_whole_frames(video):
     assert sorted(idx) == list(range(len(image))) and idx != sorted(idx)
 
 
+def test_first_change_is_where_a_sporadic_fault_first_shows(video):
+    image, _ = video
+    # every frame distinct, its index in pixel (0, 0): a copy's pixel tells its source frame
+    stamped = image.copy()
+    stamped[:, 0, 0] = np.arange(len(image))
+    dropped, _ = perturb_video(stamped, "dropped_frames", ONSET, np.random.default_rng(5))
+    first_dropped = ONSET + int(np.flatnonzero(dropped[ONSET:, 0, 0] != np.arange(
+        ONSET, len(dropped)))[0])
+    assert first_dropped > ONSET  # 2 % per frame: not at the onset itself
+    assert first_change(stamped, dropped, ONSET) == first_dropped
+    blurred, _ = perturb_video(stamped, "blur", ONSET, np.random.default_rng(5))
+    assert first_change(stamped, blurred, ONSET) == ONSET  # a lasting fault shows at once
+    dark = np.zeros_like(image)  # dead pixels on a black video change nothing
+    dead, _ = perturb_video(dark, "dead_pixels", ONSET, np.random.default_rng(5))
+    assert first_change(dark, dead, ONSET) == -1
+
+
 def test_bad_arguments_are_clear_errors(video):
     image, _ = video
     with pytest.raises(PerturbError, match="unknown perturbation 'fog'"):
@@ -196,6 +219,10 @@ def test_evaluate_reports_each_perturbation_with_its_family(perturbed, tmp_path,
         assert k["types"] == 2 and k["expected_alarm_kind"] is None
         assert 0.0 <= k["detected_any_kind_fraction"] <= 1.0
         assert k["quiet_source_videos"] <= k["videos"]  # paired with their sources
+    for r in rows:  # a copy differs from its source from its onset on, or (sporadic) later
+        assert int(r["first_changed_frame"]) in (-1, *range(int(r["onset_frame"]),
+                                                            int(r["frames"])))
+    assert "from change" in text
     # a camera that loses 2 % of its frames makes the spot jump: every copy is alarmed
     assert per_kind["dropped_frames"]["detected_any_kind_fraction"] == 1.0
 
@@ -222,10 +249,17 @@ def test_a_false_alarm_the_source_already_had_is_not_a_detection():
 
     results = [vr("0001", "normal", [(7000, "frequency")]), vr("0002", "normal", []),
                vr("0003", "blur", [(7000, "frequency")], onset=3000),  # the source's own alarm
-               vr("0004", "blur", [(3005, "spot_size")], onset=3000)]
-    sources = {(4, "0003"): "0001", (4, "0004"): "0002"}
-    k = summarise(results, sources)["per_kind"]["blur"]
-    assert k["detected_any_kind_fraction"] == 1.0  # counting every raise in the window
-    assert k["quiet_source_videos"] == 1 and k["alarmed_quiet_source_fraction"] == 1.0
-    assert k["delay_quiet_source_median"] == 5
+               vr("0004", "blur", [(3005, "spot_size")], onset=3000),
+               vr("0005", "blur", [(3020, "image")], onset=3000),
+               vr("0006", "blur", [], onset=3000)]
+    manifest = {(4, "0003"): {"source": "0001", "first_changed_frame": "3000"},
+                (4, "0004"): {"source": "0002", "first_changed_frame": "3002"},
+                (4, "0005"): {"source": "0002", "first_changed_frame": "3016"},
+                (4, "0006"): {"source": "0002", "first_changed_frame": "-1"}}
+    k = summarise(results, manifest)["per_kind"]["blur"]
+    assert k["detected_any_kind_fraction"] == 0.75  # counting every raise in the window
+    assert k["quiet_source_videos"] == 3 and k["alarmed_quiet_source_fraction"] == 2 / 3
+    assert k["delay_quiet_source_median"] == 12.5  # 5 and 20 frames after the onset
+    # 3 and 4 frames after the first changed frame; 0006 never changed a pixel
+    assert k["delay_first_change_median"] == 3.5 and k["unchanged_quiet_source_videos"] == 1
     assert "quiet_source_videos" not in summarise(results)["per_kind"]["blur"]

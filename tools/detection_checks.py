@@ -254,8 +254,7 @@ def check_unseen(args) -> dict[str, Any]:
         log(perturb_dataset(src, data, seed=0, scale=args.scale, progress=None))
         stamp.write_text(want)
     results = score_all(model, data)
-    sources = {key: row["source"] for key, row in read_manifest(data).items()}
-    report = summarise(results, sources)
+    report = summarise(results, read_manifest(data))
     report["videos"] = len(results)
     report["seconds"] = 0.0
     report["kdeamd_protocol"] = None

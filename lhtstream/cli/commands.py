@@ -277,10 +277,12 @@ def format_report(report: dict[str, Any]) -> str:
         paired = all("quiet_source_videos" in k for k in unseen.values())
         lines += ["", "unseen faults (frame perturbations, `lhtstream perturb`; alarmed = an alarm "
                       "of any kind raised in [onset, end + 100]"
-                  + ("; counted on copies whose normal source raised nothing there" if paired
-                     else "") + "):",
+                  + ("; counted on copies whose normal source raised nothing there; 'from "
+                     "change': median delay from the first frame the perturbation changed"
+                     if paired else "") + "):",
                   f"{'perturbation':<20}{'family':<13}{'videos':>7}{'types':>6}{'alarmed':>9}"
-                  f"{'delay med':>11}{'delay p95':>11}{'auc':>7}  kinds raised"]
+                  f"{'delay med':>11}{'delay p95':>11}{'from change':>13}{'auc':>7}"
+                  "  kinds raised"]
         for kind, k in unseen.items():
             n, frac, med, p95 = ((k["quiet_source_videos"], k["alarmed_quiet_source_fraction"],
                                   k["delay_quiet_source_median"], k["delay_quiet_source_p95"])
@@ -289,8 +291,9 @@ def format_report(report: dict[str, Any]) -> str:
                                   k["delay_any_kind_median"], k["delay_any_kind_p95"]))
             lines.append(
                 f"{kind:<20}{k['family']:<13}{n:>7}{k['types']:>6}{_f(frac, '.2f'):>9}"
-                f"{_f(med, '.0f'):>11}{_f(p95, '.0f'):>11}{_f(k['auc_vs_normal'], '.3f'):>7}  "
-                + ",".join(k["alarm_kinds_in_window"]))
+                f"{_f(med, '.0f'):>11}{_f(p95, '.0f'):>11}"
+                f"{_f(k.get('delay_first_change_median'), '.0f'):>13}"
+                f"{_f(k['auc_vs_normal'], '.3f'):>7}  " + ",".join(k["alarm_kinds_in_window"]))
     lines += [
         "",
         f"false alarms on normal videos: {report['false_alarms']} in "

@@ -378,6 +378,19 @@ def perturb_video(image: np.ndarray, kind: str, onset: int, rng: np.random.Gener
     return out, obstacles
 
 
+def first_change(image: np.ndarray, perturbed: np.ndarray, onset: int) -> int:
+    """The first frame from ``onset`` on where ``perturbed`` differs from its source
+    ``image`` at the same index (-1: none does). A sporadic fault (dropped frames,
+    spatter) or one the spot must reach (dead pixels) shows in the footage only from
+    here: no detector can react earlier."""
+    n = min(image.shape[0], perturbed.shape[0])
+    if onset >= n:
+        return -1
+    differs = (perturbed[onset:n] != image[onset:n]).reshape(n - onset, -1).any(axis=1)
+    at = np.flatnonzero(differs)
+    return int(onset + at[0]) if len(at) else -1
+
+
 def windows_from_states(states: np.ndarray) -> list[tuple[int, int]]:
     """Obstacle windows (inclusive first, last frame of state n = 1, 2) of a state series."""
     out = []
@@ -393,7 +406,7 @@ def windows_from_states(states: np.ndarray) -> list[tuple[int, int]]:
 ONSET_RANGE = (0.2, 0.55)  # onset drawn uniformly in this fraction of the video
 MANIFEST = "perturbations.csv"
 MANIFEST_COLUMNS = ("type", "video", "source", "kind", "family", "onset_frame", "end_frame",
-                    "magnitude", "frames")
+                    "magnitude", "frames", "first_changed_frame")
 
 
 def perturbation_rng(seed: int, type_id: int, source: str, kind: str) -> np.random.Generator:
@@ -471,7 +484,8 @@ def perturb_dataset(src: str | os.PathLike, out: str | os.PathLike,
                 end_frame = int(img.shape[0]) - 1
                 new_labels.append(Label(type_id, name, kind, onset, end_frame, magnitude))
                 manifest.append((type_id, name, v.name, kind, p.family, onset, end_frame,
-                                 repr(float(magnitude)), int(img.shape[0])))
+                                 repr(float(magnitude)), int(img.shape[0]),
+                                 first_change(image, img, onset)))
                 written += 1
                 if progress:
                     rate = written / max(time.perf_counter() - t0, 1e-9)

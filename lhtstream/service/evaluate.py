@@ -198,15 +198,17 @@ def _raised_in(result: VideoResult, onset: int | None, end: int | None) -> bool:
 
 
 def summarise(results: Sequence[VideoResult],
-              sources: dict[tuple[int, str], str] | None = None) -> dict[str, Any]:
+              manifest: dict[tuple[int, str], dict[str, str]] | None = None) -> dict[str, Any]:
     """The monitor-path metrics (auc_videos, per_kind, false alarms, verdicts, cost).
 
-    ``sources`` maps a perturbed copy (type, name) to its normal source's name in the
-    same results (`lhtstream perturb`'s manifest); per kind it adds the share alarmed
-    among copies whose source raised nothing in the same window, so a false alarm the
-    source already had is not counted as detecting the perturbation.
+    ``manifest`` (`lhtstream perturb`'s, as `read_manifest` gives it) names each
+    perturbed copy's normal source in the same results; per kind it adds the share
+    alarmed among copies whose source raised nothing in the same window, so a false
+    alarm the source already had is not counted as detecting the perturbation, and
+    their delay from the first frame the perturbation changed (``first_changed_frame``).
     """
     by_key = {(r.type, r.name): r for r in results}
+    manifest = manifest or {}
 
     normal = [r for r in results if r.kind == "normal"]
     anomalous = [r for r in results if r.kind != "normal"]
@@ -248,15 +250,24 @@ def summarise(results: Sequence[VideoResult],
             "verdict_anomalous_fraction": _frac(sum(r.anomalous for r in rs), len(rs)),
             "auc_vs_normal": roc_auc(neg, [r.score for r in rs]),
         }
-        quiet = [d for r, d in zip(rs, dets, strict=True)
-                 if (src := by_key.get((r.type, (sources or {}).get((r.type, r.name), ""))))
-                 is not None and not _raised_in(src, r.onset, r.end)]
-        if sources and quiet:
-            delays = [d["any"] for d in quiet if d["any"] is not None]
+        rows = [manifest.get((r.type, r.name), {}) for r in rs]
+        quiet = [(r, d, row) for r, d, row in zip(rs, dets, rows, strict=True)
+                 if (src := by_key.get((r.type, row.get("source", "")))) is not None
+                 and not _raised_in(src, r.onset, r.end)]
+        if quiet:
+            delays = [d["any"] for _r, d, _row in quiet if d["any"] is not None]
+            # until its first changed frame a copy shows what its source shows
+            changed = [(r, d, int(row["first_changed_frame"])) for r, d, row in quiet
+                       if int(row.get("first_changed_frame", -1)) >= 0]
+            from_change = [r.onset + d["any"] - first for r, d, first in changed
+                           if d["any"] is not None]
             per_kind[kind]["quiet_source_videos"] = len(quiet)
             per_kind[kind]["alarmed_quiet_source_fraction"] = _frac(len(delays), len(quiet))
             per_kind[kind]["delay_quiet_source_median"] = _median(delays)
             per_kind[kind]["delay_quiet_source_p95"] = _p95(delays)
+            per_kind[kind]["unchanged_quiet_source_videos"] = len(quiet) - len(changed)
+            per_kind[kind]["delay_first_change_median"] = _median(from_change)
+            per_kind[kind]["delay_first_change_p95"] = _p95(from_change)
         ramped = [(r, d) for r, d in zip(rs, dets, strict=True) if r.ramp_frames > 0]
         if ramped:
             # a slowly developing fault must be alarmed before it is complete
@@ -349,8 +360,7 @@ def evaluate(data: str | Path, model: Any, types: list[int] | None = None,
             progress(f"monitor path: video {i + 1}/{len(videos)} Type{r.type}/{r.name}"
                      f" ({workers} worker{'s' if workers > 1 else ''})")
     monitor_s = time.perf_counter() - t0
-    sources = {key: row["source"] for key, row in read_manifest(ds.root).items()}
-    report = summarise(results, sources)
+    report = summarise(results, read_manifest(ds.root))
     report["monitor_path_seconds"] = monitor_s
     report["monitor_path_workers"] = workers
     report["data"] = str(data)
