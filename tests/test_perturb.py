@@ -263,3 +263,7 @@ def test_a_false_alarm_the_source_already_had_is_not_a_detection():
     # 3 and 4 frames after the first changed frame; 0006 never changed a pixel
     assert k["delay_first_change_median"] == 3.5 and k["unchanged_quiet_source_videos"] == 1
     assert "quiet_source_videos" not in summarise(results)["per_kind"]["blur"]
+    # a manifest written before first_changed_frame existed: no first-change figures
+    old = {key: {"source": row["source"]} for key, row in manifest.items()}
+    k = summarise(results, old)["per_kind"]["blur"]
+    assert k["quiet_source_videos"] == 3 and "delay_first_change_median" not in k

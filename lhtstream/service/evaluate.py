@@ -256,15 +256,16 @@ def summarise(results: Sequence[VideoResult],
                  and not _raised_in(src, r.onset, r.end)]
         if quiet:
             delays = [d["any"] for _r, d, _row in quiet if d["any"] is not None]
-            # until its first changed frame a copy shows what its source shows
-            changed = [(r, d, int(row["first_changed_frame"])) for r, d, row in quiet
-                       if int(row.get("first_changed_frame", -1)) >= 0]
-            from_change = [r.onset + d["any"] - first for r, d, first in changed
-                           if d["any"] is not None]
             per_kind[kind]["quiet_source_videos"] = len(quiet)
             per_kind[kind]["alarmed_quiet_source_fraction"] = _frac(len(delays), len(quiet))
             per_kind[kind]["delay_quiet_source_median"] = _median(delays)
             per_kind[kind]["delay_quiet_source_p95"] = _p95(delays)
+        if quiet and all("first_changed_frame" in row for _r, _d, row in quiet):
+            # until its first changed frame a copy shows what its source shows
+            changed = [(r, d, int(row["first_changed_frame"])) for r, d, row in quiet
+                       if int(row["first_changed_frame"]) >= 0]
+            from_change = [r.onset + d["any"] - first for r, d, first in changed
+                           if d["any"] is not None]
             per_kind[kind]["unchanged_quiet_source_videos"] = len(quiet) - len(changed)
             per_kind[kind]["delay_first_change_median"] = _median(from_change)
             per_kind[kind]["delay_first_change_p95"] = _p95(from_change)
