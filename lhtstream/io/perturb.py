@@ -384,10 +384,7 @@ def first_change(image: np.ndarray, perturbed: np.ndarray, onset: int) -> int:
     spatter) or one the spot must reach (dead pixels) shows in the footage only from
     here: no detector can react earlier."""
     n = min(image.shape[0], perturbed.shape[0])
-    if onset >= n:
-        return -1
-    differs = (perturbed[onset:n] != image[onset:n]).reshape(n - onset, -1).any(axis=1)
-    at = np.flatnonzero(differs)
+    at = np.flatnonzero((perturbed[onset:n] != image[onset:n]).any(axis=(1, 2)))
     return int(onset + at[0]) if len(at) else -1
 
 

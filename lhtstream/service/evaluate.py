@@ -262,11 +262,11 @@ def summarise(results: Sequence[VideoResult],
             per_kind[kind]["delay_quiet_source_p95"] = _p95(delays)
         if quiet and all("first_changed_frame" in row for _r, _d, row in quiet):
             # until its first changed frame a copy shows what its source shows
-            changed = [(r, d, int(row["first_changed_frame"])) for r, d, row in quiet
-                       if int(row["first_changed_frame"]) >= 0]
-            from_change = [r.onset + d["any"] - first for r, d, first in changed
-                           if d["any"] is not None]
-            per_kind[kind]["unchanged_quiet_source_videos"] = len(quiet) - len(changed)
+            firsts = [int(row["first_changed_frame"]) for _r, _d, row in quiet]
+            from_change = [r.onset + d["any"] - first
+                           for (r, d, _row), first in zip(quiet, firsts, strict=True)
+                           if first >= 0 and d["any"] is not None]
+            per_kind[kind]["unchanged_quiet_source_videos"] = sum(f < 0 for f in firsts)
             per_kind[kind]["delay_first_change_median"] = _median(from_change)
             per_kind[kind]["delay_first_change_p95"] = _p95(from_change)
         ramped = [(r, d) for r, d in zip(rs, dets, strict=True) if r.ramp_frames > 0]

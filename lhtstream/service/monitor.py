@@ -1084,8 +1084,9 @@ def _warm_up(model: Any) -> None:
         if model is not None:
             pipes.append(StreamPipeline("warm-up", model=model))
         for pipe in pipes:
-            # frame by frame off the wire (into a FrameBuffer, as `_on_frame`), then (a fresh pipeline, so
-            # self-calibration runs in blocks too) as frames queued in a burst arrive
+            # frame by frame off the wire (into a FrameBuffer, as `_on_frame`), then (a
+            # fresh pipeline, so self-calibration runs in blocks too) as frames queued in a
+            # burst arrive
             pipe.start_video("warm-up", type_id, sim.metadata)
             pixels = protocol.FrameBuffer()
             for parts in wire:
