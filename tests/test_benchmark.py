@@ -62,6 +62,21 @@ def test_check_endtoend_flags_loss_and_the_p999_budget():
     assert any("p50" in p for p in check_endtoend(_result(latency_us=slow), strict=False))
 
 
+def test_check_view_cost_judges_the_ratio_on_long_segments_and_the_cpu_on_short():
+    from lhtstream.cli.bench import check_view_cost
+
+    def result(segment_s, ratio, cpu, lost=0, pictures=25.0):
+        return {"segment_s": segment_s, "frames_lost": lost, "latency_ratio": {"p50": ratio},
+                "view": {"cpu_percent": cpu, "pictures_per_s": pictures, "page_errors": []}}
+
+    assert check_view_cost(result(30.0, 1.08, 7.5)) == []
+    assert "p50 x1.6" in check_view_cost(result(30.0, 1.6, 7.5))[0]
+    assert check_view_cost(result(2.5, 2.7, 9.0)) == []  # a short run's ratio: the host's
+    assert "% of a core" in check_view_cost(result(2.5, 1.0, 80.0))[0]  # a busy view
+    assert len(check_view_cost(result(2.5, 1.0, 9.0, lost=1))) == 1
+    assert len(check_view_cost(result(2.5, 1.0, 9.0, pictures=0.0))) == 1
+
+
 def test_parse_replay_reads_the_real_replay_exit_lines(tiny_dataset):
     from lhtstream.cli.children import parse_replay
 

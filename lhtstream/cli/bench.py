@@ -394,6 +394,12 @@ def over_floor(result: dict[str, Any], floor: dict[str, Any] | None) -> dict[str
 
 VIEW_P50_RATIO_MAX = 1.5
 """A view attached may not raise the monitor's typical (p50) handling latency by more."""
+VIEW_RATIO_SEGMENT_S = 30.0
+"""Segments at least this long (the full-length bench) are judged on that ratio. In
+shorter ones it is the host's: on the 2-vCPU AMD VM, 5-s runs of the same code gave
+1.0-2.7x and 20-s runs 1.1-1.6x (the view at nice 19 too), 60-s runs 1.08."""
+VIEW_CPU_MAX_PERCENT = 50.0
+"""What short runs judge instead: the view's own CPU share (measured 7-11 % of a core)."""
 VIEW_SEGMENTS = 4
 """Segments of a view-cost run, alternately without and with the view attached."""
 _SEGMENT_MARGIN_S = 0.6
@@ -476,15 +482,21 @@ def _frames_between(statuses: list[tuple[int, dict]], t0_ns: int, t1_ns: int) ->
 
 def check_view_cost(result: dict[str, Any]) -> list[str]:
     """Problems of a `run_view_cost` result: a frame lost, the typical latency with the
-    view raised by more than `VIEW_P50_RATIO_MAX`, or a page that saw no pictures (so a
-    benchmark of a broken view cannot pass)."""
+    view raised by more than `VIEW_P50_RATIO_MAX` (segments of `VIEW_RATIO_SEGMENT_S` or
+    more; shorter runs report it and judge the view's CPU share instead), or a page that
+    saw no pictures (so a benchmark of a broken view cannot pass)."""
     problems = []
     if result["frames_lost"]:
         problems.append(f"view cost run: {result['frames_lost']} frame(s) lost")
-    ratio = result["latency_ratio"]["p50"]
-    if ratio is None or ratio > VIEW_P50_RATIO_MAX:
-        problems.append(f"view attached: handling p50 x{ratio} (limit x{VIEW_P50_RATIO_MAX})")
     page = result["view"]
+    ratio = result["latency_ratio"]["p50"]
+    if result["segment_s"] >= VIEW_RATIO_SEGMENT_S:
+        if ratio is None or ratio > VIEW_P50_RATIO_MAX:
+            problems.append(f"view attached: handling p50 x{ratio} "
+                            f"(limit x{VIEW_P50_RATIO_MAX})")
+    elif page["cpu_percent"] > VIEW_CPU_MAX_PERCENT:
+        problems.append(f"view attached: {page['cpu_percent']} % of a core "
+                        f"(limit {VIEW_CPU_MAX_PERCENT:.0f} %)")
     if page["pictures_per_s"] < 10 or page["page_errors"]:
         problems.append(f"view attached: the page got {page['pictures_per_s']} pictures/s "
                         f"({'; '.join(page['page_errors']) or 'no error'})")
