@@ -305,10 +305,12 @@ class PageReader:
         self._thread.join(5.0)
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a running process (Linux /proc), None elsewhere."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU time (s) of a running process, or of one of its threads (Linux
+    /proc; a process's main thread has the process's id), None elsewhere."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
@@ -547,7 +549,9 @@ def run_max_rate(data: Path | None = None, model: Path | None = None, seconds: f
     ``frames_lost`` is the monitor's count of ``seq`` gaps. On a shared machine the
     wall-clock rate is the scheduler's as much as ours, so the monitor's and the
     replay's CPU time over the same window give the rate per core of each
-    (``*_cpu_frames_per_s``): what one monitor sustains on a core of its own.
+    (``*_cpu_frames_per_s``): what one monitor sustains on a core of its own. The
+    monitor's main thread's share of the window (``monitor_main_thread_busy_percent``)
+    says whether the monitor is the limit (near 100 %) or waits for frames.
     """
     if data is None or model is None:
         data, model = bench_data()
@@ -556,10 +560,15 @@ def run_max_rate(data: Path | None = None, model: Path | None = None, seconds: f
         assert run.replay is not None
         run.replay.wait_for(r"replay: frame subscriber joined", 60)
         run.pump_for(min(1.0, seconds / 5))  # past the start
-        cpu0 = (cpu_seconds(run.monitor.pid), cpu_seconds(run.replay.pid))
+        pid = run.monitor.pid
+
+        def cpu_now() -> tuple[float | None, ...]:
+            return (cpu_seconds(pid), cpu_seconds(run.replay.pid), cpu_seconds(pid, pid))
+
+        cpu0, wall0 = cpu_now(), time.monotonic()
         n0 = len(run.statuses)
         run.pump_for(seconds)
-        cpu1 = (cpu_seconds(run.monitor.pid), cpu_seconds(run.replay.pid))
+        cpu1, wall1 = cpu_now(), time.monotonic()
         counts = [(t, st["frames"], st.get("dropped", 0)) for t, st in run.statuses[n0:]
                   if st.get("frames", 0) > 0]
         run.monitor.stop()
@@ -573,6 +582,9 @@ def run_max_rate(data: Path | None = None, model: Path | None = None, seconds: f
             for i, who in enumerate(("monitor", "replay")):
                 if cpu0[i] is not None and cpu1[i] is not None and cpu1[i] > cpu0[i]:
                     per_core[who] = round((f1 - f0) / (cpu1[i] - cpu0[i]))
+        busy = None  # the monitor's own thread, the rest being libzmq's I/O thread
+        if cpu0[2] is not None and cpu1[2] is not None and wall1 > wall0:
+            busy = round(100.0 * (cpu1[2] - cpu0[2]) / (wall1 - wall0), 1)
         return {
             "seconds": seconds,
             "frames_processed": counts[-1][1] if counts else 0,
@@ -580,6 +592,7 @@ def run_max_rate(data: Path | None = None, model: Path | None = None, seconds: f
             "frames_per_s": None if rate is None else round(rate),
             "monitor_cpu_frames_per_s": per_core["monitor"],
             "replay_cpu_frames_per_s": per_core["replay"],
+            "monitor_main_thread_busy_percent": busy,
             "projected_full_dataset_h": (None if not rate
                                          else round(FULL_DATASET_FRAMES / rate / 3600, 2)),
         }
@@ -785,7 +798,8 @@ def summary_table(results: dict[str, Any]) -> str:
     if mx:
         lines.append(f"monitor --rate max: {_fmt(mx['frames_per_s'])} frames/s (per CPU second: "
                      f"monitor {_fmt(mx.get('monitor_cpu_frames_per_s'))}, replay "
-                     f"{_fmt(mx.get('replay_cpu_frames_per_s'))}), "
+                     f"{_fmt(mx.get('replay_cpu_frames_per_s'))}; the monitor's main thread "
+                     f"{_fmt(mx.get('monitor_main_thread_busy_percent'))} % busy), "
                      f"{mx['frames_lost']} lost of {mx['frames_processed']:,}; full data set "
                      f"(63.3 M frames) in {_fmt(mx['projected_full_dataset_h'])} h")
     bt = results.get("batch")
