@@ -27,6 +27,21 @@ def test_percentiles_of_known_values():
                                                 "max": None}
 
 
+def test_over_floor_compares_with_the_pooled_hop():
+    from lhtstream.cli.bench import check_endtoend, over_floor
+
+    # the hop's 1..1000 us: p50 500.5, p99 990.0, p99.9 999.0 (as above)
+    hop = np.arange(1, 1001, dtype=float)
+    result = _result(latency_us={"p50": 750.75, "p99": 1980.0, "p999": 2500.0, "max": 3000.0})
+    out = over_floor(result, hop)
+    assert out["floor_us"] == {"p50": 500.5, "p99": 990.0, "p999": 999.0}
+    assert out["hop_messages"] == 1000
+    assert (out["ratio_p50"], out["ratio_p99"]) == (1.5, 2.0)
+    assert (out["added_p50_us"], out["added_p999_us"]) == (250.2, 1501.0)
+    # a hop under 1 ms at p99.9 leaves the strict budget in force
+    assert len(check_endtoend(dict(result, over_floor=out))) == 1
+
+
 def _result(**over):
     r = {"transport": "ipc", "streams": 1, "frames_lost": 0, "frames_processed": 5000,
          "latency_us": {"p50": 200.0, "p99": 600.0, "p999": 999.9, "max": 4000.0}}

@@ -8,6 +8,7 @@ receive, and prints that latency's percentiles: no monitor can do better on this
 host. Compare it with ``lhtstream bench`` (docs/operations.md, "Latency floor").
 
     python tools/zmq_floor.py [--seconds 10] [--endpoint ipc:///tmp/zmq-floor.sock]
+                              [--save hop.npy]
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the run")
     parser.add_argument("--endpoint", default="ipc:///tmp/zmq-floor.sock", help="endpoint")
+    parser.add_argument("--save", metavar="FILE.npy",
+                        help="also write every message's latency (us, float64) to this file")
     args = parser.parse_args()
     count = int(args.seconds * 1000)
     sub = zmq.Context().socket(zmq.SUB)
@@ -64,6 +67,8 @@ def main() -> None:
         if sender.is_alive():
             sender.kill()
     lat = latencies[:n]
+    if args.save:
+        np.save(args.save, lat)
     p50, p99, p999 = np.percentile(lat, (50, 99, 99.9))
     print(f"{n} messages: p50 {p50:.0f} us, p99 {p99:.0f} us, p99.9 {p999:.0f} us, "
           f"max {lat.max():.0f} us, over 1 ms: {(lat > 1000).sum()}")
