@@ -333,7 +333,7 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
     (`run_zmq_floor`) and the monitor run alternately, that many segments of
     ``seconds / hop_segments`` each, and ``over_floor`` compares their pooled
     latencies. Alternating, because the hop moves with the host's load: on the 2-vCPU
-    VM its p99.9 measured 840-1,708 us in 60-s runs of one afternoon, so a hop measured
+    VM its p99.9 measured 840-1,708 us in 60-s runs an hour apart, so a hop measured
     a minute before the monitor is not the floor under it. Then the first
     `SEGMENT_WARMUP_S` of every segment count on neither side: a segment is a start-up
     (streams joining, docs/operations.md), which one run has once and four segments
@@ -343,12 +343,13 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
         data, model = bench_data()
     segments = max(hop_segments, 1)
     piece = seconds / segments
+    warmup = int(SEGMENT_WARMUP_S * 1000) if hop_segments else 0  # messages per stream
     hops, lats, delivery, jitters = [], [], [], []
     sent = processed = lost = alarms = alarm_messages = verdicts = 0
     for _ in range(segments):
-        if hop_segments:
-            hop = run_zmq_floor(transport, piece)
-            hops.append(None if hop is None else hop[int(SEGMENT_WARMUP_S * 1000):])
+        hop = run_zmq_floor(transport, piece) if hop_segments else None
+        if hop is not None:
+            hops.append(hop[warmup:])
         with Run(transport, model, echo=echo) as run:
             run.start(data, "1000", streams=streams, loop=True,
                       videos=faulty_video_names(data) or None)
@@ -359,7 +360,7 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
             sent += n_sent
             processed += int(lat.size)
             lost += max(n_sent - int(lat.size), 0) + int(final.get("dropped", 0))
-            lats.append(lat[int(SEGMENT_WARMUP_S * 1000 * streams) if hop_segments else 0:])
+            lats.append(lat[warmup * streams:])
             delivery += run.delivery_us
             if jitter is not None:
                 jitters.append(jitter)
@@ -386,7 +387,7 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
         "replay_jitter_us": max(jitters, key=lambda j: j["p99"]) if jitters else None,
         "verdicts": verdicts,
     }
-    if hops and all(h is not None for h in hops):
+    if hops:  # none outside a source checkout
         result["over_floor"] = over_floor(result, np.concatenate(hops))
     return result
 
@@ -811,8 +812,8 @@ def summary_table(results: dict[str, Any]) -> str:
             of = r.get("over_floor")
             if of:
                 fl = of["floor_us"]
-                lines.append(f"    bare ZeroMQ hop (alternating, {r.get('segments', 1)} x "
-                             f"{r['seconds'] / r.get('segments', 1):g} s): p50/p99/p99.9 "
+                lines.append(f"    bare ZeroMQ hop (alternating, {r['segments']} x "
+                             f"{r['seconds'] / r['segments']:g} s): p50/p99/p99.9 "
                              f"{_fmt(fl['p50'])}/{_fmt(fl['p99'])}/{_fmt(fl['p999'])} us; "
                              "monitor / hop: " + "/".join(
                                  _fmt(of.get(f"ratio_{q}")) for q in ("p50", "p99", "p999"))
