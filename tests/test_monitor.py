@@ -764,6 +764,22 @@ def test_warm_up_leaves_nothing_to_compile_on_the_live_frame_path(model_file, wi
     """
     new = new_specialisations(setup, _LIVE_PATH, *([str(model_file)] if with_model else []))
     assert new == {}
+
+
+def test_monitor_stopped_mid_fit_exits_cleanly(procs, tmp_path):
+    """Issue 20 item 0: a SIGTERM while a self-calibration fit runs on its thread ends in
+    exit 0 with the usual summary. Before, the fit ran on a daemon thread, and a process
+    finalising under it could abort ("terminate called without an active exception")."""
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    with FramePublisher(frames_ep) as pub:
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path, "--calibration-seconds", "20")
+        pub.wait_subscribed()
+        pub.frames(range(20_500))
+        mon.wait_for_stderr(r"fitting Type1 on 20000 frames", timeout=60)
+        mon.signal(signal.SIGTERM)
+        assert mon.wait(timeout=30) == 0, mon.stderr
+    assert "terminate called" not in mon.stderr
+    assert "stopped: frames=" in mon.stderr
 # ---------------------------------------------------------------- bounds (issue 11)
 
 

@@ -52,6 +52,7 @@ from lhtstream.io.simulate import simulate_video
 from lhtstream.kernels import features
 from lhtstream.model.normality import NormalityModel
 from lhtstream.service.pipeline import DEFAULT_CALIBRATION_FRAMES, StreamPipeline
+from lhtstream.service.training import cancel_background_fits
 
 STREAM_LATENCY_CAPACITY = 1 << 16
 """Latency samples kept per stream and status interval (65 k: > 1 min at 1 kHz); older
@@ -585,7 +586,7 @@ class Monitor:
                 self._end(st)
             self.evicted += 1
             self._publish_stream_status(name, now_ns, evicted=True)
-            del self.streams[name]
+            self.streams.pop(name).pipeline.close()
 
     # ------------------------------------------------------------ messages
 
@@ -1095,7 +1096,8 @@ def _warm_up(model: Any) -> None:
             pipe.note_lost(3, message.header)
             pipe.end_video_events()
         block = FrameBlock()
-        for pipe in [StreamPipeline("warm-up", calibration_frames=500)] + pipes[1:]:
+        pipes.append(StreamPipeline("warm-up", calibration_frames=500))
+        for pipe in pipes[-1:] + pipes[1:-1]:
             pipe.start_video("warm-up", type_id, sim.metadata)
             at, size = 0, 50
             while at < len(wire):
@@ -1109,6 +1111,8 @@ def _warm_up(model: Any) -> None:
                 at += block.n
                 block.step(pipe)
             pipe.end_video_events()
+        for pipe in pipes:
+            pipe.close()  # a refit started by a video's end would outlive the warm-up
     except Exception as exc:
         log(f"warm-up incomplete ({type(exc).__name__}: {exc}); first frames may be late")
     finally:
@@ -1243,4 +1247,5 @@ def serve(
         if curve is not None:
             curve.close()
         journal_db.close()
+        cancel_background_fits()
     return 0

@@ -210,6 +210,13 @@ class StreamPipeline:
         self.detector = Detector(model.raise_thr[slot], model.clear_thr[slot],
                                  float(model.video_thr[slot]), state=self._det_state)
 
+    def close(self) -> None:
+        """Stop this stream's background fits (waiting for their threads): the pipeline is
+        being dropped, and a fit left running would outlive it."""
+        for fit in self._fits.values():
+            fit.cancel()
+        self._fits.clear()
+
     def end_video(self) -> Verdict | None:
         """Close the current video and return its verdict (None when no video is open)."""
         events = self.end_video_events()

@@ -106,18 +106,22 @@ WHOLE_HOLDOUT_VIDEOS = 6
 `detector.calibrate` needs to see how normal videos differ from each other)."""
 
 
-def fit_collected(type_id: int, rows: np.ndarray, starts: list[int]) -> NormalityModel:
+def fit_collected(type_id: int, rows: np.ndarray, starts: list[int],
+                  checkpoint: Callable[[], None] | None = None) -> NormalityModel:
     """A model of one type from the feature rows a stream collected (videos begin at
     `starts`). With `WHOLE_HOLDOUT_VIDEOS` or more videos, every other one is held out whole
     and every group can be calibrated; with fewer, each video's first
     75 % trains and its end calibrates, and the groups whose normal level differs between
     videos are not judged (`detector.calibrate(population=False)`): one video cannot show how
-    much another may differ."""
+    much another may differ. `checkpoint` is called between stages; it raises to stop
+    the fit (`BackgroundFit.cancel`)."""
     bounds = list(starts) + [len(rows)]
     segments = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     usable = [seg for seg in segments if len(seg) >= MIN_SPLIT_FRAMES]
     train, held = [], []
     whole = len(usable) >= WHOLE_HOLDOUT_VIDEOS
+    checkpoint = checkpoint or (lambda: None)  # raises to stop a fit between its stages
+    checkpoint()
     if whole:
         train = [(type_id, seg) for seg in usable[0::2]]
         held = [(type_id, seg) for seg in usable[1::2]]
@@ -130,6 +134,7 @@ def fit_collected(type_id: int, rows: np.ndarray, starts: list[int]) -> Normalit
             train.append((type_id, seg[:cut]))
             held.append((type_id, seg[cut:]))
     model = NormalityModel.fit(train)
+    checkpoint()
     calibrate(model, held or train, population=whole)
     model.training["self_calibrated"] = True
     model.training["videos"] = len(segments)
@@ -162,14 +167,28 @@ def _fast_gil_handoff() -> Iterator[None]:
                 sys.setswitchinterval(_handoff["saved"])
 
 
+class FitCancelled(Exception):
+    """A background fit was stopped before it finished (the process or stream is ending)."""
+
+
+_running_fits: set[BackgroundFit] = set()
+_running_lock = threading.Lock()
+
+
 class BackgroundFit:
-    """`fit_collected` on a daemon thread, then (unless `video_start` is None) the scoring
+    """`fit_collected` on a thread, then (unless `video_start` is None) the scoring
     state of the current video's rows so far (`rows[video_start:]`), so the stream can
     switch to scoring at once.
 
     The fit's kernels release the interpreter lock and the switch interval is short
     while it runs, so the thread handling frames is delayed by ~0.1 ms at most.
     `result()` waits for it (re-raising its error) and returns (model, scoring state).
+
+    The thread is not a daemon: a daemon thread still inside a compiled kernel when the
+    interpreter finalises aborts the process ("terminate called without an active
+    exception"). Python joins it before finalising; `cancel()` (or
+    `cancel_background_fits()` at shutdown) makes that join short by stopping the fit at
+    its next stage.
     """
 
     def __init__(self, type_id: int, rows: np.ndarray, starts: list[int],
@@ -181,22 +200,37 @@ class BackgroundFit:
         self._args = (self.type, np.array(rows), list(starts), video_start)
         self._result: tuple[NormalityModel, np.ndarray | None] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"fit-Type{self.type}",
-                                        daemon=True)
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"fit-Type{self.type}")
+        with _running_lock:
+            _running_fits.add(self)
         self._thread.start()
 
     def _run(self) -> None:
         type_id, rows, starts, video_start = self._args
         try:
             with _fast_gil_handoff():
-                model = fit_collected(type_id, rows, starts)
+                model = fit_collected(type_id, rows, starts, self._checkpoint)
                 state = None
                 if video_start is not None:
+                    self._checkpoint()
                     state = model.new_state()
                     model.score_rows(type_id, rows[video_start:], state)
                 self._result = (model, state)
         except BaseException as exc:  # handed to the frame path by result()
             self._error = exc
+        finally:
+            with _running_lock:
+                _running_fits.discard(self)
+
+    def _checkpoint(self) -> None:
+        if self._cancel.is_set():
+            raise FitCancelled(f"fit of Type{self.type} cancelled")
+
+    def cancel(self, timeout: float | None = None) -> None:
+        """Stop the fit at its next stage and wait for its thread (at most `timeout` s)."""
+        self._cancel.set()
+        self._thread.join(timeout)
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -207,3 +241,13 @@ class BackgroundFit:
             raise self._error
         assert self._result is not None
         return self._result
+
+
+def cancel_background_fits(timeout: float | None = None) -> int:
+    """Cancel every background fit of this process and wait for their threads (at most
+    `timeout` s each); the number that were running."""
+    with _running_lock:
+        fits = list(_running_fits)
+    for fit in fits:
+        fit.cancel(timeout)
+    return len(fits)
