@@ -864,3 +864,62 @@ def test_latency_log_keeps_every_frame(tmp_path):
     # the first 5 kept, in µs (not ns, not ms): the 5 ms age plus the handling
     assert np.all((monitor.latency_log >= 5_000) & (monitor.latency_log < 50_000)), \
         monitor.latency_log
+
+
+# ---------------------------------------------------------------- hostile peers (issue 20)
+
+
+def test_forged_far_ahead_seqs_and_clocks_neither_inflate_counters_nor_blind_a_stream(
+    procs, tmp_path
+):
+    """Issue 20 items 1 and 4: two streams each sent seq 0 then 2^63-1, and the summed
+    `dropped` passed int64, so every status failed to encode from then on; a forged
+    far-ahead seq made the monitor reject the real frames after it. Now a jump beyond
+    MAX_SEQ_GAP is rejected (one `malformed`), the stream goes on from where it was, and
+    t_ns of 0 or INT64_MAX is counted (`bad_time`) with its latency taken from receipt."""
+    from lhtstream.service.monitor import MAX_SEQ_GAP
+
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    with FramePublisher(frames_ep) as pub:
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+        pub.wait_subscribed()
+        with Subscriber(pub_ep, ["status"]) as sub:
+            wait_status(sub, lambda s: True)
+            for stream in ("ws1", "ws2"):
+                pub.frames([0], stream=stream)
+                pub.frames([protocol.INT64_MAX], stream=stream)
+            for seq in range(1, 200):  # the real frames go on, a forgery among them
+                for stream in ("ws1", "ws2"):
+                    pub.frames([seq], stream=stream)
+                if seq == 50:
+                    pub.frames([seq + 10 * MAX_SEQ_GAP], stream="ws1")
+            pub.frames([200], stream="ws1", t_ns=0)
+            pub.frames([201], stream="ws1", t_ns=protocol.INT64_MAX)
+            pub.frames([202 + MAX_SEQ_GAP - 1], stream="ws1")  # a real (plausible) gap
+            status = wait_status(sub, lambda s: s["frames"] >= 403, timeout=30)
+            assert status["frames"] == 403, status
+            assert (status["malformed"], status["bad_time"]) == (3, 2), status
+            assert status["dropped"] == MAX_SEQ_GAP - 1 and status["errors"] == 0
+            detail = wait_status(sub, lambda s: s["frames"] == 203, stream="ws1")
+            assert (detail["malformed"], detail["bad_time"]) == (2, 2)
+            for lat in (status["latency_us"], detail["latency_us"]):  # no -9.2e15 µs
+                assert lat["p50"] is None or 0 <= lat["p50"] <= lat["max"] < 10e6, lat
+            statuses = [wait_status(sub, lambda s: s["t_ns"] > status["t_ns"])]
+            assert statuses[0]["errors"] == 0 and mon.returncode is None
+            final_status(mon, sub)
+
+
+def test_a_status_that_cannot_be_encoded_is_replaced_by_a_minimal_one(tmp_path):
+    """Status never stops: a status that fails to encode (a count past int64, as the
+    forged seqs of issue 20 made) goes out as a minimal status that names the fault."""
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        monitor, pub = _in_process_monitor(journal)
+        _feed(monitor, "ws1", range(5))
+        monitor.dropped = 2**64  # what no message can do any more: force it
+        monitor.streams["ws1"].dropped = 2**64
+        statuses = _flush_status(monitor, pub)
+    whole, stream = statuses
+    assert whole["stream"] == "*" and stream["stream"] == "ws1"
+    for header in statuses:
+        assert header["dropped"] == protocol.INT64_MAX and header["frames"] == 5
+        assert "status_error" in header and header["errors"] >= 1

@@ -77,6 +77,24 @@ _ACTIVE_NS = 20_000_000
 """A stream that delivered a message within this many ns counts as flowing."""
 _STATUS_SLACK_NS = 3_000_000
 """How late a status may go out to avoid landing between a frame's arrival and its handling."""
+MAX_SEQ_GAP = 10_000
+"""Largest forward ``seq`` jump counted as lost frames (frames: 10 s at 1 kHz, the depth
+of the SUB queue). A larger jump is no gap but a forged or restarted sequence: the frame
+is rejected (``malformed``) and the stream stays where it was, unless ``RESTART_RUN``
+consecutive seqs follow from there. So one message adds at most this to ``dropped``."""
+RESTART_RUN = 100
+"""Consecutive frames (each ``seq`` +1 from the last, one video and type) that a stream
+must receive off its line (``seq`` backwards or beyond ``MAX_SEQ_GAP``, or another video
+without a ``video start``) before the monitor follows them: a publisher that restarted
+without its ``video start``, or whose ``video start`` was lost. Forged frames interleaved
+with the real ones never make such a run."""
+MAX_FRAME_AGE_NS = 60_000_000_000
+"""A frame's ``t_ns`` older than this at receipt (60 s; the SUB queue holds 10 s at
+1 kHz) is implausible: counted (``bad_time``) and replaced by the receipt time."""
+CLOCK_SLACK_NS = 1_000_000
+"""How far in the future (1 ms) a frame's ``t_ns`` may lie at receipt before it is
+implausible: publisher and monitor share CLOCK_MONOTONIC on one host, so a frame is
+always stamped before it is received."""
 RECONNECT_GRACE_S = 0.5
 """After a frame connection drops, how long libzmq gets to show it is reconnecting by
 itself (it emits CONNECT_RETRIED/DELAYED/CONNECTED at once when it does) before the
@@ -279,6 +297,7 @@ class StreamState:
         self.frames = 0
         self.dropped = 0
         self.malformed = 0
+        self.bad_time = 0  # frames whose t_ns was implausible (replaced by the receipt time)
         self.last_seq: int | None = None
         self.video: str | None = None  # the video the pipeline is in, None between videos
         self.type = 0
@@ -295,14 +314,14 @@ class StreamState:
         self.block = FrameBlock()
         self.pixels = protocol.FrameBuffer()  # a lone frame's pixels, off the wire
         self.frame_topic = protocol.topic_bytes("frame", name)
-        # A run of consecutive seqs below last_seq means the publisher restarted
-        # (seq starts again at 0): after RESTART_RUN of them the stream is re-based.
-        self._restart_next: int | None = None
-        self._restart_run = 0
+        # A run of consecutive frames off the stream's line (seq backwards or far ahead,
+        # or another video without its `video start`) means the publisher restarted or
+        # its `video start` was lost: after RESTART_RUN of them the stream follows them.
+        self.restart_next: int | None = None
+        self.restart_key: tuple[str, int] | None = None  # (video, type) of the run
+        self.restart_run = 0
         # A publisher (re)starting sends `video start`, then seq 0: that pair re-bases at once.
         self.video_start_seen = False
-
-    RESTART_RUN = 100
 
 
 def _event_fields(event: Any) -> dict[str, Any]:
@@ -370,6 +389,7 @@ class Monitor:
         self.frames = 0
         self.dropped = 0
         self.malformed = 0
+        self.bad_time = 0  # frames whose t_ns was implausible (see `_check_time`)
         self.errors = 0
         self.alarms = 0
         self.verdicts = 0
@@ -703,6 +723,9 @@ class Monitor:
         seq = header["seq"]
         last = st.last_seq
         block = st.block
+        t_ns = header["t_ns"]
+        if not self._t_recv - MAX_FRAME_AGE_NS <= t_ns <= self._t_recv + CLOCK_SLACK_NS:
+            self._check_time(st, header)
         if block.n:
             if seq == last + 1 and block.continues(header):
                 block.append(header, message.payload, self._t_recv)
@@ -711,28 +734,30 @@ class Monitor:
                     self._flush(st)
                 return
             self._flush(st)
+        # On its line: the next seq (or a plausible gap) of the open video. A frame off it
+        # is rejected, unless it is part of a run that shows a restart (`_follows`).
+        other_video = st.video is not None and (header["video"] != st.video
+                                                or header["type"] != st.type)
         if last is not None and seq != last + 1:
-            if seq <= last:
-                if not self._maybe_restart(st, seq):
-                    st.malformed += 1
-                    self.malformed += 1
-                    self._bad_input(
-                        f"stream {st.name!r}: frame seq {seq} after {last} (out of order or "
-                        "duplicate), ignored"
-                    )
-                    return
-            else:
+            if last < seq <= last + MAX_SEQ_GAP and not other_video:
                 lost = seq - last - 1
                 st.dropped += lost
                 self.dropped += lost
                 self._gaps(f"stream {st.name!r}: {lost} frame(s) lost before seq {seq}")
                 if st.video is not None:
                     self._emit(st.pipeline.note_lost(lost, header), st)
+            elif not self._follows(st, header):
+                self._reject(st, header)
+                return
+        elif other_video and not self._follows(st, header):
+            self._reject(st, header)
+            return
         st.last_seq = seq
-        st._restart_run = 0
+        st.restart_run = 0
         st.video_start_seen = False
-        if st.video != header["video"]:
-            # Joined mid-stream or lost the `video start`: start from this frame on.
+        if st.video != header["video"] or st.type != header["type"]:
+            # Joined mid-stream, lost the `video start`, or followed a run of another
+            # video: start from this frame on.
             self._start(st, header["video"], header["type"], {}, header["frame"] != 0)
         if queued:  # more behind it: wait for them in the block (`_flush_all` follows)
             block.start(header, message.payload, self._t_recv)
@@ -785,24 +810,61 @@ class Monitor:
         st.frame = header["frame"] + n - 1
         self.frames += n
 
-    def _maybe_restart(self, st: StreamState, seq: int) -> bool:
-        """True when a backwards seq means the publisher restarted: seq 0 right after a
-        ``video start``, or RESTART_RUN consecutive seqs."""
-        if seq == 0 and st.video_start_seen:
+    def _follows(self, st: StreamState, header: dict[str, Any]) -> bool:
+        """True when a frame off the stream's line is to be followed: seq 0 of the video
+        just started (a publisher's restart), or the RESTART_RUN-th of consecutive seqs
+        of one video and type off the line."""
+        seq = header["seq"]
+        key = (header["video"], header["type"])
+        if seq == 0 and st.video_start_seen and key == (st.video, st.type):
             log(f"stream {st.name!r}: publisher restarted (video start, then seq 0 "
                 f"after {st.last_seq}); following it")
             return True
-        if st._restart_next is not None and seq == st._restart_next:
-            st._restart_run += 1
+        if st.restart_next == seq and st.restart_key == key:
+            st.restart_run += 1
         else:
-            st._restart_run = 1
-        st._restart_next = seq + 1
-        if st._restart_run < StreamState.RESTART_RUN:
+            st.restart_run = 1
+            st.restart_key = key
+        st.restart_next = seq + 1
+        if st.restart_run < RESTART_RUN:
             return False
-        log(f"stream {st.name!r}: seq restarted at {seq - st._restart_run + 1}; following it")
-        st.last_seq = seq - 1
-        st._restart_run = 0
+        what = "seq restarted" if key == (st.video, st.type) else (
+            f"video {key[0]!r} Type{key[1]} without a video start")
+        log(f"stream {st.name!r}: {what} at seq {seq - RESTART_RUN + 1} (after "
+            f"{st.last_seq}), {RESTART_RUN} consecutive frames; following it")
         return True
+
+    def _reject(self, st: StreamState, header: dict[str, Any]) -> None:
+        """Count and report a frame off the stream's line that is not followed."""
+        st.malformed += 1
+        self.malformed += 1
+        seq, last = header["seq"], st.last_seq
+        if last is not None and seq <= last:
+            why = f"frame seq {seq} after {last} (out of order or duplicate)"
+        elif last is not None and seq > last + MAX_SEQ_GAP:
+            why = (f"frame seq {seq} after {last}: a jump beyond {MAX_SEQ_GAP} frames is no "
+                   "gap (forged, or a restart)")
+        else:
+            why = (f"frame of video {header['video']!r} Type{header['type']} while video "
+                   f"{st.video!r} Type{st.type} is open, without a video start")
+        self._bad_input(f"stream {st.name!r}: {why}, ignored (followed only after "
+                        f"{RESTART_RUN} consecutive frames)")
+
+    def _check_time(self, st: StreamState, header: dict[str, Any]) -> None:
+        """Replace an implausible ``t_ns`` (older than MAX_FRAME_AGE_NS or in the future
+        at receipt) by the receipt time, and count it: the frame's latency is then its
+        service time, never a figure off by 10^15 µs."""
+        now = time.monotonic_ns()
+        t_recv = self._t_recv or now  # 0: handled outside the loop (tests)
+        t_ns = header["t_ns"]
+        if t_recv - MAX_FRAME_AGE_NS <= t_ns <= max(t_recv, now) + CLOCK_SLACK_NS:
+            return
+        st.bad_time += 1
+        self.bad_time += 1
+        self._bad_input(f"stream {st.name!r}: frame seq {header['seq']} has t_ns {t_ns}, "
+                        f"{(t_recv - t_ns) / 1e9:.3g} s before its receipt: not this host's "
+                        "CLOCK_MONOTONIC; its latency is taken from receipt")
+        header["t_ns"] = t_recv
 
     def _keep_features(self, st: StreamState, n: int) -> None:
         rows = self._feature_rows.setdefault(st.name, [])
@@ -886,6 +948,7 @@ class Monitor:
             "frames": self.frames,
             "dropped": self.dropped,
             "malformed": self.malformed,
+            "bad_time": self.bad_time,
             "errors": self.errors,
             "reconnects": self.reconnects,
             "alarms": self.alarms,
@@ -919,6 +982,7 @@ class Monitor:
             "frames": st.frames,
             "dropped": st.dropped,
             "malformed": st.malformed,
+            "bad_time": st.bad_time,
             "latency_us": latency,
             "service_us": service,
             "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
@@ -938,9 +1002,7 @@ class Monitor:
             header = self.status(now_ns, final)
             self.pub.send_multipart(protocol.encode("status", header))
         except Exception as exc:  # a status that cannot be sent must not stop the service
-            self.errors += 1
-            self._internal(f"status not published: {type(exc).__name__}: {exc}")
-            return None
+            header = self._send_minimal_status(protocol.ALL_STREAMS, now_ns, exc, final)
         self._status_due.clear()
         self._status_due.extend(self.streams)
         for st in self.streams.values():  # the interval `header` covered, for their own
@@ -954,9 +1016,32 @@ class Monitor:
             header = self.stream_status(name, now_ns, evicted)
             self.pub.send_multipart(protocol.encode("status", header))
         except Exception as exc:
-            self.errors += 1
-            self._internal(f"status of stream {name!r} not published: "
-                           f"{type(exc).__name__}: {exc}")
+            self._send_minimal_status(name, now_ns, exc)
+
+    def _send_minimal_status(self, name: str, now_ns: int, exc: Exception,
+                             final: bool = False) -> dict[str, Any] | None:
+        """After a status failed to encode or send: one with the required fields only,
+        every count clamped to int64, and ``status_error`` saying why (status never stops)."""
+        self.errors += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        self._internal(f"status of {name!r} not published ({reason}); sent a minimal one")
+        st = self.streams.get(name)
+        src = self if st is None else st
+        empty = {"p50": None, "p99": None, "p999": None, "max": None}
+        header = {
+            "v": protocol.SCHEMA_VERSION, "stream": name, "t_ns": now_ns,
+            "frames": _clamp(src.frames), "dropped": _clamp(src.dropped),
+            "malformed": _clamp(src.malformed), "errors": _clamp(self.errors),
+            "latency_us": empty, "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
+            "status_error": reason[:200], "final": final,
+        }
+        try:
+            self.pub.send_multipart(protocol.encode("status", header))
+        except Exception as again:
+            self._internal(f"minimal status of {name!r} not published either: "
+                           f"{type(again).__name__}: {again}")
+            return None
+        return header
 
     def write_feature_dump(self) -> None:
         """Test hook: per-stream streamed feature rows as ``DIR/<stream>.npy``."""
@@ -966,6 +1051,14 @@ class Monitor:
         out.mkdir(parents=True, exist_ok=True)
         for name, rows in self._feature_rows.items():
             np.save(out / f"{name}.npy", np.vstack(rows) if rows else np.zeros((0, 0)))
+
+
+def _clamp(count: Any) -> int:
+    """``count`` as an int within 0..INT64_MAX (what a status field may carry)."""
+    try:
+        return min(max(int(count), 0), protocol.INT64_MAX)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 _ALARM_WIRE = (
