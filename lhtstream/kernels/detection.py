@@ -2,19 +2,16 @@
 
 The detector's whole state is one float64 array (`DET_SIZE`; counts and flags
 are small whole numbers, exact in float64), so the fused per-frame step
-(`lhtstream.kernels.step`) carries it as a slice of the stream's state. Layout
-(G = `N_GROUPS`, K = `N_KINDS`): smooth (G), peak (G: highest smooth / raise
-threshold), raise and clear thresholds (G each), EWMA weights (G), then per kind
-active (0/1), quiet (frames under the clear levels), changed (+1 raised, -1
-cleared, 0) and which (the group that decided), then the verdict accumulators
-and the clear hold in frames. `lhtstream.model.detector.Detector` gives them names.
+(`lhtstream.kernels.step`) carries it as a slice of the stream's state. Its layout is
+`DET` (G = `N_GROUPS`, K = `N_KINDS`); `lhtstream.model.detector.Detector` reads
+and writes it by field name.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from lhtstream.kernels.layout import Layout, kernel
 from lhtstream.kernels.scoring import (
     COMB,
     FREQ,
@@ -57,27 +54,48 @@ VIDEO_SCORE_EXPECTED = 4.0  # chi2(2) + chi2(2) expectation subtracted from the 
 
 _G = N_GROUPS
 _K = N_KINDS
-D_SMOOTH = 0
-D_PEAK = D_SMOOTH + _G
-D_RAISE = D_PEAK + _G
-D_CLEAR = D_RAISE + _G
-D_ALPHA = D_CLEAR + _G
-D_ACTIVE = D_ALPHA + _G
-D_QUIET = D_ACTIVE + _K
-D_CHANGED = D_QUIET + _K
-D_WHICH = D_CHANGED + _K
-D_VSUM = D_WHICH + _K        # sum over judged frames of trajectory + move - 4
-D_VN = D_VSUM + 1            # judged frames
-D_FRAMES = D_VN + 1          # frames stepped
-D_NRAISED = D_FRAMES + 1     # process alarms raised
-D_CLEAR_FRAMES = D_NRAISED + 1  # frames every process group must stay under to clear
-D_BEST = D_CLEAR_FRAMES + 1  # scratch per kind: highest smooth - raise threshold
-D_OVER = D_BEST + _K         # scratch per kind: 1 when a group is over its raise threshold
-D_UNDER = D_OVER + _K        # scratch per kind: 1 when every group is under its clear one
-DET_SIZE = D_UNDER + _K
+DET = Layout("detector", [
+    ("smooth", _G),  # smoothed group scores
+    ("peak", _G),  # highest smooth / raise threshold this video
+    ("raise", _G), ("clear", _G),  # thresholds
+    ("alpha", _G),  # EWMA weights
+    ("active", _K),  # per kind: 0/1
+    ("quiet", _K),  # frames under the clear levels
+    ("changed", _K),  # +1 raised, -1 cleared, 0 this frame
+    ("which", _K),  # the group that decided
+    ("vsum", 1),  # sum over judged frames of trajectory + move - 4
+    ("vn", 1),  # judged frames
+    ("frames", 1),  # frames stepped
+    ("nraised", 1),  # process alarms raised
+    ("clear_frames", 1),  # frames every process group must stay under to clear
+    ("best", _K),  # scratch per kind: highest smooth - raise threshold
+    ("over", _K),  # scratch per kind: 1 when a group is over its raise threshold
+    ("under", _K),  # scratch per kind: 1 when every group is under its clear one
+])
+#: the fields a new video starts from zero (`lhtstream.model.detector.Detector.reset`)
+VIDEO_FIELDS = ("peak", "active", "quiet", "changed", "which", "vsum", "vn", "frames",
+                "nraised")
+D_SMOOTH = DET.offset("smooth")
+D_PEAK = DET.offset("peak")
+D_RAISE = DET.offset("raise")
+D_CLEAR = DET.offset("clear")
+D_ALPHA = DET.offset("alpha")
+D_ACTIVE = DET.offset("active")
+D_QUIET = DET.offset("quiet")
+D_CHANGED = DET.offset("changed")
+D_WHICH = DET.offset("which")
+D_VSUM = DET.offset("vsum")
+D_VN = DET.offset("vn")
+D_FRAMES = DET.offset("frames")
+D_NRAISED = DET.offset("nraised")
+D_CLEAR_FRAMES = DET.offset("clear_frames")
+D_BEST = DET.offset("best")
+D_OVER = DET.offset("over")
+D_UNDER = DET.offset("under")
+DET_SIZE = DET.size
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def detect_step(scores, scored, det):
     """Advance smoothing and hysteresis by one frame; returns the number of kind changes.
 
@@ -157,7 +175,7 @@ def detect_step(scores, scored, det):
     return n
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def any_active(det) -> bool:
     """True when an alarm kind is active."""
     for k in range(_K):
@@ -166,7 +184,7 @@ def any_active(det) -> bool:
     return False
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def count_raises(scores, scored, det):
     """Step the detector over a whole video's scores (n, G); returns the alarms raised."""
     raises = 0
@@ -178,7 +196,7 @@ def count_raises(scores, scored, det):
     return raises
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def smooth_rows(scores, scored, alpha, smooth, out):
     """The detector's smoothing alone over a video's scores (n, G) into `out` (n, G)."""
     G = smooth.shape[0]

@@ -48,9 +48,9 @@ import math
 import time
 
 import numpy as np
-from numba import njit
 
 from lhtstream.base.errors import LhtstreamError
+from lhtstream.kernels.layout import Layout, kernel
 
 # ------------------------------------------------------------------ columns
 
@@ -93,41 +93,72 @@ DEFAULT_THRESHOLD = 8.0  #: counts; see measure_frame
 
 # ---------------------------------------------------------------- tracker state
 
-# Layout of the float64 tracker state (private; build it with new_track_state).
-_S_LAST_X = 0  # last known position (NaN until the first non-empty frame)
-_S_LAST_Y = 1
-_S_NCO = 2  # NCO phase, frames in [0, 10)
-_S_RATE = 3  # NCO rate, frames/frame
-_S_ZRE = 4  # demodulated phasor (EWMA)
-_S_ZIM = 5
-_S_VAR = 6  # EWMA of (y - centre)^2
-_S_CX = 7
-_S_CY = 8
-_S_NVALID = 9  # valid frames the loop has learned from
-_S_CYCLE = 10  # completed cycles
-_S_TURN = 11  # highest whole turn of the unwrapped phase counted so far
-_S_NCO_TURNS = 12  # whole turns of the NCO
-_S_STARTED = 13  # 0 before the first frame
-# configuration (kept in the state so one compiled kernel serves every setting)
-_S_ALPHA = 14  # floor of the phasor EWMA weight
-_S_ALPHA_CENTRE = 15  # floor of the centre EWMA weight
-_S_KP = 16  # proportional gain (fraction of the offset moved into the NCO per frame)
-_S_KI = 17  # integral gain (rate correction per frame of offset)
-_S_ACQUIRE = 18  # valid frames before the loop closes
-_S_MIN_LOCK = 19  # below this LOCK the loop does not steer
-_S_RATE_MIN = 20
-_S_RATE_MAX = 21
-# the in-window loop (see the module doc)
-_S_OBS = 22  # obstacle state of the previous frame (-1 before the first)
-_S_SINCE = 23  # frames since the obstacle state changed
-_S_WN = 24  # valid in-window frames learned since the window settled
-_S_WZ = 25  # raw phasors (x, y at harmonics 1, 2), the NCO's own (1, 2), means x, y
 _W_SIZE = 14
-_S_WREF = _S_WZ + _W_SIZE  # the 4 centred phasors at WINDOW_ACQUIRE (re, im)
-_S_RING_N = _S_WREF + 8  # consecutive valid samples in the main loop's cycle ring (<= 10)
-_S_RING_I = _S_RING_N + 1  # where the next one goes
-_S_RING = _S_RING_I + 1  # the last cycle's demodulated samples (re, im): 20 values
-TRACK_STATE_SIZE = _S_RING + 20
+TRACK = Layout("track_state", [  # build one with new_track_state
+    ("last_x", 1),  # last known position (NaN until the first non-empty frame)
+    ("last_y", 1),
+    ("nco", 1),  # NCO phase, frames in [0, 10)
+    ("rate", 1),  # NCO rate, frames/frame
+    ("zre", 1),  # demodulated phasor (EWMA)
+    ("zim", 1),
+    ("var", 1),  # EWMA of (y - centre)^2
+    ("cx", 1),
+    ("cy", 1),
+    ("nvalid", 1),  # valid frames the loop has learned from
+    ("cycle", 1),  # completed cycles
+    ("turn", 1),  # highest whole turn of the unwrapped phase counted so far
+    ("nco_turns", 1),  # whole turns of the NCO
+    ("started", 1),  # 0 before the first frame
+    # configuration (kept in the state so one compiled kernel serves every setting)
+    ("alpha", 1),  # floor of the phasor EWMA weight
+    ("alpha_centre", 1),  # floor of the centre EWMA weight
+    ("kp", 1),  # proportional gain (fraction of the offset moved into the NCO per frame)
+    ("ki", 1),  # integral gain (rate correction per frame of offset)
+    ("acquire", 1),  # valid frames before the loop closes
+    ("min_lock", 1),  # below this LOCK the loop does not steer
+    ("rate_min", 1),
+    ("rate_max", 1),
+    # the in-window loop (see the module doc)
+    ("obs", 1),  # obstacle state of the previous frame (-1 before the first)
+    ("since", 1),  # frames since the obstacle state changed
+    ("wn", 1),  # valid in-window frames learned since the window settled
+    ("wz", _W_SIZE),  # raw phasors (x, y at harmonics 1, 2), the NCO's own (1, 2), means x, y
+    ("wref", 8),  # the 4 centred phasors at WINDOW_ACQUIRE (re, im)
+    ("ring_n", 1),  # consecutive valid samples in the main loop's cycle ring (<= 10)
+    ("ring_i", 1),  # where the next one goes
+    ("ring", 20),  # the last cycle's demodulated samples (re, im)
+])
+_S_LAST_X = TRACK.offset("last_x")
+_S_LAST_Y = TRACK.offset("last_y")
+_S_NCO = TRACK.offset("nco")
+_S_RATE = TRACK.offset("rate")
+_S_ZRE = TRACK.offset("zre")
+_S_ZIM = TRACK.offset("zim")
+_S_VAR = TRACK.offset("var")
+_S_CX = TRACK.offset("cx")
+_S_CY = TRACK.offset("cy")
+_S_NVALID = TRACK.offset("nvalid")
+_S_CYCLE = TRACK.offset("cycle")
+_S_TURN = TRACK.offset("turn")
+_S_NCO_TURNS = TRACK.offset("nco_turns")
+_S_STARTED = TRACK.offset("started")
+_S_ALPHA = TRACK.offset("alpha")
+_S_ALPHA_CENTRE = TRACK.offset("alpha_centre")
+_S_KP = TRACK.offset("kp")
+_S_KI = TRACK.offset("ki")
+_S_ACQUIRE = TRACK.offset("acquire")
+_S_MIN_LOCK = TRACK.offset("min_lock")
+_S_RATE_MIN = TRACK.offset("rate_min")
+_S_RATE_MAX = TRACK.offset("rate_max")
+_S_OBS = TRACK.offset("obs")
+_S_SINCE = TRACK.offset("since")
+_S_WN = TRACK.offset("wn")
+_S_WZ = TRACK.offset("wz")
+_S_WREF = TRACK.offset("wref")
+_S_RING_N = TRACK.offset("ring_n")
+_S_RING_I = TRACK.offset("ring_i")
+_S_RING = TRACK.offset("ring")
+TRACK_STATE_SIZE = TRACK.size
 
 SETTLE_FRAMES = 20  #: frames after an obstacle key frame the loops do not learn from
 WINDOW_ACQUIRE = 50  #: in-window frames averaged into the window loop's reference
@@ -178,7 +209,7 @@ def new_track_state(
 # ---------------------------------------------------------------- kernels
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def measure_frame(frame, previous, threshold, row):
     """Measure one difference frame into `row` (the `MEASURED` columns); no allocation.
 
@@ -288,7 +319,7 @@ def measure_frame(frame, previous, threshold, row):
                 previous[r, c] = frame[r, c]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def track_step(state, row):
     """Sequential features of one frame from its measurements and OBSTACLE; no allocation.
 
@@ -445,7 +476,7 @@ def track_step(state, row):
     row[LOCK] = lock
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _advance_nco(state, nco, delta):
     nco += delta
     if nco >= CYCLE_FRAMES:
@@ -457,7 +488,7 @@ def _advance_nco(state, nco, delta):
     return nco
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _window_step(state, x, y, nco, rate):
     """One valid in-window frame of the window loop; returns the new (nco, rate).
 
@@ -538,7 +569,7 @@ def _window_step(state, x, y, nco, rate):
     return nco, rate
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _window_phasor(state, h):
     """Phasor h (0: x1, 1: y1, 2: x2, 3: y2) of the window loop about the signal's mean."""
     z = _S_WZ
@@ -548,7 +579,7 @@ def _window_phasor(state, h):
             state[z + 2 * h + 1] - mean * state[osc + 1])
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _features_loop(video, obstacles, threshold, previous, state, out):
     for i in range(video.shape[0]):
         row = out[i]
@@ -557,13 +588,13 @@ def _features_loop(video, obstacles, threshold, previous, state, out):
         track_step(state, row)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _measure_loop(video, threshold, previous, out):
     for i in range(video.shape[0]):
         measure_frame(video[i], previous, threshold, out[i])
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _track_loop(obstacles, state, out):
     for i in range(out.shape[0]):
         row = out[i]
@@ -571,7 +602,7 @@ def _track_loop(obstacles, state, out):
         track_step(state, row)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _push_kernel(frame, previous, threshold, obstacle, state, buf, slot, capacity):
     # one dispatch per streamed frame: measure, track, mirror into the ring's second half
     row = buf[slot]
@@ -592,7 +623,7 @@ class RingBuffer:
     Every row is stored twice, at ``i`` and ``i + capacity`` of a
     ``(2 * capacity, width)`` array, so the last n rows are always one
     contiguous slice. Views stay valid until overwritten (`capacity` pushes on).
-    `count` (a 1-element float64 array, e.g. a slice of a stream's kernel state)
+    `count` (a 0-d float64 array, e.g. a field of a stream's kernel state)
     holds the number of rows pushed, so compiled writers can push too (they fill
     both copies and advance it; `lhtstream.kernels.step`).
     """
@@ -604,13 +635,13 @@ class RingBuffer:
         self.capacity = int(capacity)
         self.width = int(width)
         self.buffer = np.full((2 * self.capacity, self.width), np.nan, dtype=np.float64)
-        self._count = np.zeros(1) if count is None else count
-        self._count[0] = 0.0
+        self._count = np.zeros(()) if count is None else count
+        self._count[()] = 0.0
 
     @property
     def total(self) -> int:
         """Rows pushed since creation / clear."""
-        return int(self._count[0])
+        return int(self._count[()])
 
     def __len__(self) -> int:
         return min(self.total, self.capacity)
@@ -620,13 +651,13 @@ class RingBuffer:
         i = self.total % self.capacity
         self.buffer[i] = row
         self.buffer[i + self.capacity] = row
-        self._count[0] += 1.0
+        self._count[()] += 1.0
         return self.buffer[i + self.capacity]
 
     def _advance(self) -> int:
         # for writers that fill both copies themselves (the fused push kernel)
         i = self.total % self.capacity
-        self._count[0] += 1.0
+        self._count[()] += 1.0
         return i
 
     def latest(self, n: int | None = None) -> np.ndarray:
@@ -641,7 +672,7 @@ class RingBuffer:
 
     def clear(self) -> None:
         """Forget the history (O(1): rows before it are never shown again)."""
-        self._count[0] = 0.0
+        self._count[()] = 0.0
 
 
 # ---------------------------------------------------------------- streaming

@@ -52,11 +52,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from lhtstream.kernels.features import (
     AREA,
     BACKGROUND,
+    CYCLE_FRAMES,
     EMPTY,
     FAR,
     INTENSITY,
@@ -73,6 +73,7 @@ from lhtstream.kernels.features import (
     X,
     Y,
 )
+from lhtstream.kernels.layout import Layout, kernel
 
 # ------------------------------------------------------------------ score groups
 
@@ -98,7 +99,6 @@ N_OBSTACLE = 3
 N_CHANGE = 9
 N_IMAGE = 5  # log area, log major, log minor, far, background
 
-CYCLE_FRAMES = 10.0          # phase range [0, 10) frames
 WARMUP_FRAMES = 100          # frames at a video's start that are not scored (phase lock, centre)
 CENTRE_TAU = 500.0           # frames; time constant of the running centre
 SPEED_OFFSET = 0.5           # px/frame added before log(speed): bounded score near a stop
@@ -133,26 +133,43 @@ CHANGE_SETTLE = 50           # frames after a key frame without change evidence:
 
 # ------------------------------------------------------------------ the model table
 
-CELL_MEAN = 0                # N_MEAN
-CELL_COV4 = CELL_MEAN + N_MEAN   # 16: 4x4 covariance of (dx, dy, vx, vy), row-major
-CELL_PREC4 = CELL_COV4 + 16  # 16: its inverse
-CELL_PREC2 = CELL_PREC4 + 16  # 4: inverse of the (dx, dy) block
-CELL_SVAR = CELL_PREC2 + 4   # N_SCALAR: variances of the scalars (between videos included)
-CELL_CPREC = CELL_SVAR + N_SCALAR  # 4: precision of the cycle comb's residual
 # Lower Cholesky factors of the change residual's within-video covariance, by block:
-# position (l00, l10, l11), log intensity (1), spread (1), image (5x5 packed by rows: 15).
-CELL_CHOL = CELL_CPREC + 4
-CHOL_POS = 0
-CHOL_LOGI = 3
-CHOL_SPREAD = 4
-CHOL_IMAGE = 5
-N_CHOL = 20
-CELL_VALID = CELL_CHOL + N_CHOL   # 1: 1.0 when the cell is judged
-CELL_SIZE = CELL_VALID + 1
-ST_RATE = 0                  # 2: mean, variance of RATE
-ST_SLIP = 2                  # 2: mean, variance of the cycle slip
-ST_KNOWN = 4                 # 1: 1.0 when the (type, obstacle state) is judged
-ST_SIZE = 5
+# position (l00, l10, l11), log intensity (1), spread (1), image (N_IMAGE^2 packed by rows).
+CHOL = Layout("chol", [("pos", 3), ("logi", 1), ("spread", 1),
+                       ("image", N_IMAGE * (N_IMAGE + 1) // 2)])
+CHOL_POS = CHOL.offset("pos")
+CHOL_LOGI = CHOL.offset("logi")
+CHOL_SPREAD = CHOL.offset("spread")
+CHOL_IMAGE = CHOL.offset("image")
+N_CHOL = CHOL.size
+CELL = Layout("cell", [  # one (type, obstacle state, phase bin) cell of the model table
+    ("mean", N_MEAN),
+    ("cov4", (4, 4)),  # covariance of (dx, dy, vx, vy), row-major
+    ("prec4", (4, 4)),  # its inverse
+    ("prec2", (2, 2)),  # inverse of the (dx, dy) block
+    ("svar", N_SCALAR),  # variances of the scalars (between videos included)
+    ("cprec", (2, 2)),  # precision of the cycle comb's residual
+    ("chol", CHOL),  # the change residual's within-video covariance
+    ("valid", 1),  # 1.0 when the cell is judged
+])
+CELL_MEAN = CELL.offset("mean")
+CELL_COV4 = CELL.offset("cov4")
+CELL_PREC4 = CELL.offset("prec4")
+CELL_PREC2 = CELL.offset("prec2")
+CELL_SVAR = CELL.offset("svar")
+CELL_CPREC = CELL.offset("cprec")
+CELL_CHOL = CELL.offset("chol")
+CELL_VALID = CELL.offset("valid")
+CELL_SIZE = CELL.size
+OBSTACLE_STATE = Layout("obstacle_state", [  # one (type, obstacle state) of the model table
+    ("rate", 2),  # mean, variance of RATE
+    ("slip", 2),  # mean, variance of the cycle slip
+    ("known", 1),  # 1.0 when the (type, obstacle state) is judged
+])
+ST_RATE = OBSTACLE_STATE.offset("rate")
+ST_SLIP = OBSTACLE_STATE.offset("slip")
+ST_KNOWN = OBSTACLE_STATE.offset("known")
+ST_SIZE = OBSTACLE_STATE.size
 TABLE_HEAD = 2               # table[0] = T (types), table[1] = B (phase bins)
 
 
@@ -161,7 +178,7 @@ def table_size(types: int, bins: int) -> int:
     return TABLE_HEAD + types * N_OBSTACLE * (bins * CELL_SIZE + ST_SIZE)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def tables(table):
     """(cells (T, 3, B, CELL_SIZE), states (T, 3, ST_SIZE)): views of the flat table."""
     t = int(table[0])
@@ -186,33 +203,58 @@ def tables(table):
 # weight; the means where each bin was established (for REF_BOUND); and per obstacle state
 # the change EWMA (frames it ran, sum of its squared weights, values): a window's EWMA does
 # not restart the obstacle-free one, which goes on where it stopped.
-S_CX, S_CY, S_N, S_FRAMES, S_PREV, S_LASTOBS, S_SINCE = range(7)
 COMB_LAG = 10                # frames per scan cycle (100 Hz scanner, 1 kHz camera)
-S_RING = 7                   # COMB_LAG x (x, y, obstacle, ok)
-S_SLIPRING = S_RING + 4 * COMB_LAG   # COMB_LAG x (d.v, v.v, d.d)
-REF_STRIDE = N_CHANGE + 1
-S_REF = S_SLIPRING + 3 * COMB_LAG    # N_OBSTACLE x REF_BINS x (N_CHANGE means, weight)
-S_REF0 = S_REF + N_OBSTACLE * REF_BINS * REF_STRIDE  # N_OBSTACLE x REF_BINS x N_CHANGE
-S_EW = S_REF0 + N_OBSTACLE * REF_BINS * N_CHANGE  # N_OBSTACLE x EW_STRIDE
-EW_N = 0                             # frames the state's EWMA has run
-EW_V = 1                             # sum of its squared weights (its variance per unit)
-EW_E = 2                             # N_CHANGE values
-EW_STRIDE = EW_E + N_CHANGE
-SCORE_STATE_SIZE = S_EW + N_OBSTACLE * EW_STRIDE
+REF_BIN = Layout("reference_bin", [("mean", N_CHANGE), ("weight", 1)])
+EW = Layout("change_ewma", [
+    ("n", 1),  # frames the state's EWMA has run
+    ("v", 1),  # sum of its squared weights (its variance per unit)
+    ("e", N_CHANGE),  # the EWMA's values
+])
+SCORE = Layout("score_state", [
+    ("cx", 1), ("cy", 1),  # the running centre, px
+    ("n", 1),  # obstacle-free frames the centre has seen
+    ("frames", 1), ("prev", 1), ("lastobs", 1), ("since", 1),
+    ("ring", (COMB_LAG, 4)),  # x, y, obstacle, ok
+    ("slipring", (COMB_LAG, 3)),  # d.v, v.v, d.d
+    ("ref", (N_OBSTACLE, REF_BINS, REF_BIN)),
+    ("ref0", (N_OBSTACLE, REF_BINS, N_CHANGE)),
+    ("ew", (N_OBSTACLE, EW)),
+])
+S_CX = SCORE.offset("cx")
+S_CY = SCORE.offset("cy")
+S_N = SCORE.offset("n")
+S_FRAMES = SCORE.offset("frames")
+S_PREV = SCORE.offset("prev")
+S_LASTOBS = SCORE.offset("lastobs")
+S_SINCE = SCORE.offset("since")
+S_RING = SCORE.offset("ring")
+S_SLIPRING = SCORE.offset("slipring")
+S_REF = SCORE.offset("ref")
+S_REF0 = SCORE.offset("ref0")
+S_EW = SCORE.offset("ew")
+REF_STRIDE = REF_BIN.size
+REF_WEIGHT = REF_BIN.offset("weight")
+EW_N = EW.offset("n")
+EW_V = EW.offset("v")
+EW_E = EW.offset("e")
+EW_STRIDE = EW.size
+SCORE_STATE_SIZE = SCORE.size
 
-# work layout: derived quantities, interpolated means, the update's residual, the comb's
-# output, the change residual and its whitened form, the Gauss-Jordan scratch of `_invert`
-W_X = 0
-W_MU = W_X + N_MEAN
-W_R = W_MU + N_MEAN          # 4
-W_COMB = W_R + 4             # 4
-W_CHANGE = W_COMB + 4        # N_CHANGE: residual against the stream's reference
-W_Z = W_CHANGE + N_CHANGE    # N_CHANGE: whitened
-W_INVERT = W_Z + N_CHANGE    # 32
-WORK_SIZE = W_INVERT + 32
+# work: derived quantities, interpolated means, the update's residual, the comb's output,
+# the change residual and its whitened form, the Gauss-Jordan scratch of `_invert`
+WORK = Layout("work", [("x", N_MEAN), ("mu", N_MEAN), ("r", 4), ("comb", 4),
+                       ("change", N_CHANGE), ("z", N_CHANGE), ("invert", 32)])
+W_X = WORK.offset("x")
+W_MU = WORK.offset("mu")
+W_R = WORK.offset("r")
+W_COMB = WORK.offset("comb")
+W_CHANGE = WORK.offset("change")
+W_Z = WORK.offset("z")
+W_INVERT = WORK.offset("invert")
+WORK_SIZE = WORK.size
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _bin_weights(phase: float, nbins: int) -> tuple[int, int, float, int]:
     """Interpolation bins (i0, i1), weight of i1, and the nearest bin."""
     u = phase * nbins / 10.0 - 0.5
@@ -228,7 +270,7 @@ def _bin_weights(phase: float, nbins: int) -> tuple[int, int, float, int]:
     return i0, i1, w, near
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _derived(row, x):
     """Fill the N_MEAN modelled quantities (positions not yet centred) into `x`."""
     x[0] = row[X]
@@ -254,14 +296,14 @@ def _derived(row, x):
     x[Q_BG] = row[BACKGROUND]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def derived_rows(rows, out):
     """`_derived` of every row (n, N_MEAN): the quantities fitting sees, as scoring does."""
     for t in range(rows.shape[0]):
         _derived(rows[t], out[t])
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _comb_step(row, state, unusable, velocity_ok, obs, in_transition, out3):
     """Advance the cycle comb by one frame (call once per frame, after S_FRAMES += 1).
 
@@ -331,7 +373,7 @@ def _comb_step(row, state, unusable, velocity_ok, obs, in_transition, out3):
     return valid
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _centre_step(state, ex, ey):
     """Feed one obstacle-free frame's offset (ex, ey) (px) to the running centre.
 
@@ -350,7 +392,7 @@ def _centre_step(state, ex, ey):
     return cx, cy
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _frame_flags(row, state):
     """Per-frame bookkeeping shared by scoring and fitting; advances the state.
 
@@ -376,7 +418,7 @@ def _frame_flags(row, state):
     return blank, unusable, after_gap, obs, in_transition
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def comb_rows(rows, state, out, valid):
     """Batch form of the comb (for fitting): out (n, 4) = dx, dy, slip, consistency."""
     for t in range(rows.shape[0]):
@@ -385,7 +427,7 @@ def comb_rows(rows, state, out, valid):
                               in_tr, out[t])
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def missing_frame(row, state, work):
     """Advance the scoring state over one frame that never arrived (a seq gap).
 
@@ -403,7 +445,7 @@ LEARN_ESTABLISH = 0  #: ... learns only until each bin holds REF_FRAMES (adaptat
 LEARN_FOLLOW = 1  #: ... and then follows slowly, within REF_BOUND (adaptation on)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def score_frame(row, slot, cells, states, state, out, work, ref_mode):
     """Score one feature row into `out` (N_GROUPS); update the running centre, the comb
     and (see `LEARN_*` for `ref_mode`) the stream's change reference.
@@ -518,7 +560,7 @@ def score_frame(row, slot, cells, states, state, out, work, ref_mode):
     return 1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _neutral_change(out):
     out[POS_CHANGE] = 2.0
     out[INT_FALL] = 0.0
@@ -527,7 +569,7 @@ def _neutral_change(out):
     out[IMAGE_CHANGE] = float(N_IMAGE)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _ref_bins(phase):
     u = phase * REF_BINS / CYCLE_FRAMES - 0.5
     fl = math.floor(u)
@@ -541,7 +583,7 @@ def _ref_bins(phase):
     return j0, j1, w
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _change_step(phase, obs, cell, state, work, ref_mode):
     """The change residual of a judged frame (its population residual minus the stream's
     own reference at this phase) into work[W_CHANGE:], whitened into work[W_Z:] and fed
@@ -564,8 +606,8 @@ def _change_step(phase, obs, cell, state, work, ref_mode):
     base = S_REF + obs * REF_BINS * REF_STRIDE
     b0 = base + j0 * REF_STRIDE
     b1 = base + j1 * REF_STRIDE
-    w0 = state[b0 + N_CHANGE]
-    w1 = state[b1 + N_CHANGE]
+    w0 = state[b0 + REF_WEIGHT]
+    w1 = state[b1 + REF_WEIGHT]
     established = w0 >= REF_MIN and w1 >= REF_MIN
     # the prediction from the frames before this one (z holds it for a moment)
     for k in range(N_CHANGE):
@@ -593,7 +635,7 @@ def _change_step(phase, obs, cell, state, work, ref_mode):
     return 1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _change_scores(state, obs, out):
     """The change groups from obstacle state `obs`'s change EWMA (chi2 / z units under
     normal operation)."""
@@ -611,7 +653,7 @@ def _change_scores(state, obs, out):
     out[IMAGE_CHANGE] = min(d2 / v, CHANGE_CLIP)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _chol_sd(cell, k):
     """Within-video sd of change component k (from the cell's Cholesky factors)."""
     ch = CELL_CHOL
@@ -631,7 +673,7 @@ def _chol_sd(cell, k):
     return math.sqrt(s)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _whiten(cell, c, z):
     """z = L^-1 c per block (L: the cell's lower Cholesky factors of the covariance)."""
     ch = CELL_CHOL
@@ -647,7 +689,7 @@ def _whiten(cell, c, z):
         z[4 + i] = acc / cell[b + i]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _learn_ref(state, obs, j, wt, c, cell, ref_mode):
     """Move reference bin j (of obstacle state `obs`) towards residual c with weight wt:
     a running mean until REF_FRAMES, then (LEARN_FOLLOW) an EWMA of that length, within
@@ -656,11 +698,11 @@ def _learn_ref(state, obs, j, wt, c, cell, ref_mode):
         return
     b = S_REF + (obs * REF_BINS + j) * REF_STRIDE
     b0 = S_REF0 + (obs * REF_BINS + j) * N_CHANGE
-    wold = state[b + N_CHANGE]
+    wold = state[b + REF_WEIGHT]
     if wold >= REF_FRAMES and ref_mode != LEARN_FOLLOW:
         return
     wnew = wold + wt
-    state[b + N_CHANGE] = wnew
+    state[b + REF_WEIGHT] = wnew
     g = wt / min(wnew, REF_FRAMES)
     for k in range(N_CHANGE):
         state[b + k] += g * (c[k] - state[b + k])
@@ -678,7 +720,7 @@ def _learn_ref(state, obs, j, wt, c, cell, ref_mode):
                 state[b + k] = hi
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _invert(a, stride, out, n, work):
     """Gauss-Jordan inverse of the n x n top-left block of the row-major matrix `a`
     (row length `stride`) into the row-major n x n `out`; `work` holds 2 n^2 values."""
@@ -715,7 +757,7 @@ ADAPT_MEAN_SD = 1.0    #: online learning keeps each cell mean within this many 
 ADAPT_VAR_RATIO = 1.5  #: ... and each variance within this factor of the trained one
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def learn_frame(row, slot, cells, trained, states, state, eta, work):
     """EWMA update (rate `eta` per update) of the nearest cell from one normal frame,
     bounded by the same cell of `trained` (the cells as fitted): means within
@@ -780,7 +822,7 @@ def learn_frame(row, slot, cells, trained, states, state, eta, work):
         cell[CELL_SVAR + k] = min(max(v, v0 / ADAPT_VAR_RATIO), v0 * ADAPT_VAR_RATIO)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def score_rows(rows, slot, table, state, out, scored, work):
     """Scores (n, N_GROUPS) and judged flags (n,) of consecutive rows of one video, as a
     stream with adaptation on and no alarm would score them (its reference follows)."""
@@ -789,7 +831,7 @@ def score_rows(rows, slot, table, state, out, scored, work):
         scored[t] = score_frame(rows[t], slot, cells, states, state, out[t], work, LEARN_FOLLOW)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def change_rows(rows, slot, table, state, out, valid, work):
     """For fitting the change covariance: per row the change residual (n, N_CHANGE), scaled
     for the reference's noise like the scores, and 1 in `valid` where it was formed."""
@@ -805,15 +847,15 @@ def change_rows(rows, slot, table, state, out, valid, work):
                 phase = rows[t, PHASE]
                 j0, j1, w = _ref_bins(phase)
                 base = S_REF + obs * REF_BINS * REF_STRIDE
-                w0 = min(state[base + j0 * REF_STRIDE + N_CHANGE], REF_FRAMES)
-                w1 = min(state[base + j1 * REF_STRIDE + N_CHANGE], REF_FRAMES)
+                w0 = min(state[base + j0 * REF_STRIDE + REF_WEIGHT], REF_FRAMES)
+                w1 = min(state[base + j1 * REF_STRIDE + REF_WEIGHT], REF_FRAMES)
                 f = 1.0 / math.sqrt(1.0 + 1.0 / ((1.0 - w) * w0 + w * w1))
                 for k in range(N_CHANGE):
                     out[t, k] = f * work[W_CHANGE + k]
                 valid[t] = 1
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def running_centres(rows, slot, table, state, out):
     """Running centre per frame (the one `score_frame` would score with), (n, 2) px."""
     cells, states = tables(table)

@@ -27,9 +27,14 @@ from __future__ import annotations
 
 import math
 
-from numba import njit
-
-from lhtstream.kernels.detection import D_RAISE, D_SMOOTH, DET_SIZE, any_active, detect_step
+from lhtstream.kernels.detection import (
+    D_RAISE,
+    D_SMOOTH,
+    DET,
+    DET_SIZE,
+    any_active,
+    detect_step,
+)
 from lhtstream.kernels.features import (
     AREA,
     EMPTY,
@@ -39,17 +44,21 @@ from lhtstream.kernels.features import (
     OBSTACLE,
     PEAK,
     REPEAT,
+    TRACK,
     TRACK_STATE_SIZE,
     measure_frame,
     track_step,
 )
+from lhtstream.kernels.layout import Layout, kernel
 from lhtstream.kernels.scoring import (
     LEARN_ESTABLISH,
     LEARN_FOLLOW,
     LEARN_NONE,
     N_GROUPS,
     S_LASTOBS,
+    SCORE,
     SCORE_STATE_SIZE,
+    WORK,
     WORK_SIZE,
     learn_frame,
     missing_frame,
@@ -57,22 +66,36 @@ from lhtstream.kernels.scoring import (
     tables,
 )
 
-S_TRACK = 0
-S_SCORE = S_TRACK + TRACK_STATE_SIZE
-S_SCORES = S_SCORE + SCORE_STATE_SIZE   # the last frame's group scores
-S_WORK = S_SCORES + N_GROUPS
-S_DET = S_WORK + WORK_SIZE
-S_GAP_ROW = S_DET + DET_SIZE            # the feature row of a frame that never arrived
-P_SLOT = S_GAP_ROW + N_FEATURES          # the type's row in the model table
-P_THRESHOLD = P_SLOT + 1                 # counts; see measure_frame
-P_ADAPT = P_THRESHOLD + 1                # 1.0: learn from judged frames while no alarm is active
-P_LEARN_RATE = P_ADAPT + 1               # EWMA rate per cell update
-P_RING_TOTAL = P_LEARN_RATE + 1          # rows pushed into the ring since the video started
-P_RING_CAPACITY = P_RING_TOTAL + 1       # rows the ring holds
-STREAM_STATE_SIZE = P_RING_CAPACITY + 1
+STREAM = Layout("stream_state", [
+    ("track", TRACK),
+    ("score", SCORE),
+    ("scores", N_GROUPS),  # the last frame's group scores
+    ("work", WORK),
+    ("det", DET),
+    ("gap_row", N_FEATURES),  # the feature row of a frame that never arrived
+    ("slot", 1),  # the type's row in the model table
+    ("threshold", 1),  # counts; see measure_frame
+    ("adapt", 1),  # 1.0: learn from judged frames while no alarm is active
+    ("learn_rate", 1),  # EWMA rate per cell update
+    ("ring_total", 1),  # rows pushed into the ring since the video started
+    ("ring_capacity", 1),  # rows the ring holds
+])
+S_TRACK = STREAM.offset("track")
+S_SCORE = STREAM.offset("score")
+S_SCORES = STREAM.offset("scores")
+S_WORK = STREAM.offset("work")
+S_DET = STREAM.offset("det")
+S_GAP_ROW = STREAM.offset("gap_row")
+P_SLOT = STREAM.offset("slot")
+P_THRESHOLD = STREAM.offset("threshold")
+P_ADAPT = STREAM.offset("adapt")
+P_LEARN_RATE = STREAM.offset("learn_rate")
+P_RING_TOTAL = STREAM.offset("ring_total")
+P_RING_CAPACITY = STREAM.offset("ring_capacity")
+STREAM_STATE_SIZE = STREAM.size
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _push_row(ring, state):
     """The ring's next row and its mirror (views); advances the ring's count."""
     cap = int(state[P_RING_CAPACITY])
@@ -83,13 +106,13 @@ def _push_row(ring, state):
     return ring[a:a + N_FEATURES], ring[b:b + N_FEATURES]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _mirror(row, mirror):
     for j in range(N_FEATURES):
         mirror[j] = row[j]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _features(frame, obstacle, prev, ring, state):
     """Measure and track one frame into the ring; returns its (mirrored) row."""
     row, mirror = _push_row(ring, state)
@@ -101,7 +124,7 @@ def _features(frame, obstacle, prev, ring, state):
     return mirror
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _level(det, level, i):
     # the frame's highest smoothed score relative to its raise threshold (for plots)
     if level.shape[0] == 0:
@@ -114,7 +137,7 @@ def _level(det, level, i):
     level[i] = best
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _ref_mode(state, det):
     # the stream's own reference learns nothing while an alarm is active, and follows
     # slowly once established only where the stream adapts
@@ -123,7 +146,7 @@ def _ref_mode(state, det):
     return LEARN_FOLLOW if state[P_ADAPT] != 0.0 else LEARN_ESTABLISH
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def frame_step(frame, obstacle, prev, ring, state, table, trained):
     """One frame (uint16 rows x cols) in obstacle state 0/1/2: #alarm-kind changes (0: none).
 
@@ -146,7 +169,7 @@ def frame_step(frame, obstacle, prev, ring, state, table, trained):
     return changes
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def feature_step(frame, obstacle, prev, ring, state):
     """Features of one frame only (while no model is ready); the row is the ring's newest."""
     _features(frame, obstacle, prev, ring, state)
@@ -157,7 +180,7 @@ MEASURED_ROWS = 1  #: measured rows (n, N_FEATURES; the `MEASURED` columns, e.g.
 TRACKED_ROWS = 2   #: tracked feature rows (n, N_FEATURES), e.g. from `video_features`
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def block(kind, frames, rows, obstacles, start, prev, ring, state, table, trained, level):
     """`frame_step` over consecutive frames of one video from index `start` on.
 
@@ -203,7 +226,7 @@ def block(kind, frames, rows, obstacles, start, prev, ring, state, table, traine
     return n
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def lost_frames(n, scoring, state):
     """Advance over `n` frames that never arrived (a seq gap), as frames with nothing
     measured: the tracker's oscillator keeps its rate (the phase and cycle count stay

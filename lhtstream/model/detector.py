@@ -59,23 +59,11 @@ import numpy as np
 from lhtstream.base.stats import gamma_lower, poisson_upper, prediction_upper
 from lhtstream.kernels.detection import (
     ALARM_KINDS,
-    D_ACTIVE,
-    D_ALPHA,
-    D_CHANGED,
-    D_CLEAR,
-    D_CLEAR_FRAMES,
-    D_NRAISED,
-    D_PEAK,
-    D_QUIET,
-    D_RAISE,
-    D_SMOOTH,
-    D_VN,
-    D_VSUM,
-    D_WHICH,
-    DET_SIZE,
+    DET,
     K_SENSOR,
     KIND_OF_GROUP,
     N_KINDS,
+    VIDEO_FIELDS,
     VIDEO_SCORE_EXPECTED,
     count_raises,
     detect_step,
@@ -233,27 +221,27 @@ class Detector:
                  alpha: np.ndarray | None = None,
                  clear_frames: int = DEFAULT_CLEAR_FRAMES,
                  state: np.ndarray | None = None) -> None:
-        """`state`: a float64 array of `DET_SIZE` to keep the detector in (a slice of a
-        stream's state, so the fused per-frame kernel steps it); a private one if None."""
-        self.state = np.zeros(DET_SIZE) if state is None else state
-        if self.state.shape != (DET_SIZE,) or self.state.dtype != np.float64:
-            raise ValueError(f"detector state must be float64 ({DET_SIZE},)")
+        """`state`: a float64 array laid out as `DET` to keep the detector in (a slice of
+        a stream's state, so the fused per-frame kernel steps it); a private one if None."""
+        self.state = np.zeros(DET.size) if state is None else state
+        if self.state.shape != (DET.size,) or self.state.dtype != np.float64:
+            raise ValueError(f"detector state must be float64 ({DET.size},)")
         st = self.state
-        self.smooth = st[D_SMOOTH:D_SMOOTH + N_GROUPS]
-        self.peak = st[D_PEAK:D_PEAK + N_GROUPS]
-        self.raise_thr = st[D_RAISE:D_RAISE + N_GROUPS]
-        self.clear_thr = st[D_CLEAR:D_CLEAR + N_GROUPS]
-        self.alpha = st[D_ALPHA:D_ALPHA + N_GROUPS]
-        self.active = st[D_ACTIVE:D_ACTIVE + N_KINDS]
-        self.quiet = st[D_QUIET:D_QUIET + N_KINDS]
-        self.changed = st[D_CHANGED:D_CHANGED + N_KINDS]
-        self.which = st[D_WHICH:D_WHICH + N_KINDS]
+        self.smooth = DET.part(st, "smooth")
+        self.peak = DET.part(st, "peak")
+        self.raise_thr = DET.part(st, "raise")
+        self.clear_thr = DET.part(st, "clear")
+        self.alpha = DET.part(st, "alpha")
+        self.active = DET.part(st, "active")
+        self.quiet = DET.part(st, "quiet")
+        self.changed = DET.part(st, "changed")
+        self.which = DET.part(st, "which")
         self.raise_thr[:] = raise_thr
         self.clear_thr[:] = clear_thr
         self.alpha[:] = DEFAULT_ALPHAS if alpha is None else alpha
         self.video_thr = float(video_thr)
         self.clear_frames = int(clear_frames)
-        st[D_CLEAR_FRAMES] = self.clear_frames
+        DET.set(st, clear_frames=self.clear_frames)
         self.kinds_raised: set[str] = set()
         self.reset()
 
@@ -267,8 +255,7 @@ class Detector:
     def reset(self) -> None:
         """New video: zero the smoothing, alarms and verdict accumulators."""
         self.smooth[:] = NEUTRAL
-        self.peak[:] = 0.0
-        self.state[D_ACTIVE:D_CLEAR_FRAMES] = 0.0  # kinds and verdict accumulators
+        DET.set(self.state, **dict.fromkeys(VIDEO_FIELDS, 0.0))  # kinds, verdict accumulators
         self.kinds_raised = set()
 
     def step(self, scores: np.ndarray, scored: int) -> int:
@@ -296,8 +283,8 @@ class Detector:
     def video_mean(self) -> float:
         """Mean over judged frames of (trajectory + move - 4): the subtle, whole-video
         position statistic (0 on average for a normal video)."""
-        n = self.state[D_VN]
-        return float(self.state[D_VSUM] / n) if n > 0 else 0.0
+        v = DET.view(self.state)
+        return v.vsum / v.vn if v.vn > 0 else 0.0
 
     @property
     def evidence(self) -> dict[str, float]:
@@ -326,7 +313,7 @@ class Detector:
 
     @property
     def process_alarms(self) -> int:
-        return int(self.state[D_NRAISED])
+        return int(DET.view(self.state).nraised)
 
     def anomalous(self) -> bool:
         return self.video_score > 1.0 or self.process_alarms > 0

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,18 +52,8 @@ import numpy as np
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.kernels import features as F
 from lhtstream.kernels.scoring import (
-    CELL_CHOL,
-    CELL_COV4,
-    CELL_CPREC,
-    CELL_MEAN,
-    CELL_PREC2,
-    CELL_PREC4,
-    CELL_SVAR,
-    CELL_VALID,
-    CHOL_IMAGE,
-    CHOL_LOGI,
-    CHOL_POS,
-    CHOL_SPREAD,
+    CELL,
+    CHOL,
     COMB,
     CYCLE_FRAMES,
     FREQ,
@@ -77,28 +66,24 @@ from lhtstream.kernels.scoring import (
     INT_RISE,
     MOVE,
     N_CHANGE,
-    N_CHOL,
     N_GROUPS,
     N_IMAGE,
     N_MEAN,
     N_OBSTACLE,
     N_SCALAR,
+    OBSTACLE_STATE,
     POS_CHANGE,
     REF_MIN,
-    S_REF,
-    S_REF0,
+    SCORE,
     SENSOR,
     SIZE,
     SIZE_CHANGE,
     SLIP,
-    ST_KNOWN,
-    ST_RATE,
-    ST_SLIP,
     STALL,
     TRAJ,
     TRANSITION_FRAMES,
     WARMUP_FRAMES,
-    WORK_SIZE,
+    WORK,
     change_rows,
     comb_rows,
     derived_rows,
@@ -190,7 +175,7 @@ class NormalityModel:
 
     Arrays (T types, B phase bins): `mean` (T,3,B,N_MEAN), `cov4`/`prec4`
     (T,3,B,4,4), `prec2` (T,3,B,2,2), `svar` (T,3,B,N_SCALAR), `cprec` (T,3,B,2,2),
-    `chol` (T,3,B,N_CHOL: the change residual's within-video covariance blocks,
+    `chol` (T,3,B,CHOL.size: the change residual's within-video covariance blocks,
     lower Cholesky factors), `valid` (T,3,B), `rate`/`slip` (T,3,2), `known` (T,3):
     named views of one flat float64 `table` that the scoring kernels read and the
     online update writes (`lhtstream.kernels.scoring`); `count` (T,3,B) and the
@@ -227,19 +212,8 @@ class NormalityModel:
         self.table[0] = T
         self.table[1] = B
         cells, states = tables(self.table)
-        self._views = {
-            "mean": cells[..., CELL_MEAN:CELL_MEAN + N_MEAN],
-            "cov4": _split(cells[..., CELL_COV4:CELL_COV4 + 16], (4, 4)),
-            "prec4": _split(cells[..., CELL_PREC4:CELL_PREC4 + 16], (4, 4)),
-            "prec2": _split(cells[..., CELL_PREC2:CELL_PREC2 + 4], (2, 2)),
-            "svar": cells[..., CELL_SVAR:CELL_SVAR + N_SCALAR],
-            "cprec": _split(cells[..., CELL_CPREC:CELL_CPREC + 4], (2, 2)),
-            "chol": cells[..., CELL_CHOL:CELL_CHOL + N_CHOL],
-            "valid": cells[..., CELL_VALID],
-            "rate": states[..., ST_RATE:ST_RATE + 2],
-            "slip": states[..., ST_SLIP:ST_SLIP + 2],
-            "known": states[..., ST_KNOWN],
-        }
+        self._views = {f.name: CELL.part(cells, f.name) for f in CELL}
+        self._views.update({f.name: OBSTACLE_STATE.part(states, f.name) for f in OBSTACLE_STATE})
         self.cov4 = np.eye(4)
         self.prec4 = np.eye(4)
         self.prec2 = np.eye(2)
@@ -258,7 +232,7 @@ class NormalityModel:
         self.trained = self.table.copy()
         self._between_dof = 0
         self._state = self.new_state()
-        self._work = np.zeros(WORK_SIZE)
+        self._work = np.zeros(WORK.size)
         self._out = np.zeros(N_GROUPS)
 
     # ---- lookup
@@ -335,7 +309,7 @@ class NormalityModel:
         if state is None:
             state = self.new_state()
         score_rows(rows, self.slot(type_id), self.table, state, out, scored,
-                   np.zeros(WORK_SIZE))
+                   np.zeros(WORK.size))
         return out, scored
 
     # ---- fitting
@@ -594,7 +568,7 @@ class NormalityModel:
         self.chol = _IDENTITY_CHOL  # the scorer whitens with it while the residuals are made
         S = np.zeros((T, N_OBSTACLE, B, N_CHANGE, N_CHANGE))
         n = np.zeros((T, N_OBSTACLE, B))
-        work = np.zeros(WORK_SIZE)
+        work = np.zeros(WORK.size)
         for t, rows in videos:
             slot = self.slot(t)
             out = np.zeros((len(rows), N_CHANGE))
@@ -622,17 +596,12 @@ class NormalityModel:
         floor = np.concatenate([[COV_FLOOR, COV_FLOOR], SCALAR_FLOOR[[0, 1]],
                                 SCALAR_FLOOR[3:]])
         cov = cov + np.diag(floor)
-        chol = np.zeros((T, N_OBSTACLE, B, N_CHOL))
+        chol = np.zeros((T, N_OBSTACLE, B, CHOL.size))
         lp = np.linalg.cholesky(cov[..., 0:2, 0:2])
-        chol[..., CHOL_POS] = lp[..., 0, 0]
-        chol[..., CHOL_POS + 1] = lp[..., 1, 0]
-        chol[..., CHOL_POS + 2] = lp[..., 1, 1]
-        chol[..., CHOL_LOGI] = np.sqrt(cov[..., 2, 2])
-        chol[..., CHOL_SPREAD] = np.sqrt(cov[..., 3, 3])
-        li = np.linalg.cholesky(cov[..., 4:, 4:])
-        for i in range(N_IMAGE):
-            for j in range(i + 1):
-                chol[..., CHOL_IMAGE + i * (i + 1) // 2 + j] = li[..., i, j]
+        CHOL.part(chol, "pos")[...] = np.stack(
+            [lp[..., 0, 0], lp[..., 1, 0], lp[..., 1, 1]], axis=-1)
+        CHOL.set(chol, logi=np.sqrt(cov[..., 2, 2]), spread=np.sqrt(cov[..., 3, 3]))
+        CHOL.part(chol, "image")[...] = _pack_lower(np.linalg.cholesky(cov[..., 4:, 4:]))
         # states never seen keep the identity (they are not judged: `known`)
         unseen = ntot < MIN_STATE_COUNT
         chol[unseen] = _IDENTITY_CHOL
@@ -795,15 +764,13 @@ def adaptation_extent(table: np.ndarray, trained: np.ndarray, slot: int) -> dict
     cell and modelled quantity. The kernels bound them by ADAPT_MEAN_SD, ADAPT_VAR_RATIO."""
     cells, _ = tables(table)
     fitted, _ = tables(trained)
-    c, f = cells[slot], fitted[slot]
-    ok = f[..., CELL_VALID] > 0
+    c, f = CELL.view(cells[slot]), CELL.view(fitted[slot])
+    ok = f.valid > 0
     if not ok.any():
         return {"mean_shift_sd": 0.0, "var_ratio": 1.0}
-    var0 = np.concatenate([f[..., CELL_COV4 + 5 * np.arange(4)],
-                           f[..., CELL_SVAR:CELL_SVAR + N_SCALAR]], axis=-1)[ok]
-    var = np.concatenate([c[..., CELL_COV4 + 5 * np.arange(4)],
-                          c[..., CELL_SVAR:CELL_SVAR + N_SCALAR]], axis=-1)[ok]
-    shift = np.abs(c[..., CELL_MEAN:CELL_MEAN + N_MEAN] - f[..., CELL_MEAN:CELL_MEAN + N_MEAN])
+    var0 = np.concatenate([np.diagonal(f.cov4, axis1=-2, axis2=-1), f.svar], axis=-1)[ok]
+    var = np.concatenate([np.diagonal(c.cov4, axis1=-2, axis2=-1), c.svar], axis=-1)[ok]
+    shift = np.abs(c.mean - f.mean)
     ratio = var / var0
     return {"mean_shift_sd": round(float((shift[ok] / np.sqrt(var0)).max()), 3),
             "var_ratio": round(float(np.maximum(ratio, 1.0 / ratio).max()), 3)}
@@ -813,11 +780,10 @@ def reference_shift(model: NormalityModel, score_state: np.ndarray, slot: int) -
     """How far a stream's own change reference (its scoring state) moved since it was
     established, in within-video sd (the median over the type's obstacle-free cells of the
     change residual's sd), the largest over its quantities; 0 before it is established."""
-    ref = score_state[S_REF:S_REF + N_CHANGE]
-    weight = score_state[S_REF + N_CHANGE]
-    if weight < REF_MIN:
+    s = SCORE.view(score_state)  # obstacle-free, the first reference bin
+    if s.ref.weight[0, 0] < REF_MIN:
         return 0.0
-    ref0 = score_state[S_REF0:S_REF0 + N_CHANGE]
+    ref, ref0 = s.ref.mean[0, 0], s.ref0[0, 0]
     ch = model.chol[slot, 0][model.valid[slot, 0] > 0]
     if len(ch) == 0:
         return 0.0
@@ -826,15 +792,16 @@ def reference_shift(model: NormalityModel, score_state: np.ndarray, slot: int) -
 
 
 def _chol_sds(chol: np.ndarray) -> np.ndarray:
-    """(n, N_CHANGE) sd of each change component from (n, N_CHOL) Cholesky factors."""
+    """(n, N_CHANGE) sd of each change component from (n, CHOL.size) Cholesky factors."""
+    c = CHOL.view(chol)
     out = np.zeros((len(chol), N_CHANGE))
-    out[:, 0] = chol[:, CHOL_POS]
-    out[:, 1] = np.hypot(chol[:, CHOL_POS + 1], chol[:, CHOL_POS + 2])
-    out[:, 2] = chol[:, CHOL_LOGI]
-    out[:, 3] = chol[:, CHOL_SPREAD]
+    out[:, 0] = c.pos[:, 0]
+    out[:, 1] = np.hypot(c.pos[:, 1], c.pos[:, 2])
+    out[:, 2] = c.logi
+    out[:, 3] = c.spread
     for i in range(N_IMAGE):
-        b = CHOL_IMAGE + i * (i + 1) // 2
-        out[:, 4 + i] = np.sqrt((chol[:, b:b + i + 1] ** 2).sum(axis=1))
+        b = i * (i + 1) // 2  # row i of the packed lower factor
+        out[:, 4 + i] = np.sqrt((c.image[:, b:b + i + 1] ** 2).sum(axis=1))
     return out
 
 
@@ -855,25 +822,20 @@ def _few_videos_factor(dof: float) -> float:
     return (t / z) ** 2
 
 
+def _pack_lower(lower: np.ndarray) -> np.ndarray:
+    """(..., n, n) lower-triangular matrices packed by rows into (..., n (n + 1) / 2)."""
+    rows, cols = np.tril_indices(lower.shape[-1])
+    return lower[..., rows, cols]
+
+
 def _identity_chol() -> np.ndarray:
-    c = np.zeros(N_CHOL)
-    c[CHOL_POS] = c[CHOL_POS + 2] = c[CHOL_LOGI] = c[CHOL_SPREAD] = 1.0
-    for i in range(N_IMAGE):
-        c[CHOL_IMAGE + i * (i + 1) // 2 + i] = 1.0
+    c = np.zeros(CHOL.size)
+    CHOL.set(c, pos=(1.0, 0.0, 1.0), logi=1.0, spread=1.0,
+             image=_pack_lower(np.eye(N_IMAGE)))
     return c
 
 
 _IDENTITY_CHOL = _identity_chol()
-
-
-def _split(view: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`view` with its last axis split into `shape`, as a view (never a copy)."""
-    step = view.strides[-1]
-    if step != view.itemsize or view.shape[-1] != math.prod(shape):
-        raise ValueError("the axis to split must be contiguous and match the shape")
-    strides = tuple(step * math.prod(shape[i + 1:]) for i in range(len(shape)))
-    return np.lib.stride_tricks.as_strided(view, view.shape[:-1] + shape,
-                                           view.strides[:-1] + strides)
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

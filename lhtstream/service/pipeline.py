@@ -42,25 +42,15 @@ from lhtstream.kernels import features as F
 from lhtstream.kernels.features import (
     DEFAULT_THRESHOLD,
     N_FEATURES,
-    TRACK_STATE_SIZE,
     FeatureError,
     RingBuffer,
     new_track_state,
 )
-from lhtstream.kernels.scoring import ADAPT_MEAN_SD, ADAPT_VAR_RATIO, REF_BOUND, SCORE_STATE_SIZE
+from lhtstream.kernels.scoring import ADAPT_MEAN_SD, ADAPT_VAR_RATIO, REF_BOUND
 from lhtstream.kernels.step import (
     FRAMES,
     MEASURED_ROWS,
-    P_ADAPT,
-    P_LEARN_RATE,
-    P_RING_CAPACITY,
-    P_RING_TOTAL,
-    P_SLOT,
-    P_THRESHOLD,
-    S_DET,
-    S_SCORE,
-    S_TRACK,
-    STREAM_STATE_SIZE,
+    STREAM,
     TRACKED_ROWS,
     block,
     feature_step,
@@ -69,7 +59,6 @@ from lhtstream.kernels.step import (
 )
 from lhtstream.model.detector import (
     ALARM_KINDS,
-    DET_SIZE,
     K_SENSOR,
     KIND_OF_GROUP,
     Alarm,
@@ -134,19 +123,18 @@ class StreamPipeline:
         self.calibration_frames = int(calibration_frames)
         self.adapt = bool(adapt)
         self.learn_rate = float(learn_rate)
-        self.state = np.zeros(STREAM_STATE_SIZE)
-        self.state[P_THRESHOLD] = float(threshold)
-        self.state[P_ADAPT] = 1.0 if self.adapt else 0.0
-        self.state[P_LEARN_RATE] = self.learn_rate
-        self.state[P_RING_CAPACITY] = int(ring_capacity)
+        self.state = np.zeros(STREAM.size)
+        STREAM.set(self.state, threshold=float(threshold), adapt=1.0 if self.adapt else 0.0,
+                   learn_rate=self.learn_rate, ring_capacity=int(ring_capacity))
         self._track_start = new_track_state()
         self._prev = np.zeros(_FRAME_PIXELS, dtype=np.uint16)
         self._shape: tuple[int, ...] | None = None
         self.ring = RingBuffer(ring_capacity, N_FEATURES,
-                               count=self.state[P_RING_TOTAL:P_RING_TOTAL + 1])
+                               count=STREAM.part(self.state, "ring_total"))
         self._ring = self.ring.buffer.reshape(-1)  # the kernels' flat view
-        self._det_state = self.state[S_DET:S_DET + DET_SIZE]
-        self._score_state = self.state[S_SCORE:S_SCORE + SCORE_STATE_SIZE]
+        self._det_state = STREAM.part(self.state, "det")
+        self._score_state = STREAM.part(self.state, "score")
+        self._track_state = STREAM.part(self.state, "track")
         self.self_calibrated: dict[int, NormalityModel] = {}
         self._active_model: NormalityModel | None = None
         self._table: np.ndarray | None = None  # the active model's table while scoring
@@ -197,7 +185,7 @@ class StreamPipeline:
         return events
 
     def _restart_tracking(self) -> None:
-        self.state[S_TRACK:S_TRACK + TRACK_STATE_SIZE] = self._track_start
+        self._track_state[:] = self._track_start
         self._score_state[:] = 0.0
 
     def _use(self, model: NormalityModel) -> None:
@@ -206,7 +194,7 @@ class StreamPipeline:
         self._active_model = model
         self._table = model.table
         self._trained = model.trained
-        self.state[P_SLOT] = slot
+        STREAM.set(self.state, slot=slot)
         self.detector = Detector(model.raise_thr[slot], model.clear_thr[slot],
                                  float(model.video_thr[slot]), state=self._det_state)
 
@@ -558,7 +546,8 @@ class StreamPipeline:
             }
         if model is not None and self.video is not None:
             st["adaptation"] = adaptation_status(model, self._table, self._trained,
-                                                 int(self.state[P_SLOT]), self._score_state)
+                                                 int(STREAM.view(self.state).slot),
+                                                 self._score_state)
         if self.detector is not None:
             st["alarms_active"] = [ALARM_KINDS[k] for k in np.flatnonzero(self.detector.active)]
             # for live displays (`lhtstream view`): how close each kind is to raising
