@@ -253,13 +253,20 @@ def test_the_page_in_chromium_shows_the_streams_heat_map_path_and_the_faults_ala
 
 
 def test_every_request_of_the_page_stays_on_the_view(live, browser):
-    """No CDN: every URL the page loads is the view's own."""
+    """No CDN: every URL the page loads is the view's own; and the page works under the
+    view's Content-Security-Policy (Chromium reports no violation)."""
     page = browser.new_page()
     urls: list[str] = []
     page.on("request", lambda req: urls.append(req.url))
+    violations: list[str] = []
+    page.on("console", lambda msg: violations.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
     page.goto(live["base"] + "/")
     page.wait_for_selector("#overview tr[data-stream='ws1']", timeout=20_000)
+    page.wait_for_function("document.querySelectorAll('#stream-ws1 .path .trace').length >= 2",
+                           timeout=10_000)
     page.close()
+    assert violations == []
     assert urls and all(re.match(re.escape(live["base"]) + r"/|ws://127\.0\.0\.1", u)
                         or u.startswith("data:") for u in urls), urls
 
@@ -389,5 +396,191 @@ def test_bad_messages_from_a_monitor_are_counted_and_the_view_keeps_serving(tmp_
             del last["streams"]
             wait_until(lambda: pub.send_multipart(encode("status", last))
                        or not state(base)["streams"], 10, interval=0.3)
+    finally:
+        pub.close(0)
+
+
+# ---------------------------------------------------------------- the server's own defences
+
+
+ALLOWED_EXTRA = "view.plant.example"
+
+
+@pytest.fixture(scope="module")
+def bare_view(tmp_path_factory):
+    """A view on a port of its own with no monitor behind it: the HTTP server alone."""
+    tmp = tmp_path_factory.mktemp("bare-view")
+    with ProcessGroup() as procs:
+        view = procs.cli("view", "--monitor", ipc_endpoint(tmp, "nobody"), "--port", "0",
+                         "--allow-host", ALLOWED_EXTRA)
+        port = int(view.wait_for_stderr(r"serving http://127\.0\.0\.1:(\d+)/", 60).group(1))
+        yield {"port": port, "view": view}
+
+
+def raw_request(port: int, head: str, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+    """Send ``head`` (request line and headers, no blank line) and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall((head + "\r\nConnection: close\r\n\r\n").encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    top, _, body = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip()
+               for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def ws_handshake(port: int, origin: str | None, host: str | None = None) -> int:
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    head = (f"GET /ws HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13")
+    if origin is not None:
+        head += f"\r\nOrigin: {origin}"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall((head + "\r\n\r\n").encode())
+        return int(sock.recv(64).split()[1])
+
+
+def test_the_view_answers_only_the_host_names_it_serves(bare_view):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 sends
+    ``Host: evil.example``; the view refuses it, and any malformed Host."""
+    port = bare_view["port"]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST",
+                 f"{ALLOWED_EXTRA}:{port}"):
+        status, _, body = raw_request(port, f"GET /api/state HTTP/1.1\r\nHost: {host}")
+        assert status == 200 and json.loads(body)["monitors"], host
+    for host in (f"evil.example:{port}", "127.0.0.1.evil.example", f"127.0.0.1:{port}; x",
+                 "", "[::2]", "10.0.0.1"):
+        status, _, body = raw_request(port, f"GET /api/state HTTP/1.1\r\nHost: {host}")
+        assert status == 421, (host, status)
+        assert b"monitors" not in body
+    status, _, _ = raw_request(port, "GET /api/state HTTP/1.1")  # no Host at all
+    assert status in (400, 421)
+    assert ws_handshake(port, None, host="evil.example") == 421
+
+
+def test_a_websocket_from_a_page_of_another_origin_is_refused(bare_view):
+    port = bare_view["port"]
+    assert ws_handshake(port, f"http://127.0.0.1:{port}") == 101  # the view's own page
+    assert ws_handshake(port, None) == 101  # not a browser: nothing to protect there
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null",
+                   f"http://localhost:{port}", f"file://127.0.0.1:{port}"):
+        assert ws_handshake(port, origin) == 403, origin
+
+
+def test_every_response_carries_the_security_headers_and_no_version_or_path(bare_view):
+    port = bare_view["port"]
+    host = f"Host: 127.0.0.1:{port}"
+    for path in ("/", "/api/state", "/api/history", "/metrics", "/static/view.js",
+                 "/static/plotly.min.js", "/static/none.js", "/static/..%2f..%2fparser.py",
+                 "/nowhere"):
+        status, headers, body = raw_request(port, f"GET {path} HTTP/1.1\r\n{host}")
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["referrer-policy"] == "no-referrer"
+        csp = dict(d.strip().split(" ", 1) for d in headers["content-security-policy"].split(";"))
+        assert csp["default-src"] == "'self'" and csp["frame-ancestors"] == "'none'"
+        assert "script-src" not in csp  # scripts: 'self' only, no inline, no eval
+        assert f"ws://127.0.0.1:{port}" in csp["connect-src"].split()
+        assert not re.search(r"\d", headers.get("server", "")), headers.get("server")
+        assert "python" not in headers.get("server", "").lower()
+        if status != 200:
+            assert status == 404, path
+            assert b"/" not in body and b"site-packages" not in body  # no file path
+    _, headers, _ = raw_request(port, f"GET / HTTP/1.1\r\nHost: evil.example:{port}")
+    assert headers["x-frame-options"] == "DENY" and "aiohttp" not in str(headers).lower()
+    assert "evil" not in headers["content-security-policy"]
+
+
+def test_slow_idle_and_surplus_connections_are_dropped_within_a_bound(bare_view):
+    """Slowloris: a client that sends its headers a byte at a time, one that sends
+    nothing, and one idle after a request are each closed within ~IDLE_S (5 s); past
+    64 connections the view answers 503 at once; afterwards it serves again."""
+    port = bare_view["port"]
+    head = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode()
+    slow = socket.create_connection(("127.0.0.1", port))
+    silent = socket.create_connection(("127.0.0.1", port))
+    idle = socket.create_connection(("127.0.0.1", port))
+    idle.sendall(f"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert idle.recv(12).startswith(b"HTTP/1.1 200")
+    surplus = [socket.create_connection(("127.0.0.1", port)) for _ in range(70)]
+    t0 = time.monotonic()
+    closed: dict[str, float] = {}
+    try:
+        # a bound on connections: the ones past 64 are answered 503 and closed at once
+        answers = []
+        for sock in surplus[-10:]:
+            sock.settimeout(3)
+            answers.append(sock.recv(64))
+        assert all(a.startswith(b"HTTP/1.1 503") for a in answers), answers
+        for sock in (slow, silent, idle, *surplus[:-10]):
+            sock.setblocking(False)
+        names = {"slow": slow, "silent": silent, "idle": idle}
+        sent = 0
+        while len(closed) < 3 and time.monotonic() - t0 < 15:
+            try:
+                slow.send(head[sent:sent + 1] if sent < len(head) else b"x")
+                sent += 1
+            except OSError:
+                closed.setdefault("slow", time.monotonic() - t0)
+            for name, sock in names.items():
+                try:
+                    if sock.recv(65536) == b"":
+                        closed.setdefault(name, time.monotonic() - t0)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed.setdefault(name, time.monotonic() - t0)
+            time.sleep(0.25)
+        assert set(closed) == {"slow", "silent", "idle"}, closed
+        assert max(closed.values()) < 9.0, closed  # IDLE_S 5 s, swept every 1 s
+        # the held connections were dropped as well: the view answers again
+        status, _, _ = wait_until(lambda: _try_state(port), 10, interval=0.5)
+        assert status == 200
+    finally:
+        for sock in (slow, silent, idle, *surplus):
+            sock.close()
+    assert bare_view["view"].returncode is None
+
+
+def _try_state(port: int):
+    try:
+        answer = raw_request(port, f"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1:{port}")
+    except OSError:
+        return None
+    return answer if answer[0] == 200 else None
+
+
+def test_implausible_latencies_are_shown_as_missing(tmp_path):
+    """A status whose latency comes from a forged t_ns (0 or INT64_MAX: -9.2e15 us) is
+    no measurement: the page and /metrics show none, not -9.2e15."""
+    import zmq
+
+    from lhtstream.io.protocol import encode
+
+    endpoint = ipc_endpoint(tmp_path, "fake-monitor")
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.bind(endpoint)
+    status = {"stream": "*", "t_ns": 1, "frames": 10, "dropped": 0, "malformed": 0,
+              "latency_us": {"p50": -9.2e15, "p99": 9.2e15, "p999": 250.0, "max": 300.0},
+              "uptime_s": 1.0, "model": "m",
+              "streams": {"ws1": {"frames": 10, "latency_us": {"p50": -9.2e15, "p99": 120.0,
+                                                               "p999": 9.2e15, "max": 9.2e15}}}}
+    try:
+        with ProcessGroup() as procs:
+            view = procs.cli("view", "--monitor", endpoint, "--port", "0")
+            port = int(view.wait_for_stderr(r"serving http://127\.0\.0\.1:(\d+)/", 60).group(1))
+            base = f"http://127.0.0.1:{port}"
+            s = wait_until(lambda: pub.send_multipart(encode("status", status))
+                           or (st := state(base))["streams"] and st, 20, interval=0.3)
+            assert s["monitors"][0]["latency_us"] == {"p50": None, "p99": None, "p999": 250.0,
+                                                      "max": 300.0}
+            assert s["streams"][0]["latency_us"] == {"p50": None, "p99": 120.0, "p999": None,
+                                                     "max": None}
+            text = get(base + "/metrics").decode()
+            assert 'quantile="0.99",stream="ws1"} 0.00012' in text
+            assert "e+09" not in text and "e+15" not in text and "-9.2" not in text
     finally:
         pub.close(0)

@@ -367,7 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
         "view",
         help="serve a live web page of the monitors' streams, and /metrics for Prometheus",
         epilog="Open the printed address in a browser. Every asset comes from the installed "
-        "packages (no internet needed). Stops on Ctrl-C or SIGTERM (exit 0).",
+        "packages (no internet needed). Stops on Ctrl-C or SIGTERM (exit 0). "
+        "What it trusts: it shows what the peers on --monitor and --frames send (checked "
+        "and bounded, never run); anyone who can connect to its port can read the page, "
+        "/api/* and /metrics (there is no login, and nothing can be changed through it), "
+        "so serve it on a plant network only behind that network's own access control. "
+        "What it refuses: a request whose Host header is not one of its names (localhost, "
+        "127.0.0.1, [::1], the --host address, --allow-host names) gets 421, so a web "
+        "page cannot reach it through DNS rebinding; a WebSocket from a page of another "
+        "origin gets 403; more than 64 connections get 503; a connection with no request "
+        "in progress for 5 s (slow or idle) is closed. Pages may load nothing from "
+        "elsewhere nor be framed (Content-Security-Policy).",
     )
     p.add_argument(
         "--monitor",
@@ -391,7 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--journal", default=None, help="alarm journal (SQLite) for the history view")
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to serve on (default: %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default: %(default)s, this machine only; 0.0.0.0: every "
+        "interface, then name the addresses browsers use with --allow-host)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a host name or address by which browsers reach the view, e.g. its plant-"
+        "network name (repeatable); requests for other names are refused",
     )
     p.add_argument(
         "--port",

@@ -18,6 +18,16 @@ for the 32x32 heat map).
 Endpoints: ``/`` the page, ``/ws`` its WebSocket, ``/api/state`` the same state as JSON,
 ``/api/history`` alarms per kind and stream over time from ``--journal``, ``/metrics``
 the monitors' counters in the Prometheus text format (``prometheus-client``).
+
+What the view trusts, and what it refuses (issue 20): it shows whatever the peers on its
+monitor and frame endpoints send (bounded, checked, never executed), and anyone who can
+open its HTTP port may read the line: there is no login, and nothing can be changed
+through it. It answers only requests whose ``Host`` is a name it serves (the loopback
+names, the bound address, ``--allow-host`` names), so a web page cannot reach it through
+DNS rebinding; it accepts a WebSocket only from a page of its own origin; every response
+carries a Content-Security-Policy that allows nothing outside the view, refuses framing,
+and names no server version. It holds at most `MAX_CONNECTIONS` connections and closes
+one that has no request in progress after `IDLE_S` (slow headers, idle keep-alive).
 """
 
 from __future__ import annotations
@@ -26,9 +36,11 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import json
 import math
 import os
+import re
 import signal
 import socket
 import struct
@@ -86,6 +98,34 @@ COMPLAIN_EVERY_S = 5.0
 """A bad message from a monitor is logged at most this often (the rest are counted)."""
 RECEIVE_PERIOD_S = 0.01
 """The receive thread wakes this often and takes every message queued meanwhile."""
+MAX_CONNECTIONS = 64
+"""Simultaneous TCP connections (pages, scrapes, API calls). More are answered 503 and
+closed at once, so connections held open cannot use up the view's file descriptors."""
+IDLE_S = 5.0
+"""A connection with no request in progress for this long is closed: one that sends its
+headers slowly (slowloris), never sends them, or idles in keep-alive. A page's WebSocket
+is a request in progress; its heartbeat (`HEARTBEAT_S`) drops a page that stops answering."""
+HEARTBEAT_S = 10.0
+"""WebSocket ping period; a page that does not answer within half of it is closed."""
+LATENCY_CEILING_US = 3.6e9
+"""A latency outside 0..1 h (us) is no measurement (a forged or broken ``t_ns`` gives
+-9.2e15): shown and exported as missing."""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+"""Host names the view always answers to."""
+_WILDCARD = ("", "0.0.0.0", "::")
+_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+_CSP = ("default-src 'self'; connect-src 'self'{ws}; img-src 'self' data: blob:; "
+        # Plotly.js sets inline styles on the elements it draws
+        "style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'")
 _DRAIN = 5_000
 _PICTURE_MAGIC = 1
 _STATIC = "view_static"
@@ -417,8 +457,11 @@ class ViewState:
 
 
 def _latency(value: Any) -> dict[str, float | None]:
+    """A status's latency percentiles (us); implausible ones (`LATENCY_CEILING_US`) None."""
     value = value if isinstance(value, dict) else {}
-    return {k: _finite(value.get(k), 1) for k in ("p50", "p99", "p999", "max")}
+    out = {k: _finite(value.get(k), 1) for k in ("p50", "p99", "p999", "max")}
+    return {k: v if v is not None and 0.0 <= v <= LATENCY_CEILING_US else None
+            for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- receiving
@@ -650,6 +693,91 @@ def _plotly_js() -> Path:
     return path
 
 
+def allowed_hosts(bind: str, extra: Sequence[str] = ()) -> frozenset[str]:
+    """The ``Host`` names the view answers to: the loopback names, the address it is bound
+    to (unless a wildcard) and ``extra`` (``--allow-host``: names and addresses by which the
+    plant's browsers reach it). IPv6 addresses in brackets, as in a ``Host`` header."""
+    names = set(LOOPBACK_NAMES)
+    for raw in ([] if bind in _WILDCARD else [bind]) + list(extra):
+        name = raw.strip().lower().strip("[]").rstrip(".")
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            if not _NAME.fullmatch(name):
+                raise ViewError(f"{raw!r} is not a host name or an IP address (no port, "
+                                "no scheme)") from None
+        else:
+            name = f"[{address.compressed}]" if address.version == 6 else address.compressed
+        names.add(name)
+    return frozenset(names)
+
+
+def host_name(header: str | None) -> str | None:
+    """The name in a ``Host`` header (port dropped, lower case), None if malformed."""
+    match = _HOST.fullmatch((header or "").lower())
+    return match.group(1).rstrip(".") if match else None
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's ``Origin`` is the page's own: http(s) and the same host:port."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over `MAX_CONNECTIONS`: answered 503 and closed, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n")
+        transport.close()
+
+
+class Connections:
+    """The view's TCP protocol factory, around aiohttp's: at most `MAX_CONNECTIONS`, and a
+    connection whose first request has not come in `IDLE_S` is closed. (Between
+    requests, aiohttp's keep-alive timeout, set to `IDLE_S` as well, closes it.)"""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server  # aiohttp's web.Server: a protocol factory
+        self.opened: dict[Any, float] = {}  # connection -> when it opened, until a request
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        now = time.monotonic()
+        live = set(self.server.connections)
+        # asyncio accepts a burst before any of it is connected: count those too
+        starting = sum(1 for h, at in self.opened.items() if h not in live and now - at < 1.0)
+        if len(live) + starting >= MAX_CONNECTIONS:
+            self.refused += 1
+            return _Refuse()
+        handler = self.server()
+        self.opened[handler] = time.monotonic()
+        return handler
+
+    def started(self, handler: Any) -> None:
+        """A request came in on ``handler``'s connection."""
+        self.opened.pop(handler, None)
+
+    async def sweep(self) -> None:
+        """Close connections still without a request after `IDLE_S` (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(IDLE_S / 5)
+            now = time.monotonic()
+            live = set(self.server.connections)
+            for handler, at in list(self.opened.items()):
+                if handler not in live or now - at > IDLE_S:
+                    del self.opened[handler]
+                    if handler in live:
+                        handler.force_close()
+
+
 class Page:
     """One connected browser page and what it has been sent."""
 
@@ -675,14 +803,19 @@ def _picture_message(name: str, header: dict[str, Any], payload: bytes) -> bytes
 class ViewServer:
     """aiohttp application: the page, its WebSocket, JSON endpoints and /metrics."""
 
-    def __init__(self, state: ViewState, journal: str | None = None) -> None:
+    def __init__(self, state: ViewState, journal: str | None = None,
+                 hosts: frozenset[str] = frozenset(LOOPBACK_NAMES)) -> None:
         self.state = state
         self.journal = journal
+        self.hosts = hosts
+        self.connections: Connections | None = None  # set by `serve`
         self.pages: set[Page] = set()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MonitorCollector(state))
         self.static = Path(__file__).with_name(_STATIC)
-        self.app = web.Application()
+        self.plotly_js = _plotly_js()  # at start: a missing one is a one-line error
+        self.app = web.Application(middlewares=[self._check_host])
+        self.app.on_response_prepare.append(self._secure)
         self.app.add_routes([
             web.get("/", self.index),
             web.get("/ws", self.websocket),
@@ -694,6 +827,29 @@ class ViewServer:
         ])
         self.app.on_startup.append(self._start_ticker)
         self.app.on_shutdown.append(self._close_pages)
+
+    # ---- every request and response
+
+    @web.middleware
+    async def _check_host(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Answer only the names this view serves (a page reached through DNS rebinding
+        carries its own site's name in ``Host``)."""
+        if self.connections is not None:
+            self.connections.started(request.protocol)
+        if host_name(request.headers.get("Host")) not in self.hosts:
+            raise web.HTTPMisdirectedRequest(
+                text="421: this view does not serve that host name (lhtstream view "
+                "--allow-host NAME adds one)")
+        return await handler(request)
+
+    async def _secure(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Headers of every response: no server version, nothing loaded from elsewhere,
+        never framed, no referrer sent."""
+        response.headers["Server"] = "lhtstream"
+        response.headers.update(_SECURITY_HEADERS)
+        host = request.headers.get("Host")
+        ws = f" ws://{host} wss://{host}" if host and host_name(host) in self.hosts else ""
+        response.headers["Content-Security-Policy"] = _CSP.format(ws=ws)
 
     # ---- HTTP
 
@@ -713,7 +869,7 @@ class ViewServer:
         return web.Response(body=item.read_bytes(), content_type=types[suffix])
 
     async def plotly(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(_plotly_js(), headers={"Cache-Control": "max-age=86400"})
+        return web.FileResponse(self.plotly_js, headers={"Cache-Control": "max-age=86400"})
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         body = generate_latest(self.registry)
@@ -741,9 +897,13 @@ class ViewServer:
     # ---- WebSocket
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is not None and not same_origin(origin, request.host):
+            # a page of another site, in the operator's browser, must not read the line
+            raise web.HTTPForbidden(text="403: a WebSocket from a page of another origin")
         if len(self.pages) >= MAX_PAGES:
             raise web.HTTPServiceUnavailable(text=f"at most {MAX_PAGES} pages at once")
-        ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=4096)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=4096)
         await ws.prepare(request)
         raw = request.transport.get_extra_info("socket") if request.transport else None
         if raw is not None:
@@ -838,9 +998,10 @@ def run_view(args: argparse.Namespace) -> int:
     # 2-core VM the monitor's p50 rose several-fold while a view was attached).
     with contextlib.suppress(OSError):
         os.nice(VIEW_NICENESS)  # before any thread starts: they all inherit it
+    hosts = allowed_hosts(args.host, args.allow_host or [])
     state = ViewState(monitors, normal, args.model)
+    server = ViewServer(state, args.journal, hosts)
     receiver = Receiver(state, monitors, args.frames or [])
-    server = ViewServer(state, args.journal)
     receiver.start()
     try:
         asyncio.run(_serve(server, args.host, args.port, monitors, args.frames or []))
@@ -852,24 +1013,29 @@ def run_view(args: argparse.Namespace) -> int:
 
 async def _serve(server: ViewServer, host: str, port: int, monitors: Sequence[str],
                  frames: Sequence[str]) -> None:
-    runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(server.app, handle_signals=False, access_log=None,
+                           keepalive_timeout=IDLE_S)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    server.connections = connections = Connections(runner.server)
+    loop = asyncio.get_running_loop()
     try:
-        await site.start()
+        listener = await loop.create_server(connections, host or None, port,
+                                            reuse_address=True)
     except OSError as exc:
         await runner.cleanup()
         raise ViewError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
-    bound = runner.addresses[0][1] if runner.addresses else port
+    sweeper = asyncio.create_task(connections.sweep())
+    bound = listener.sockets[0].getsockname()[1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     _log(f"serving http://{shown}:{bound}/ (metrics at /metrics); monitors "
          f"{', '.join(monitors)}; frames {', '.join(frames) or 'none (no pictures)'}")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
         _log("stopping")
+        sweeper.cancel()
+        listener.close()
         await runner.cleanup()
