@@ -19,7 +19,6 @@ hostile pickle cannot run code. Nothing here loads more than one video at a time
 from __future__ import annotations
 
 import csv
-import io
 import os
 import pickle
 import re
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from lhtstream.base.errors import LhtstreamError
+from lhtstream.base.selection import N_TYPES
+from lhtstream.io.safe_pickle import load_plain
 
 METADATA_FIELDS: tuple[str, ...] = (
     "Index",
@@ -49,6 +50,10 @@ METADATA_FIELDS: tuple[str, ...] = (
 SENSOR_SIZE = 32  # the camera is 32x32 px; ROI borders index into it
 MAX_VALUE = 1024  # camera range 0..1024
 MAX_METADATA_BYTES = 64 * 1024 * 1024  # a real metadata.pkl is a few hundred KB
+MAX_METADATA_ITEMS = 200_000  # videos + fields in one metadata.pkl (the whole real set: ~46,000)
+MAX_FIELDS = 64  # fields of one video's entry (real: 10)
+MAX_NAME_CHARS = 64  # video and field names, and any string value
+MAX_FRAMES = 1_000_000  # SizeInFrames: 1000 s at 1 kHz (real videos average ~15,000 frames)
 LABEL_COLUMNS = ("type", "video", "kind", "onset_frame", "end_frame", "magnitude")
 RAMP_COLUMN = "ramp_frames"  # optional: written only when some fault ramps (synth --ramp-frames)
 
@@ -63,73 +68,6 @@ class DatasetError(LhtstreamError, ValueError):
 # ---------------------------------------------------------------- metadata
 
 
-def _numpy_scalar_reconstructor() -> Any:
-    try:
-        from numpy._core.multiarray import scalar  # local import: numpy >= 2 (else numpy 1.x)
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]  # local import: numpy 1.x
-    return scalar
-
-
-def _is_plain_numeric(dtype: np.dtype) -> bool:
-    return (
-        dtype.kind in "biuf"
-        and not dtype.hasobject
-        and dtype.fields is None
-        and dtype.subdtype is None
-    )
-
-
-def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
-    # numpy pickles a scalar's dtype as numpy.dtype('i8', False, True); only numeric codes pass.
-    if not isinstance(spec, str):
-        raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not a plain numeric dtype")
-    try:
-        dt = np.dtype(spec)
-    except TypeError as exc:
-        raise pickle.UnpicklingError(f"bad numpy dtype {spec!r}") from exc
-    if not _is_plain_numeric(dt):
-        raise pickle.UnpicklingError(f"numpy dtype {spec!r} is not a number type")
-    return np.dtype(spec, bool(align), bool(copy))
-
-
-def _safe_scalar(dtype: Any, data: Any = None) -> Any:
-    # Checked after the dtype's state was restored (BUILD), before numpy interprets the bytes.
-    if not isinstance(dtype, np.dtype) or not _is_plain_numeric(dtype):
-        raise pickle.UnpicklingError("numpy scalar with a non-numeric dtype")
-    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
-        raise pickle.UnpicklingError("numpy scalar with malformed data")
-    return _numpy_scalar_reconstructor()(dtype, data)
-
-
-def _safe_codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    # protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); nothing else passes.
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("refused _codecs.encode call")
-    return text.encode("latin1")
-
-
-_ALLOWED_GLOBALS = {
-    ("_codecs", "encode"): _safe_codecs_encode,
-    ("numpy.core.multiarray", "scalar"): _safe_scalar,
-    ("numpy._core.multiarray", "scalar"): _safe_scalar,
-    ("numpy", "dtype"): _safe_dtype,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only opcodes for plain data plus the two numpy globals a numeric scalar needs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refused persistent id")
-
-
 def _plain_value(value: Any) -> Any:
     """numpy numbers -> Python numbers; integral floats stay floats (validate reports them)."""
     if isinstance(value, np.bool_):
@@ -141,12 +79,65 @@ def _plain_value(value: Any) -> Any:
     return value
 
 
+def _show(value: Any) -> str:
+    """A short repr for messages: a hostile value can be a 64 MB string or a 10^6-digit int."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<{'-' if value < 0 else ''}integer of {value.bit_length()} bits>"
+    if isinstance(value, (str, bytes)) and len(value) > MAX_NAME_CHARS:
+        return f"{value[:MAX_NAME_CHARS]!r}... ({len(value)} long)"
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return repr(value)
+    return f"<{type(value).__name__}>"
+
+
+def _plain_metadata(raw: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """``raw`` as fresh flat dicts of scalars, or DatasetError; never more than
+    MAX_METADATA_ITEMS videos plus fields, a shared entry counted each time it is used."""
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: metadata is a {type(raw).__name__}, expected a dict of videos")
+    budget = MAX_METADATA_ITEMS - len(raw)
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            raise DatasetError(f"{path}: metadata key {_show(name)} is not a video name string")
+        if not isinstance(entry, dict):
+            raise DatasetError(
+                f"{path}: video {name}: metadata entry is a {type(entry).__name__}, expected a dict"
+            )
+        if len(entry) > MAX_FIELDS:
+            raise DatasetError(
+                f"{path}: video {name}: metadata entry has {len(entry)} fields, over {MAX_FIELDS}"
+            )
+        budget -= len(entry)
+        if budget < 0:
+            raise DatasetError(
+                f"{path}: metadata holds over {MAX_METADATA_ITEMS} videos and fields "
+                "(an entry used more than once counts each time)"
+            )
+        fields = {}
+        for key, value in entry.items():
+            if not isinstance(key, str) or len(key) > MAX_NAME_CHARS:
+                raise DatasetError(f"{path}: video {name}: field name {_show(key)} is not a string")
+            value = _plain_value(value)
+            if not isinstance(value, (int, float, type(None), str, bytes)) or (
+                isinstance(value, (str, bytes)) and len(value) > MAX_NAME_CHARS
+            ):
+                raise DatasetError(
+                    f"{path}: video {name}: metadata field {key} = {_show(value)} is not a number"
+                )
+            fields[key] = value
+        out[name] = fields
+    return out
+
+
 def load_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Read a ``metadata.pkl`` safely: ``{video name: {field: int}}``.
 
     Raises DatasetError (naming the file) when the file is missing, too large,
-    not a pickle, uses anything but plain data, or is not a dict of dicts.
-    Field values are returned as Python numbers; `validate` checks them.
+    not a pickle, uses anything but plain data, is not a dict of flat dicts of
+    scalars, or is over the bounds (`MAX_METADATA_BYTES`, `MAX_PICKLE_OPS`,
+    `MAX_METADATA_ITEMS`, `MAX_FIELDS`, `MAX_NAME_CHARS`). Field values are returned
+    as Python numbers; `check_entry` and `validate` check them.
     """
     path = Path(path)
     try:
@@ -161,25 +152,14 @@ def load_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read metadata: {exc.strerror or exc}") from None
     try:
-        raw = _RestrictedUnpickler(io.BytesIO(data)).load()
+        raw = load_plain(data)
     except pickle.UnpicklingError as exc:
         raise DatasetError(f"{path}: unsafe or unreadable metadata pickle ({exc})") from None
     except Exception as exc:  # truncated / garbage pickles raise many types
         raise DatasetError(
-            f"{path}: unreadable metadata pickle ({type(exc).__name__}: {exc})"
+            f"{path}: unreadable metadata pickle ({type(exc).__name__}: {str(exc):.200})"
         ) from None
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: metadata is a {type(raw).__name__}, expected a dict of videos")
-    out: dict[str, dict[str, Any]] = {}
-    for name, entry in raw.items():
-        if not isinstance(name, str):
-            raise DatasetError(f"{path}: metadata key {name!r} is not a video name string")
-        if not isinstance(entry, dict):
-            raise DatasetError(
-                f"{path}: video {name}: metadata entry is a {type(entry).__name__}, expected a dict"
-            )
-        out[name] = {str(k): _plain_value(v) for k, v in entry.items()}
-    return out
+    return _plain_metadata(raw, path)
 
 
 def save_metadata(path: str | os.PathLike, metadata: dict[str, dict[str, int]]) -> None:
@@ -197,21 +177,79 @@ def save_metadata(path: str | os.PathLike, metadata: dict[str, dict[str, int]]) 
 # ---------------------------------------------------------------- videos
 
 
-def _int_field(meta: dict[str, Any], key: str, where: str) -> int:
+#: Inclusive range of each metadata field; every reader checks a field before using it.
+FIELD_RANGES: dict[str, tuple[int, int]] = {
+    "Index": (1, N_TYPES),
+    **{f"Keyf{end}Obstacle{n}": (-1, MAX_FRAMES - 1) for n in (1, 2) for end in ("Ini", "End")},
+    **{border: (0, SENSOR_SIZE - 1)
+       for border in ("LeftBordPx", "RightBordPx", "SupBordPx", "InfBordPx")},
+    "SizeInFrames": (1, MAX_FRAMES),
+}
+_BORDER_PAIRS = (("LeftBordPx", "RightBordPx"), ("SupBordPx", "InfBordPx"))
+
+
+def _field(meta: dict[str, Any], key: str) -> tuple[int | None, str | None]:
+    """(value, None) when field ``key`` is an integer within FIELD_RANGES, else (None, problem)."""
     if key not in meta:
-        raise DatasetError(f"{where}: metadata field {key} missing")
+        return None, f"metadata field {key} missing"
     value = meta[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise DatasetError(f"{where}: metadata field {key} = {value!r} is not an integer")
-    return int(value)
+    if isinstance(value, float) and value.is_integer():  # False for NaN and inf
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None, f"metadata field {key} = {_show(meta[key])} is not an integer"
+    lo, hi = FIELD_RANGES[key]
+    if not lo <= value <= hi:
+        return None, f"metadata field {key} = {_show(meta[key])} is not {lo} <= {key} <= {hi}"
+    return value, None
+
+
+def _int_field(meta: dict[str, Any], key: str, where: str) -> int:
+    value, problem = _field(meta, key)
+    if value is None:
+        raise DatasetError(f"{where}: {problem}")
+    return value
+
+
+def entry_problems(meta: dict[str, Any], where: str) -> list[str]:
+    """What makes a video's metadata entry unusable to every reader, one line each: a field
+    missing, not an integer or out of FIELD_RANGES, or a right/bottom border before its left/top.
+    (`validate` also reports what readers tolerate: unknown fields, Index vs folder, windows.)"""
+    values: dict[str, int] = {}
+    problems = []
+    for key in METADATA_FIELDS:
+        value, problem = _field(meta, key)
+        if value is None:
+            problems.append(f"{where}: {problem}")
+        else:
+            values[key] = value
+    for lo, hi in _BORDER_PAIRS:
+        if lo in values and hi in values and values[lo] > values[hi]:
+            problems.append(_border_problem(values, lo, hi, where))
+    return problems
+
+
+def _border_problem(values: dict[str, int], lo: str, hi: str, where: str) -> str:
+    return (f"{where}: metadata fields {lo}={values[lo]}, {hi}={values[hi]} "
+            f"are not 0 <= {lo} <= {hi} < {SENSOR_SIZE}")
+
+
+def check_entry(meta: dict[str, Any], where: str) -> None:
+    """DatasetError with the first of `entry_problems` (and how many more) when there is one."""
+    problems = entry_problems(meta, where)
+    if problems:
+        more = len(problems) - 1
+        raise DatasetError(problems[0] + (f" (and {more} more: see lhtstream validate)"
+                                          if more else ""))
 
 
 def expected_shape(meta: dict[str, Any], where: str = "video") -> tuple[int, int, int]:
-    """(frames, rows, cols) from a metadata entry by the seed's formulas."""
+    """(frames, rows, cols) from a metadata entry by the seed's formulas (fields checked)."""
     frames = _int_field(meta, "SizeInFrames", where)
-    rows = _int_field(meta, "InfBordPx", where) - _int_field(meta, "SupBordPx", where) + 1
-    cols = _int_field(meta, "RightBordPx", where) - _int_field(meta, "LeftBordPx", where) + 1
-    return frames, rows, cols
+    px = {key: _int_field(meta, key, where) for pair in _BORDER_PAIRS for key in pair}
+    for lo, hi in _BORDER_PAIRS:
+        if px[lo] > px[hi]:
+            raise DatasetError(_border_problem(px, lo, hi, where))
+    return frames, px["InfBordPx"] - px["SupBordPx"] + 1, px["RightBordPx"] - px["LeftBordPx"] + 1
 
 
 def obstacle_windows(meta: dict[str, Any], where: str = "video") -> list[tuple[int, int]]:
@@ -222,7 +260,7 @@ def obstacle_windows(meta: dict[str, Any], where: str = "video") -> list[tuple[i
 def obstacle_states(meta: dict[str, Any], where: str = "video") -> np.ndarray:
     """(SizeInFrames,) int8 per frame: 0 outside windows, n inside window n (inclusive)."""
     frames = _int_field(meta, "SizeInFrames", where)
-    states = np.zeros(max(frames, 0), dtype=np.int8)
+    states = np.zeros(frames, dtype=np.int8)
     for n, (ini, end) in enumerate(_windows_by_number(meta, where), start=1):
         if ini >= 0 and end >= 0:
             states[ini : end + 1] = n
@@ -405,7 +443,9 @@ class Dataset:
         meta = self.metadata(type_id)
         if name not in meta:
             raise DatasetError(f"{path}: Type{type_id} video {name} has no entry in metadata.pkl")
-        return Video(type=type_id, name=name, path=path, metadata=meta[name])
+        video = Video(type=type_id, name=name, path=path, metadata=meta[name])
+        check_entry(video.metadata, video.where)  # every command refuses what no reader can use
+        return video
 
     def __len__(self) -> int:
         return sum(len(self.names(t)) for t in self.types)
@@ -495,22 +535,8 @@ def write_labels(root: str | os.PathLike, labels: Iterable[Label]) -> None:
 
 
 def _metadata_problems(entry: dict[str, Any], type_id: int, where: str) -> list[str]:
-    problems = []
-    values: dict[str, int] = {}
-    for key in METADATA_FIELDS:
-        if key not in entry:
-            problems.append(f"{where}: metadata field {key} missing")
-            continue
-        v = entry[key]
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or not np.isfinite(v)
-            or int(v) != v
-        ):
-            problems.append(f"{where}: metadata field {key} = {v!r} is not an integer")
-            continue
-        values[key] = int(v)
+    problems = entry_problems(entry, where)
+    values = {key: v for key in METADATA_FIELDS if (v := _field(entry, key)[0]) is not None}
     extra = sorted(set(entry) - set(METADATA_FIELDS))
     if extra:
         problems.append(f"{where}: unknown metadata field(s) {', '.join(extra)}")
@@ -518,16 +544,7 @@ def _metadata_problems(entry: dict[str, Any], type_id: int, where: str) -> list[
         problems.append(
             f"{where}: metadata field Index = {values['Index']} but the folder is Type{type_id}"
         )
-    for lo, hi in (("LeftBordPx", "RightBordPx"), ("SupBordPx", "InfBordPx")):
-        if lo in values and hi in values:
-            if not 0 <= values[lo] <= values[hi] < SENSOR_SIZE:
-                problems.append(
-                    f"{where}: metadata fields {lo}={values[lo]}, {hi}={values[hi]} "
-                    f"are not 0 <= {lo} <= {hi} < {SENSOR_SIZE}"
-                )
     size = values.get("SizeInFrames")
-    if size is not None and size < 0:
-        problems.append(f"{where}: metadata field SizeInFrames = {size} is negative")
     prev_end = None
     for n in (1, 2):
         ki, ke = f"KeyfIniObstacle{n}", f"KeyfEndObstacle{n}"

@@ -1,0 +1,228 @@
+"""Hostile data-set files: every command refuses them with one line, in bounded memory and time.
+
+Each file is built here from code (no binary data is committed): pickle "DAG bombs" of
+shared references, opcode floods, npz zip bombs, .npy headers declaring gigabytes,
+zero-frame videos, NaN / 1e30 / huge metadata values and TypeN folders outside 1..36.
+The CLI runs in a child process whose address space is capped (RLIMIT_AS), so a reader
+that allocates before it checks fails the test instead of swapping the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lhtstream.io.dataset import DatasetError, load_metadata, save_metadata
+from tests.processes import REPO_ROOT, ipc_endpoint
+
+ADDRESS_SPACE = 1536 << 20  # the child's RLIMIT_AS: Python + numpy + numba fit in ~1 GB
+SECONDS = 60  # every refusal below takes well under a second on a quiet machine
+
+
+def _cap_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def run_capped(*args: object, timeout: float = SECONDS) -> subprocess.CompletedProcess:
+    """``python -m lhtstream.cli ARGS`` with its address space capped; output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "lhtstream.cli", *map(str, args)], env=env,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        preexec_fn=_cap_memory,
+    )
+
+
+def assert_refused(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2 and exactly one stderr line ``lhtstream: error: ...`` holding every needle."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr
+    errors = [line for line in lines if line.startswith("lhtstream: error:")]
+    assert len(errors) == 1, lines
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def assert_reported(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """``validate`` found problems: exit 1, one problem per stdout line, one holds every needle."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    hits = [line for line in result.stdout.splitlines() if all(n in line for n in needles)]
+    assert hits, (needles, result.stdout[-2000:])
+    return hits[0]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dataset, tmp_path_factory) -> Path:
+    """A calibrated Type3 model, so `evaluate` gets as far as reading the videos."""
+    from lhtstream.service.training import fit_dataset
+
+    return fit_dataset(tiny_dataset, workers=1).save(tmp_path_factory.mktemp("model") / "m.npz")
+
+
+@pytest.fixture
+def hostile(tiny_dataset, tmp_path) -> Path:
+    """A writable copy of the tiny data set (Type3 videos 0001, 0002, labels.csv)."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    return root
+
+
+def every_command(root: Path, model: Path, tmp_path: Path) -> dict:
+    """validate, train, replay and evaluate on ``root``; each result with its ``seconds``."""
+    commands = {
+        "validate": ["validate", root],
+        "train": ["train", root, "-o", tmp_path / "out.npz", "--workers", "1"],
+        "replay": ["replay", root, "--rate", "max", "--wait-subscribers", "0",
+                   "--endpoint", ipc_endpoint(tmp_path, "hostile")],
+        "evaluate": ["evaluate", root, "--model", model, "--workers", "1", "--no-baseline"],
+    }
+    results = {}
+    for name, args in commands.items():
+        start = time.monotonic()
+        results[name] = run_capped(*args)
+        results[name].seconds = time.monotonic() - start  # type: ignore[attr-defined]
+    return results
+
+
+# ---------------------------------------------------------------- metadata.pkl
+
+
+def _dag(depth: int) -> list:
+    """A list whose two items are the same list, ``depth`` deep: 2**depth leaves when walked."""
+    node: list = []
+    for _ in range(depth):
+        node = [node, node]
+    return node
+
+
+def _tuple_key_bomb(depth: int = 60) -> bytes:
+    """{t: 1} where t = (t', t') nested ``depth`` deep, in raw opcodes: hashing t walks 2**depth
+    tuples (Python cannot even build this dict to pickle it)."""
+    ops = [pickle.PROTO + b"\x02", pickle.EMPTY_DICT, pickle.EMPTY_TUPLE, pickle.BINPUT + b"\x00"]
+    for i in range(depth):
+        ref = pickle.BINGET + bytes([i])
+        ops += [ref, ref, pickle.TUPLE2, pickle.BINPUT + bytes([i + 1])]
+    ops += [pickle.BININT1 + b"\x01", pickle.SETITEM, pickle.STOP]
+    return b"".join(ops)
+
+
+def _entry(**changes: object) -> dict:
+    return {"Index": 3, "KeyfIniObstacle1": -1, "KeyfEndObstacle1": -1,
+            "KeyfIniObstacle2": -1, "KeyfEndObstacle2": -1, "LeftBordPx": 0,
+            "RightBordPx": 17, "SupBordPx": 0, "InfBordPx": 15, "SizeInFrames": 300, **changes}
+
+
+PICKLE_BOMBS = {
+    # the red team's kind: 462 bytes whose walk (repr, msgpack, copy) never ends
+    "dag_field": lambda: pickle.dumps({"0001": _entry(Index=_dag(64))}),
+    "dag_entry": lambda: pickle.dumps({"0001": _dag(64)}),
+    "dag_top": lambda: pickle.dumps(_dag(64)),
+    "cycle": lambda: pickle.dumps({"0001": _entry(Index=(lambda a: a.append(a) or a)([]))}),
+    "tuple_key": _tuple_key_bomb,
+    # 5 bytes that make the C unpickler size its memo table for 2**31 entries
+    "memo_index": lambda: pickle.PROTO + b"\x02" + pickle.NONE
+    + pickle.LONG_BINPUT + b"\xff\xff\xff\x7f" + pickle.STOP,
+    # 3 MB of one-byte "new empty list": ~200 MB of lists if every opcode ran
+    "opcode_flood": lambda: pickle.PROTO + b"\x02" + pickle.EMPTY_LIST * 3_000_000 + pickle.STOP,
+    # 5000 videos sharing one 64-field entry: 320,000 fields from a 55 KB file
+    "shared_entry": lambda: pickle.dumps(
+        {f"{i:05d}": e for e in [{f"f{j}": j for j in range(64)}] for i in range(5000)}),
+    "set": lambda: pickle.dumps({"0001": _entry(Index=frozenset({1}))}),
+    "huge_string": lambda: pickle.dumps({"0001": _entry(Index="x" * 10_000_000)}),
+    "huge_int_key": lambda: pickle.dumps({"0001": {10**5000: 1}}),
+}
+
+
+@pytest.mark.parametrize("bomb", sorted(PICKLE_BOMBS))
+def test_pickle_bombs_are_refused_at_once(tmp_path, bomb):
+    path = tmp_path / "metadata.pkl"
+    path.write_bytes(PICKLE_BOMBS[bomb]())
+    start = time.monotonic()
+    with pytest.raises(DatasetError, match="metadata.pkl") as err:
+        load_metadata(path)
+    assert time.monotonic() - start < 5
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bomb", ["dag_field", "tuple_key", "memo_index", "opcode_flood"])
+def test_validate_cli_reports_pickle_bombs_in_bounded_memory(hostile, bomb):
+    path = hostile / "Type3" / "metadata.pkl"
+    path.write_bytes(PICKLE_BOMBS[bomb]())
+    assert_reported(run_capped("validate", hostile), str(path))
+
+
+def test_dag_bomb_is_refused_by_every_command(hostile, model, tmp_path):
+    path = hostile / "Type3" / "metadata.pkl"
+    path.write_bytes(PICKLE_BOMBS["dag_field"]())
+    assert len(path.read_bytes()) < 600
+    results = every_command(hostile, model, tmp_path)
+    assert_reported(results.pop("validate"), str(path), "Index", "not a number")
+    for name, result in results.items():
+        assert_refused(result, str(path), "Index")
+        assert result.seconds < SECONDS / 2, name
+
+
+def test_metadata_is_returned_as_fresh_flat_dicts(tmp_path):
+    # a legitimate file may share one entry between two videos: each gets its own copy
+    shared = _entry()
+    path = tmp_path / "metadata.pkl"
+    path.write_bytes(pickle.dumps({"0001": shared, "0002": shared}))
+    meta = load_metadata(path)
+    assert meta["0001"] == meta["0002"] == shared
+    assert meta["0001"] is not meta["0002"]
+    meta["0001"]["Index"] = 9
+    assert meta["0002"]["Index"] == 3
+
+
+def test_metadata_bounds_leave_the_real_sizes_room(tmp_path):
+    # the whole real data set in one file: 4223 videos x 10 numpy-scalar fields
+    meta = {f"{i:04d}": {k: np.int64(v) for k, v in _entry().items()} for i in range(4223)}
+    path = tmp_path / "metadata.pkl"
+    path.write_bytes(pickle.dumps(meta, protocol=2))
+    start = time.monotonic()
+    loaded = load_metadata(path)
+    assert len(loaded) == 4223 and loaded["4222"] == _entry()
+    assert time.monotonic() - start < 10
+    save_metadata(path, {"0001": _entry()})
+    assert load_metadata(path) == {"0001": _entry()}
+
+
+# ---------------------------------------------------------------- metadata values
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("SizeInFrames", float("nan"), "nan is not an integer"),
+        ("SizeInFrames", 1e30, "1e+30 is not 1 <= SizeInFrames <= "),
+        ("LeftBordPx", float("inf"), "inf is not an integer"),
+        ("KeyfEndObstacle1", 10**400, "integer of 1329 bits> is not -1 <= KeyfEndObstacle1"),
+        ("Index", 37, "37 is not 1 <= Index <= 36"),
+        ("SizeInFrames", 0, "0 is not 1 <= SizeInFrames"),  # a zero-frame video
+    ],
+)
+def test_bad_metadata_values_are_refused_by_every_command(hostile, model, tmp_path,
+                                                          field, value, needle):
+    folder = hostile / "Type3"
+    meta = load_metadata(folder / "metadata.pkl")
+    meta["0001"][field] = value
+    save_metadata(folder / "metadata.pkl", meta)
+    if field == "SizeInFrames" and value == 0:  # the video agrees: it has no frames
+        rows_cols = np.load(folder / "0001.npz")["image"].shape[1:]
+        np.savez(folder / "0001.npz", image=np.zeros((0, *rows_cols), np.uint16))
+    results = every_command(hostile, model, tmp_path)
+    assert_reported(results.pop("validate"), "video 0001", field, needle)
+    for result in results.values():
+        assert_refused(result, "0001.npz", "video 0001", field, needle)
