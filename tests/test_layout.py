@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import lhtstream
 from lhtstream.io.simulate import simulate_video
 from lhtstream.kernels.features import video_features
 from lhtstream.kernels.layout import Layout, digest_of
@@ -82,3 +90,47 @@ def test_python_reads_by_name_what_the_compiled_step_wrote():
     assert v.slot == model.slot(1)
     assert v.det.frames == len(sim.image)
     assert np.array_equal(v.det.smooth, pipe.detector.smooth)
+
+
+_PROBE = """
+import json
+import numpy as np
+from lhtstream.kernels.features import new_track_state
+from lhtstream.kernels.step import STREAM, lost_frames
+state = np.zeros(STREAM.size)
+STREAM.part(state, "track")[:] = new_track_state()
+lost_frames(3, True, state)
+stats = lost_frames.stats
+print(json.dumps({"frames": STREAM.view(state).score.frames,
+                  "hits": sum(stats.cache_hits.values()),
+                  "misses": sum(stats.cache_misses.values())}))
+"""
+
+
+def _probe(root) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=root, env=env, text=True,
+                          capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_layout_change_in_another_file_makes_the_cached_kernel_stale(tmp_path):
+    """`step.lost_frames` is cached from step.py, but compiles in scoring's state layout.
+    Plain Numba keys its cache on step.py alone, so after a field is added to scoring's
+    layout it would load the old kernel, which writes the frame count where `n` now is
+    (and reads 1.0, the `prev` flag, as the count).
+    Keyed on every kernel source, the cached kernel is refused and recompiled."""
+    root = tmp_path / "tree"
+    shutil.copytree(Path(lhtstream.__file__).parent, root / "lhtstream",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    first = _probe(root)
+    assert first == {"frames": 3.0, "hits": 0, "misses": 1}
+    assert _probe(root) == {"frames": 3.0, "hits": 1, "misses": 0}  # the cache works
+    scoring = root / "lhtstream" / "kernels" / "scoring.py"
+    text = scoring.read_text()
+    declaration = 'SCORE = Layout("score_state", [\n'
+    assert text.count(declaration) == 1
+    scoring.write_text(text.replace(declaration, declaration + '    ("spare", 1),\n'))
+    assert _probe(root) == {"frames": 3.0, "hits": 0, "misses": 1}

@@ -126,7 +126,12 @@ def test_refuses_tampered_other_version_and_mismatched_settings(model, tmp_path)
         h["features"]["threshold"] = h["features"].get("threshold", 8.0) + 1.0
         return h, d
 
-    for edit, words in ((tamper, "checksum"), (version, "version"), (settings, "feature settings")):
+    def layout(h, d):  # made by an lhtstream whose model table was laid out differently
+        h["layout"] = "0123456789abcdef"
+        return h, d
+
+    for edit, words in ((tamper, "checksum"), (version, "version"), (settings, "feature settings"),
+                        (layout, "made for table layout '0123456789abcdef'.*retrain")):
         dst = tmp_path / f"{edit.__name__}.npz"
         _rewrite(src, dst, edit)
         with pytest.raises(ModelError, match=words):

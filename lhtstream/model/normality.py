@@ -51,6 +51,7 @@ import numpy as np
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.kernels import features as F
+from lhtstream.kernels.layout import digest_of
 from lhtstream.kernels.scoring import (
     CELL,
     CHOL,
@@ -105,6 +106,9 @@ __all__ = ["adaptation_extent", "reference_shift", "COMB", "FREQ", "GROUPS", "IM
 
 FORMAT = "lhtstream-model"
 FORMAT_VERSION = 3  # 3: image quantities, change groups (`chol`), image kind; 2: cycle comb
+#: Digest of the declared layouts the model's arrays are cut from (`CELL`, `OBSTACLE_STATE`):
+#: a file made for another layout is refused by name, never misread.
+TABLE_LAYOUT = digest_of(CELL, OBSTACLE_STATE)
 
 DEFAULT_PHASE_BINS = 50
 PRIOR_WEIGHT = 5.0           # frames' worth of pooled covariance mixed into each cell
@@ -673,6 +677,7 @@ class NormalityModel:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "layout": TABLE_LAYOUT,
             "groups": list(GROUPS),
             "phase_bins": self.phase_bins,
             "features": self.settings,
@@ -714,6 +719,10 @@ class NormalityModel:
             raise ModelError(
                 f"{path}: model format version {header.get('format_version')!r}, this "
                 f"lhtstream reads version {FORMAT_VERSION}; retrain with `lhtstream train`")
+        if header.get("layout") != TABLE_LAYOUT:
+            raise ModelError(
+                f"{path}: model was made for table layout {header.get('layout')!r}, this "
+                f"lhtstream uses {TABLE_LAYOUT!r}; retrain with `lhtstream train`")
         if list(header.get("groups", [])) != list(GROUPS):
             raise ModelError(f"{path}: model score groups {header.get('groups')} differ from "
                              f"{list(GROUPS)}")
