@@ -26,7 +26,7 @@ from lhtstream.cli.subscribers import run_alarms, run_tap
 from lhtstream.io.curve import Curve, make_keys
 from lhtstream.io.dataset import validate
 from lhtstream.io.perturb import PERTURBATIONS, PerturbError, perturb_dataset
-from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
+from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT, DEFAULT_PUBLISH_ENDPOINT
 from lhtstream.io.simulate import synthesize
 from lhtstream.model.kdeamd import NOISE_VARIANCE
 from lhtstream.model.normality import GROUPS, NormalityModel
@@ -102,9 +102,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """``lhtstream view``; returns 0 after SIGINT/SIGTERM."""
-    from lhtstream.cli.view import run_view  # local import: start-up time (aiohttp, ~0.2 s)
+    from lhtstream.service import view  # local import: start-up time (aiohttp, ~0.2 s)
 
-    return run_view(args)
+    view.serve(args.monitor or [DEFAULT_PUBLISH_ENDPOINT], args.frames or [], args.host,
+               args.port, allow_hosts=args.allow_host or [], model_path=args.model,
+               journal=args.journal)
+    return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

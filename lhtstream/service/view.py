@@ -1,4 +1,5 @@
-"""``lhtstream view``: a live web page of the monitors and their streams, and ``/metrics``.
+"""The live view's service (``lhtstream view``): a web page of the monitors and their
+streams, and ``/metrics``. The CLI (cli/view.py) parses options and calls `serve`.
 
 A separate process, so it can never slow a monitor: it is one more subscriber of the
 monitors' ``status``/``alarm``/``verdict`` topics and of the frame stream. ZeroMQ PUB
@@ -32,7 +33,6 @@ one that has no request in progress after `IDLE_S` (slow headers, idle keep-aliv
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -51,6 +51,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
@@ -62,7 +63,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io import protocol
 from lhtstream.io.journal import Journal, JournalError
-from lhtstream.io.protocol import DEFAULT_PUBLISH_ENDPOINT
 from lhtstream.kernels.features import measure_video
 from lhtstream.model.detector import ALARM_KINDS
 from lhtstream.model.normality import NormalityModel
@@ -720,8 +720,6 @@ def host_name(header: str | None) -> str | None:
 
 def same_origin(origin: str, host: str) -> bool:
     """Whether a browser's ``Origin`` is the page's own: http(s) and the same host:port."""
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(origin)
     except ValueError:
@@ -981,34 +979,40 @@ class ViewServer:
             page.busy = False
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- running it
 
 
-def run_view(args: argparse.Namespace) -> int:
-    """CLI handler for ``lhtstream view``; serves until SIGINT/SIGTERM, then exits 0."""
+def serve(monitors: Sequence[str], frames: Sequence[str], host: str, port: int,
+          allow_hosts: Sequence[str] = (), model_path: str | None = None,
+          journal: str | None = None) -> None:
+    """Serve the view until SIGINT/SIGTERM; `ViewError` if it cannot start.
+
+    ``monitors``: publish endpoints to subscribe to; ``frames``: frame endpoints (pictures
+    and paths; may be empty); ``allow_hosts``: names besides the loopback ones and
+    ``host`` that browsers may reach it by (`allowed_hosts`); ``model_path``: draws the
+    model's normal path; ``journal``: the history tab's source.
+    """
     normal = None
-    if args.model:
-        normal = NormalPaths(NormalityModel.load(args.model))
-    if args.journal and not Path(args.journal).exists():
-        _log(f"journal {args.journal} does not exist yet: the history shows it once the "
+    if model_path:
+        normal = NormalPaths(NormalityModel.load(model_path))
+    if journal and not Path(journal).exists():
+        _log(f"journal {journal} does not exist yet: the history shows it once the "
              "monitor has created it")
-    monitors = args.monitor or [DEFAULT_PUBLISH_ENDPOINT]
     # Every frame wakes the view's ZeroMQ thread at the moment it wakes the monitor's; on
     # a busy host the view must lose that race (measured: with both at nice 0 on a loaded
     # 2-core VM the monitor's p50 rose several-fold while a view was attached).
     with contextlib.suppress(OSError):
         os.nice(VIEW_NICENESS)  # before any thread starts: they all inherit it
-    hosts = allowed_hosts(args.host, args.allow_host or [])
-    state = ViewState(monitors, normal, args.model)
-    server = ViewServer(state, args.journal, hosts)
-    receiver = Receiver(state, monitors, args.frames or [])
+    hosts = allowed_hosts(host, allow_hosts)
+    state = ViewState(monitors, normal, model_path)
+    server = ViewServer(state, journal, hosts)
+    receiver = Receiver(state, monitors, frames)
     receiver.start()
     try:
-        asyncio.run(_serve(server, args.host, args.port, monitors, args.frames or []))
+        asyncio.run(_serve(server, host, port, monitors, frames))
     finally:
         receiver.stop_event.set()
         receiver.join(5.0)
-    return 0
 
 
 async def _serve(server: ViewServer, host: str, port: int, monitors: Sequence[str],
