@@ -12,6 +12,7 @@ from lhtstream.io.dataset import Dataset, obstacle_states
 from lhtstream.io.simulate import simulate_video
 from lhtstream.kernels.features import INTENSITY, PEAK, video_features
 from lhtstream.kernels.scoring import ADAPT_MEAN_SD, ADAPT_VAR_RATIO
+from lhtstream.model import model_file
 from lhtstream.model.normality import (
     COMB,
     INT_HIGH,
@@ -21,6 +22,7 @@ from lhtstream.model.normality import (
     NormalityModel,
     adaptation_extent,
 )
+from tests.processes import run_cli
 
 FRAMES = 2500
 
@@ -141,6 +143,123 @@ def test_refuses_tampered_other_version_and_mismatched_settings(model, tmp_path)
     with pytest.raises(ModelError, match="junk.npz"):
         NormalityModel.load(junk)
     assert zipfile.is_zipfile(src)
+
+
+def _edited(src, dst, edit):
+    """`src` with `edit(header, arrays)` applied and the checksum recomputed, as an editor
+    (or a bug) would write it: the checksum is an integrity check, not a signature."""
+    def rehashed(h, d):
+        h, d = edit(h, d)
+        if isinstance(h, dict):
+            h["sha256"] = model_file.digest({k: v for k, v in d.items() if k != "header"})
+        return h, d
+
+    _rewrite(src, dst, rehashed)
+    return dst
+
+
+def _arrays(change):
+    def edit(h, d):
+        change(d)
+        return h, d
+    return edit
+
+
+def _header(change):
+    def edit(h, d):
+        return change(h), d
+    return edit
+
+
+def _set(name, index, value):
+    def change(d):
+        d[name] = d[name].copy()
+        d[name][index] = value
+    return change
+
+
+def _field(name, value):
+    def change(h):
+        h[name] = value
+        return h
+    return change
+
+
+_NOT_PD = np.array([[1.0, 2.0], [2.0, 1.0]])  # symmetric, eigenvalues 3 and -1
+
+BAD_MODELS = {
+    # thresholds: NaN and inf gave a monitor that never alarms, negative ones false alarms
+    "raise_nan": (_arrays(_set("raise_thr", (0, 0), np.nan)), "raise_thr"),
+    "raise_negative": (_arrays(_set("raise_thr", (0, 1), -1.0)), "raise_thr"),
+    "raise_minus_inf": (_arrays(_set("raise_thr", (0, 1), -np.inf)), "raise_thr"),
+    "clear_nan": (_arrays(_set("clear_thr", (0, 2), np.nan)), "clear_thr"),
+    "clear_above_raise": (_arrays(lambda d: (_set("raise_thr", (0, 3), 2.0)(d),
+                                             _set("clear_thr", (0, 3), 3.0)(d))), "clear_thr"),
+    "video_inf_negative": (_arrays(_set("video_thr", 0, -np.inf)), "video_thr"),
+    # variances and covariances the kernels divide by or invert
+    "svar_zero": (_arrays(_set("svar", (0, 0, 4, 2), 0.0)), "svar"),
+    "rate_variance_zero": (_arrays(_set("rate", (1, 0, 1), 0.0)), "rate"),
+    "cov4_not_pd": (_arrays(_set("cov4", (0, 0, 7, slice(0, 2), slice(0, 2)), _NOT_PD)),
+                    "cov4"),
+    "prec2_not_pd": (_arrays(_set("prec2", (1, 1, 3), _NOT_PD)), "prec2"),
+    "cprec_inf": (_arrays(_set("cprec", (0, 0, 0, 0, 0), np.inf)), "cprec"),
+    "chol_zero_diagonal": (_arrays(_set("chol", (0, 0, 5, 0), 0.0)), "chol"),
+    "mean_nan": (_arrays(_set("mean", (0, 0, 1, 0), np.nan)), "mean"),
+    "types_unsorted": (_arrays(_set("types", slice(None), [3, 1])), "types"),
+    # the header: a map, with bounded sizes, checked before anything is allocated
+    "header_list": (_header(lambda h: [h]), "header is a JSON list"),
+    "phase_bins_huge": (_header(_field("phase_bins", 10**9)), "phase_bins"),
+    "phase_bins_text": (_header(_field("phase_bins", "50")), "phase_bins"),
+    "calibration_list": (_header(_field("calibration", [])), "calibration"),
+    "not_judged_number": (_header(lambda h: {**h, "calibration": {"not_judged": 3}}),
+                          "calibration.not_judged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+def test_a_model_the_kernels_cannot_score_with_is_refused_naming_the_field(model, tmp_path,
+                                                                          case):
+    edit, field = BAD_MODELS[case]
+    good = _calibrated(model).save(tmp_path / "good.npz")
+    NormalityModel.load(good)  # the edits below are what breaks it
+    bad = _edited(good, tmp_path / "bad.npz", edit)
+    with pytest.raises(ModelError, match=f"bad.npz: .*{field}") as err:
+        NormalityModel.load(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_array_shapes_are_checked_before_the_data_are_read(model, tmp_path):
+    """A member declaring another shape than the header's phase bins imply is refused from
+    its npy header (a huge one would otherwise be decompressed first)."""
+    good = _calibrated(model).save(tmp_path / "good.npz")
+
+    def more_bins(h, d):
+        h["phase_bins"] = 60
+        return h, d
+
+    with pytest.raises(ModelError, match="'mean' has shape .*expected shape"):
+        NormalityModel.load(_edited(good, tmp_path / "bins.npz", more_bins))
+
+
+def test_monitor_refuses_a_model_with_nan_thresholds_in_one_line(model, tmp_path):
+    good = _calibrated(model).save(tmp_path / "good.npz")
+    bad = _edited(good, tmp_path / "bad.npz", BAD_MODELS["raise_nan"][0])
+    proc = run_cli("monitor", "--model", bad, "--frames", f"ipc://{tmp_path}/f",
+                   "--publish", f"ipc://{tmp_path}/p", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("lhtstream: error:") and "bad.npz" in lines[-1]
+    assert "raise_thr" in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def _calibrated(model: NormalityModel) -> NormalityModel:
+    """`model` with finite thresholds (as calibration sets them) in every group."""
+    m = model.copy()
+    m.raise_thr[:] = 10.0
+    m.clear_thr[:] = 5.0
+    m.video_thr[:] = 3.0
+    return m
 
 
 def test_learn_one_follows_a_drift_only_as_far_as_its_bound(model):

@@ -40,7 +40,6 @@ the arrays), loaded with `allow_pickle=False`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterable
@@ -49,9 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from lhtstream.base.errors import LhtstreamError
 from lhtstream.kernels import features as F
-from lhtstream.kernels.layout import digest_of
 from lhtstream.kernels.scoring import (
     CELL,
     CHOL,
@@ -97,18 +94,22 @@ from lhtstream.kernels.scoring import (
     tables,
 )
 from lhtstream.kernels.scoring import LEARN_FOLLOW as _LEARN_FOLLOW
+from lhtstream.model import model_file
+from lhtstream.model.model_file import (
+    ARRAYS,
+    FILE_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    PLAIN_ARRAYS,
+    TABLE_LAYOUT,
+    ModelError,
+)
 
 __all__ = ["adaptation_extent", "reference_shift", "COMB", "FREQ", "GROUPS", "IMAGE",
            "IMAGE_CHANGE", "INT_FALL", "INT_HIGH", "INT_LOW",
            "INT_RISE", "MOVE", "N_GROUPS", "POS_CHANGE", "SENSOR", "SIZE", "SIZE_CHANGE", "SLIP",
            "STALL", "TRAJ", "DEFAULT_LEARN_RATE", "DEFAULT_PHASE_BINS",
            "ModelError", "NormalityModel", "feature_columns", "feature_settings"]
-
-FORMAT = "lhtstream-model"
-FORMAT_VERSION = 3  # 3: image quantities, change groups (`chol`), image kind; 2: cycle comb
-#: Digest of the declared layouts the model's arrays are cut from (`CELL`, `OBSTACLE_STATE`):
-#: a file made for another layout is refused by name, never misread.
-TABLE_LAYOUT = digest_of(CELL, OBSTACLE_STATE)
 
 DEFAULT_PHASE_BINS = 50
 PRIOR_WEIGHT = 5.0           # frames' worth of pooled covariance mixed into each cell
@@ -121,10 +122,6 @@ COV_FLOOR = 1e-4             # px^2; keeps every covariance positive definite
 SCALAR_FLOOR = np.array([1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4, 1e-5, 1e-3])
 MIN_VIDEO_FRAMES = 20        # judged frames a video needs to count for between-video spread
 DEFAULT_LEARN_RATE = 1e-3    # per update of a cell
-
-
-class ModelError(LhtstreamError):
-    """A model file that cannot be used: wrong format, version, settings or tampered."""
 
 
 # ------------------------------------------------------------------ feature columns
@@ -263,7 +260,7 @@ class NormalityModel:
         m = NormalityModel(self.types, self.phase_bins, self.columns, self.settings)
         m.table[:] = self.table
         m.trained = self.trained  # read only: what every copy's learning is bounded by
-        for name in _PLAIN_ARRAYS:
+        for name in PLAIN_ARRAYS:
             setattr(m, name, getattr(self, name).copy())
         m.training = json.loads(json.dumps(self.training))
         m.calibration = json.loads(json.dumps(self.calibration))
@@ -670,8 +667,8 @@ class NormalityModel:
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """The arrays as saved (the file format predates the flat table)."""
-        return {name: np.ascontiguousarray(getattr(self, name), dtype=_FILE_DTYPES.get(name))
-                for name in _ARRAYS}
+        return {name: np.ascontiguousarray(getattr(self, name), dtype=FILE_DTYPES.get(name))
+                for name in ARRAYS}
 
     def header(self) -> dict[str, Any]:
         return {
@@ -684,11 +681,11 @@ class NormalityModel:
             "training": self.training,
             "calibration": self.calibration,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sha256": _digest(self._arrays()),
+            "sha256": model_file.digest(self._arrays()),
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write arrays + JSON header to one `.npz` file (no pickle)."""
+        """Write arrays + JSON header to one `.npz` file (no pickle; `model_file`)."""
         path = Path(path)
         arrays = self._arrays()
         header = json.dumps(self.header(), sort_keys=True)
@@ -698,41 +695,11 @@ class NormalityModel:
 
     @classmethod
     def load(cls, path: str | Path, check_features: bool = True) -> NormalityModel:
-        """Read a model written by `save`; raise `ModelError` if it is not usable."""
+        """Read a model written by `save`; `ModelError` naming the file and the field if it
+        is not usable (checks and bounds: `lhtstream.model.model_file`)."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise ModelError(f"{path}: no such model file") from None
-        except Exception as exc:  # zipfile / format errors: not a model
-            raise ModelError(f"{path}: not a model file ({exc})") from None
-        if "header" not in data:
-            raise ModelError(f"{path}: not a model file (no header)")
-        try:
-            header = json.loads(bytes(data.pop("header")).decode())
-        except (ValueError, UnicodeDecodeError):
-            raise ModelError(f"{path}: model header is not valid JSON") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ModelError(f"{path}: not an lhtstream model (format {header.get('format')!r})")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ModelError(
-                f"{path}: model format version {header.get('format_version')!r}, this "
-                f"lhtstream reads version {FORMAT_VERSION}; retrain with `lhtstream train`")
-        if header.get("layout") != TABLE_LAYOUT:
-            raise ModelError(
-                f"{path}: model was made for table layout {header.get('layout')!r}, this "
-                f"lhtstream uses {TABLE_LAYOUT!r}; retrain with `lhtstream train`")
-        if list(header.get("groups", [])) != list(GROUPS):
-            raise ModelError(f"{path}: model score groups {header.get('groups')} differ from "
-                             f"{list(GROUPS)}")
-        missing = [n for n in _ARRAYS if n not in data]
-        if missing:
-            raise ModelError(f"{path}: model lacks arrays {missing}")
-        if _digest(data) != header.get("sha256"):
-            raise ModelError(f"{path}: model arrays do not match the header checksum "
-                             "(file modified or damaged)")
-        settings = header.get("features", {})
+        header, data = model_file.read(path)
+        settings = header["features"]
         if check_features:
             current = feature_settings()
             if settings != json.loads(json.dumps(current)):
@@ -742,28 +709,14 @@ class NormalityModel:
                     f"{path}: model was trained with different feature settings "
                     f"({', '.join(diff)}: model {[settings.get(k) for k in diff]}, "
                     f"now {[current.get(k) for k in diff]}); retrain with `lhtstream train`")
-        types = data["types"]
-        model = cls(types.tolist(), int(header["phase_bins"]), settings.get("columns"), settings)
-        for name in _ARRAYS:
-            want = getattr(model, name)
-            dtype = np.dtype(_FILE_DTYPES.get(name, want.dtype))
-            got = data[name]
-            if got.shape != want.shape or got.dtype != dtype:
-                raise ModelError(f"{path}: array {name!r} has shape {got.shape} {got.dtype}, "
-                                 f"expected {want.shape} {dtype}")
-            if name == "types":
-                continue  # the constructor took them
-            setattr(model, name, np.array(got))
-        model.training = header.get("training", {})
-        model.calibration = header.get("calibration", {})
+        model = cls(data["types"].tolist(), header["phase_bins"], settings.get("columns"),
+                    settings)
+        for name in ARRAYS[1:]:  # the constructor took the types
+            setattr(model, name, data[name])
+        model.training = header["training"]
+        model.calibration = header["calibration"]
         model.trained = model.table.copy()
         return model
-
-
-_ARRAYS = ("types", "mean", "cov4", "prec4", "prec2", "svar", "rate", "cprec", "slip", "chol",
-           "count", "valid", "known", "raise_thr", "clear_thr", "video_thr")
-_PLAIN_ARRAYS = ("count", "raise_thr", "clear_thr", "video_thr")  # not views of the table
-_FILE_DTYPES = {"valid": np.uint8, "known": np.uint8}  # flags, float64 in the table
 
 
 def adaptation_extent(table: np.ndarray, trained: np.ndarray, slot: int) -> dict[str, float]:
@@ -845,14 +798,3 @@ def _identity_chol() -> np.ndarray:
 
 
 _IDENTITY_CHOL = _identity_chol()
-
-
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in _ARRAYS:
-        a = np.ascontiguousarray(arrays[name])
-        h.update(name.encode())
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
