@@ -95,6 +95,21 @@ CLOCK_SLACK_NS = 1_000_000
 """How far in the future (1 ms) a frame's ``t_ns`` may lie at receipt before it is
 implausible: publisher and monitor share CLOCK_MONOTONIC on one host, so a frame is
 always stamped before it is received."""
+MIN_WORKPIECE_FRAMES = 200
+"""A video is a workpiece once it has this many frames (0.2 s at 1 kHz; the data set's
+videos have thousands); a stream that had one is established (never reclaimed for a new
+stream). Shorter videos beyond the short-video budget are counted, not journaled."""
+SHORT_VIDEO_BURST = 20
+"""Videos the monitor journals at once before knowing whether they are workpieces (the
+short-video budget, over all streams; a workpiece gives its share back)."""
+SHORT_VIDEOS_PER_S = 2.0
+"""Refill of the short-video budget (videos per second). A video started with the budget
+empty is held back: its start and events are journaled and published once it reaches
+MIN_WORKPIECE_FRAMES; if it ends before, they are dropped and counted (``short_videos``,
+``suppressed``). So a flood of video starts or names adds at most this many journal
+rows' worth of videos per second, and none per frame."""
+MAX_HELD_EVENTS = 64
+"""Events kept for a held-back video until it proves a workpiece; more are counted."""
 RECONNECT_GRACE_S = 0.5
 """After a frame connection drops, how long libzmq gets to show it is reconnecting by
 itself (it emits CONNECT_RETRIED/DELAYED/CONNECTED at once when it does) before the
@@ -230,6 +245,30 @@ def percentile_summary(values: np.ndarray, top: float) -> dict[str, float | None
     }
 
 
+class TokenBucket:
+    """At most ``burst`` takes at once, refilled at ``rate`` per second (monotonic clock)."""
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._tokens = burst
+        self._t = time.monotonic()
+
+    def take(self) -> bool:
+        """Take one token: True when there was one."""
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+        self._t = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def give(self) -> None:
+        """Return a token taken before (its use proved legitimate)."""
+        self._tokens = min(self.burst, self._tokens + 1.0)
+
+
 class FrameBlock:
     """Frames of one stream that arrived queued behind each other, consecutive in ``seq``
     and in one video, waiting to be stepped in one call: their pixels are copied into a
@@ -305,6 +344,17 @@ class StreamState:
         self.t_ns = 0  # the last handled frame's t_ns: stamps events that carry no frame time
         self.seen_ns = now_ns  # monotonic ns of the last message: idle streams are evicted
         self.videos = 0
+        self.video_frames = 0  # frames of the open video handled
+        self.workpiece = False  # the open video reached MIN_WORKPIECE_FRAMES
+        self.established = False  # some video of this stream was a workpiece
+        # The open video took a token of the short-video budget (its start and events are
+        # journaled as they come); False: they are held back in `held` until it proves a
+        # workpiece (`opened`: its journal start row, waiting too).
+        self.recorded = True
+        self.held: list[Any] = []
+        self.held_open: dict[str, Any] | None = None
+        self.short_videos = 0  # held-back videos that ended before MIN_WORKPIECE_FRAMES
+        self.suppressed = 0  # their events, dropped (or beyond MAX_HELD_EVENTS)
         # True while the open video did not begin with its `video start` (joined mid-video,
         # or the start was lost): its verdict covers part of the video only.
         self.partial = False
@@ -395,7 +445,13 @@ class Monitor:
         self.verdicts = 0
         self.ignored = 0  # messages of streams this monitor does not serve
         self.refused = 0  # messages of new streams beyond max_streams
+        self.refusal: str | None = None  # why the last new stream was refused
         self.evicted = 0  # streams evicted for silence
+        self.reclaimed = 0  # streams evicted to make room for a new one (never established)
+        self.short_videos = 0
+        self.suppressed = 0
+        self._short_budget = TokenBucket(SHORT_VIDEO_BURST, SHORT_VIDEOS_PER_S)
+        self._churn = RateLimitedLog(10.0)
         self._t_recv = 0
         # the stream whose block holds frames (one at a time: a message of any other
         # topic steps it first, so no frame waits for another stream's) and its topic
@@ -519,6 +575,11 @@ class Monitor:
             now = monotonic_ns()
             if self._status_due:
                 self._publish_stream_status(self._status_due.popleft(), now)
+                if now >= next_status - interval_ns // 2:
+                    # half the interval gone (a flood makes turns long): the rest at once,
+                    # so every stream's status comes at least once per interval
+                    while self._status_due:
+                        self._publish_stream_status(self._status_due.popleft(), now)
             if self.events is not None and now >= next_events:
                 next_events = now + _POLL_CAP_MS * 1_000_000
                 self._on_socket_events()
@@ -595,18 +656,23 @@ class Monitor:
     def _evict_idle(self, now_ns: int) -> None:
         """Forget streams silent for ``idle_seconds``: their open video ends (partial
         verdict), a last per-stream status says ``evicted``, their pipeline is freed."""
-        for name, st in list(self.streams.items()):
+        for st in list(self.streams.values()):
             if now_ns - st.seen_ns < self.idle_ns:
                 continue
             idle_s = (now_ns - st.seen_ns) / 1e9
-            log(f"stream {name!r}: no message for {idle_s:.0f} s: evicted"
-                + (f" (video {st.video!r} left open: partial verdict)" if st.video else ""))
-            if st.video is not None:
-                st.partial = True
-                self._end(st)
             self.evicted += 1
-            self._publish_stream_status(name, now_ns, evicted=True)
-            self.streams.pop(name).pipeline.close()
+            self._drop_stream(st, now_ns, f"no message for {idle_s:.0f} s: evicted")
+
+    def _drop_stream(self, st: StreamState, now_ns: int, why: str) -> None:
+        """Forget ``st``: its open video ends (partial verdict), a last status says
+        ``evicted``, its pipeline is freed."""
+        log(f"stream {st.name!r}: {why}"
+            + (f" (video {st.video!r} left open: partial verdict)" if st.video else ""))
+        if st.video is not None:
+            st.partial = True
+            self._end(st)
+        self._publish_stream_status(st.name, now_ns, evicted=True)
+        self.streams.pop(st.name).pipeline.close()
 
     # ------------------------------------------------------------ messages
 
@@ -666,11 +732,21 @@ class Monitor:
             self.ignored += 1
             return None
         if len(self.streams) >= self.max_streams:
-            self.refused += 1
-            self._refusals(f"stream {name!r} refused: already serving --max-streams "
-                           f"{self.max_streams} streams (idle ones are evicted after "
-                           f"{self.idle_ns / 1e9:g} s)")
-            return None
+            # Room is made by the stream, never established, silent the longest: a
+            # forged name holds a slot only until a real workstation needs it.
+            spare = [st for st in self.streams.values() if not st.established]
+            if not spare:
+                self.refused += 1
+                self.refusal = (f"stream {name!r} refused: serving --max-streams "
+                                f"{self.max_streams} established streams (idle ones are "
+                                f"evicted after {self.idle_ns / 1e9:g} s)")
+                self._refusals(self.refusal)
+                return None
+            victim = min(spare, key=lambda st: st.seen_ns)
+            self.reclaimed += 1
+            self._drop_stream(victim, self._t_recv or time.monotonic_ns(),
+                              f"reclaimed for new stream {name!r}: --max-streams "
+                              f"{self.max_streams} reached and it never had a workpiece")
         if self._spares:
             pipeline = self._spares.pop()
             pipeline.stream = name
@@ -692,14 +768,42 @@ class Monitor:
         st.type = type_id
         st.videos += 1
         st.partial = partial
+        st.video_frames = 0
+        st.workpiece = False
+        st.recorded = self._short_budget.take()
         self._emit(st.pipeline.start_video(video, type_id, metadata), st,
                    opened={"stream": st.name, "video": video, "type": type_id})
+
+    def _workpiece(self, st: StreamState) -> None:
+        """The open video reached MIN_WORKPIECE_FRAMES: give its short-video token back,
+        or journal and publish what was held back for it."""
+        st.workpiece = st.established = True
+        if st.recorded:
+            self._short_budget.give()
+            return
+        st.recorded = True
+        held, st.held = st.held, []
+        opened, st.held_open = st.held_open, None
+        self._emit(held, st, opened)
 
     def _end(self, st: StreamState) -> None:
         # clear events for alarms still active, then the verdict
         events = st.pipeline.end_video_events()
         st.video = None
-        self._emit(events, st)
+        if not st.recorded:  # held back and never a workpiece: counted, not journaled
+            st.short_videos += 1
+            self.short_videos += 1
+            dropped = len(st.held) + len(events)
+            st.suppressed += dropped
+            self.suppressed += dropped
+            st.held, st.held_open, st.recorded = [], None, True
+            self._churn(f"stream {st.name!r}: video of {st.video_frames} frame(s) ended "
+                        f"before {MIN_WORKPIECE_FRAMES} with the short-video budget spent "
+                        f"({SHORT_VIDEO_BURST}, +{SHORT_VIDEOS_PER_S:g}/s): its {dropped} "
+                        "event(s) counted, not journaled (video churn: a broken or hostile "
+                        "publisher?)")
+        else:
+            self._emit(events, st)
         st.partial = False
 
     def _on_video(self, header: dict) -> None:
@@ -764,6 +868,9 @@ class Monitor:
             self._pending, self._pending_topic = st, st.frame_topic
             return
         events = st.pipeline.process(st.pixels.load(message), header)
+        st.video_frames += 1
+        if st.video_frames >= MIN_WORKPIECE_FRAMES and not st.workpiece:
+            self._workpiece(st)
         if events:
             self._emit(events, st)
         if self.dump_features is not None:
@@ -790,6 +897,9 @@ class Monitor:
         block = st.block
         n, header = block.n, block.header
         events = block.step(st.pipeline)
+        st.video_frames += n
+        if st.video_frames >= MIN_WORKPIECE_FRAMES and not st.workpiece:
+            self._workpiece(st)
         if events:
             self._emit(events, st)
         if self.dump_features is not None:
@@ -886,6 +996,17 @@ class Monitor:
         """
         if not events and opened is None:
             return
+        if st is not None and not st.recorded:  # a held-back video (`_workpiece`)
+            if opened is not None:
+                st.held_open = opened
+            room = MAX_HELD_EVENTS - len(st.held)
+            events = list(events or ())
+            st.held.extend(events[:max(room, 0)])
+            over = len(events) - max(room, 0)
+            if over > 0:
+                st.suppressed += over
+                self.suppressed += over
+            return
         outgoing: list[tuple[str, dict[str, Any]]] = []
         for event in events or ():
             fields = _event_fields(event)
@@ -962,7 +1083,11 @@ class Monitor:
             "selection": str(self.selection)[: protocol.MAX_NAME * 8],
             "ignored": self.ignored,
             "refused": self.refused,
+            "refusal": self.refusal,
             "evicted": self.evicted,
+            "reclaimed": self.reclaimed,
+            "short_videos": self.short_videos,
+            "suppressed": self.suppressed,
             "journal": self.journal.health(),
             "final": final,
         }
@@ -990,6 +1115,8 @@ class Monitor:
             "type": st.type,
             "frame": st.frame,
             "videos": st.videos,
+            "short_videos": st.short_videos,
+            "suppressed": st.suppressed,
             "idle_s": round(max(0, now_ns - st.seen_ns) / 1e9, 3),
             "evicted": evicted,
             "model": _model_state(st.pipeline, pipeline_status),
