@@ -204,6 +204,102 @@ def test_sigterm_stops_a_looping_replay_with_exit_0_and_jitter(procs, dataset, t
     assert "Traceback" not in replay.stderr
 
 
+def test_summary_json_is_the_summary_the_replay_prints(procs, dataset, tmp_path):
+    """``--summary-json FILE``: the numbers of the two stderr summary lines, as JSON, for
+    a run to its end and for one stopped by SIGTERM."""
+    root, frames = dataset
+    summary = tmp_path / "done.json"
+    done = run_cli("replay", root, "--endpoint", ipc_endpoint(tmp_path, "a"), "--rate", "2000",
+                   "--wait-subscribers", "0", "--summary-json", summary, timeout=120)
+    assert done.returncode == 0, done.stderr
+    s = json.loads(summary.read_text())
+    assert s["frames_sent"] == sum(len(f) for f in frames.values()) == 500
+    assert s["stopped"] is False and s["videos_started"] == 2 and s["streams"] == ["ws1"]
+    j = re.search(JITTER_LINE, done.stderr)
+    # the line prints them rounded to the us
+    assert [round(s["jitter_us"][k]) for k in ("p50", "p99", "max")] == [int(j[1]), int(j[2]),
+                                                                          int(j[3])]
+    assert s["jitter_us"]["n"] == int(j[4]) == s["ticks"] == 500
+    assert 0.24 <= s["seconds"] < 2.0  # 500 frames paced at 2000/s take 0.25 s
+    assert f"{s['seconds']:.2f} s" in done.stderr
+
+    stopped = tmp_path / "stopped.json"
+    replay = procs.cli("replay", root, "--endpoint", ipc_endpoint(tmp_path, "b"), "--loop",
+                       "--wait-subscribers", "0", "--summary-json", stopped)
+    replay.wait_for_stderr(r"stream\(s\), rate 1000/s")
+    time.sleep(0.7)
+    replay.signal(signal.SIGTERM)
+    assert replay.wait(timeout=15) == 0
+    s = json.loads(stopped.read_text())
+    sent = int(re.search(r"stopped: (\d+) frames", replay.stderr).group(1))
+    assert s["stopped"] is True and s["frames_sent"] == sent > 300
+
+
+def test_sigterm_ends_a_replay_blocked_loading_its_data_set(tmp_path, dataset):
+    """A load that never ends (here metadata.pkl is a FIFO whose writer sends nothing;
+    in the field a hostile pickle or a stalled mount): SIGTERM still ends the replay at
+    once, exit 0, with a line saying what it was loading."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.processes import _child_env
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset[0], root)
+    fifo = root / "Type3" / "metadata.pkl"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lhtstream.cli", "replay", str(root), "--endpoint",
+         ipc_endpoint(tmp_path), "--wait-subscribers", "0"], env=_child_env(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None:  # opens once the replay has opened it to read, and waits
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.05)
+        time.sleep(0.3)  # the replay is inside its read now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        elapsed = time.monotonic() - t0
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if writer is not None:
+            os.close(writer)
+    assert code == 0 and elapsed < 2.0, (code, elapsed, err)
+    assert "Traceback" not in err
+    assert f"replay: stopped by SIGTERM while loading the data set {root}" in err
+
+
+def test_a_zero_frame_video_is_a_one_line_error(tmp_path, dataset):
+    import shutil
+
+    from lhtstream.io.dataset import load_metadata
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset[0], root)
+    folder = root / "Type3"
+    meta = load_metadata(folder / "metadata.pkl")
+    meta["0002"]["SizeInFrames"] = 0
+    save_metadata(folder / "metadata.pkl", meta)
+    spec = VIDEOS["0002"]
+    np.savez(folder / "0002.npz", image=np.zeros((0, spec["rows"], spec["cols"]), np.uint16))
+    out = run_cli("replay", root, "--endpoint", ipc_endpoint(tmp_path), "--rate", "5000",
+                  "--wait-subscribers", "0", timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (error,) = [line for line in out.stderr.splitlines() if "error" in line]
+    assert "0002" in error and "SizeInFrames" in error
+
+
 def test_jitter_percentiles_are_nearest_rank_in_us():
     from lhtstream.service.replay import _Jitter
 

@@ -47,7 +47,7 @@ from lhtstream.cli.children import (
     ChildError,
     endpoints,
     monitor_args,
-    parse_replay,
+    read_replay_summary,
     short_tempdir,
 )
 from lhtstream.cli.demo import default_cache, prepare
@@ -149,7 +149,8 @@ class Run:
         self.monitor.wait_for(r"monitor: ready in", ready_timeout)
         self.sub.connect(self.publish_ep)
         args = ["-m", "lhtstream.cli", "replay", str(data), "--endpoint", self.frames_ep,
-                "--rate", rate, "--streams", str(streams), "--wait-subscribers", "1"]
+                "--rate", rate, "--streams", str(streams), "--wait-subscribers", "1",
+                "--summary-json", str(self.folder / "replay.json")]
         if loop:
             args.append("--loop")
         if videos:
@@ -211,7 +212,8 @@ class Run:
         replay jitter, every frame's handling latency in us, the last status)."""
         assert self.replay is not None
         self.replay.stop()
-        sent, jitter, _ = parse_replay(self.replay.text())
+        summary = read_replay_summary(self.folder / "replay.json")
+        sent, jitter = summary["frames_sent"], summary["jitter_us"]
         self.drain_until_processed(sent)
         self.monitor.stop()
         self.pump_for(0.2)

@@ -1,12 +1,13 @@
 """Child processes for the demo and the benchmarks: start, watch output, stop in order.
 
-Also the replay's exit-line parser and the endpoints both use (ipc in a short
+Also the replay's summary reader and the endpoints both use (ipc in a short
 temp folder, or free loopback TCP ports).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import signal
@@ -164,19 +165,10 @@ def monitor_args(frames: str | Sequence[str], publish: str, model: Path | None, 
     return args
 
 
-_SENT = re.compile(r"replay: (?:done|stopped): (\d+) frames on (\d+) stream")
-
-
-_JITTER = re.compile(r"pacing jitter p50=(\d+) p99=(\d+) max=(\d+) us over (\d+) ticks")
-
-
-def parse_replay(text: str) -> tuple[int, dict[str, float] | None, float | None]:
-    """(frames sent, jitter {p50,p99,max} µs, seconds) from the replay's exit lines."""
-    m = _SENT.search(text)
-    if not m:
-        raise ChildError(f"replay printed no summary line:\n{text[-2000:]}")
-    j = _JITTER.search(text)
-    jitter = None if not j else {"p50": float(j[1]), "p99": float(j[2]), "max": float(j[3])}
-    s = re.search(r"video\(s\) started, ([\d.]+) s", text)
-    return int(m[1]), jitter, float(s[1]) if s else None
-
+def read_replay_summary(path: Path) -> dict[str, Any]:
+    """The summary a replay child wrote with ``--summary-json`` (`ReplayStats` fields:
+    frames_sent, jitter_us {n, p50, p99, p999, max} or None, seconds, stopped, ...)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ChildError(f"replay wrote no summary to {path}: {exc}") from None

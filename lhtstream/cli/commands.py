@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from lhtstream.model.normality import GROUPS, NormalityModel
 from lhtstream.service.evaluate import evaluate
 from lhtstream.service.kdeamd_protocol import ProtocolError, noise_levels
 from lhtstream.service.monitor import serve
-from lhtstream.service.replay import ReplayError, replay
+from lhtstream.service.replay import Interrupted, ReplayError, interrupt_load, replay
 from lhtstream.service.training import fit_dataset
 
 
@@ -158,6 +159,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
+        interrupt_load(signal.Signals(signum).name)  # raises while a load is awaited
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -168,11 +170,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
             skip=parse_skip(args.skip), stop=stop,
             curve=Curve.from_files(args.curve_secret, None, args.curve_clients),
         )
+    except Interrupted as exc:
+        print(f"{exc}; exiting without waiting for it", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(0)  # the load's thread may stay blocked (a FIFO, a stalled mount)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(stats.summary(), file=sys.stderr)
     print(stats.jitter_line(), file=sys.stderr, flush=True)
+    if args.summary_json:
+        stats.write_json(args.summary_json)
     return 0
 
 

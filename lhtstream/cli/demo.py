@@ -36,7 +36,13 @@ import zmq
 import lhtstream
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.stats import percentiles
-from lhtstream.cli.children import LAT_QS, Child, monitor_args, parse_replay, short_tempdir
+from lhtstream.cli.children import (
+    LAT_QS,
+    Child,
+    monitor_args,
+    read_replay_summary,
+    short_tempdir,
+)
 from lhtstream.io.dataset import read_labels
 from lhtstream.io.simulate import anomalies, params, synthesize
 from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
@@ -358,6 +364,7 @@ def run_demo(args: Any) -> int:
     folder = short_tempdir("lht-demo-")
     frames_ep, publish_ep = f"ipc://{folder}/frames", f"ipc://{folder}/out"
     latency_log = folder / "latency.npy"
+    replay_summary = folder / "replay.json"
     children: list[Child] = []
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
@@ -387,8 +394,8 @@ def run_demo(args: Any) -> int:
         # frame subscribers to wait for: the monitor, and the view's pictures
         subscribers = "2" if view is not None else "1"
         replay = Child(["-m", "lhtstream.cli", "replay", str(prepared.live), "--endpoint",
-                        frames_ep, "--rate", "1000", "--wait-subscribers", subscribers],
-                       "replay")
+                        frames_ep, "--rate", "1000", "--wait-subscribers", subscribers,
+                        "--summary-json", str(replay_summary)], "replay")
         children.append(replay)
         n_videos = len(labels)
         print(f"demo: replay pid {replay.pid} streaming {n_videos} videos at 1000 frames/s "
@@ -443,9 +450,9 @@ def run_demo(args: Any) -> int:
                 replay.stop()
             if replay.popen.poll() is not None:
                 replay_done_at = replay_done_at or now
-                if replay_sent is None:  # its last lines may still be in the pipe
+                if replay_sent is None:
                     with contextlib.suppress(LhtstreamError):
-                        replay_sent = parse_replay(replay.text())[0]
+                        replay_sent = read_replay_summary(replay_summary)["frames_sent"]
                 # done when every verdict came, or (--seconds: the last video gets
                 # none) every frame sent was handled and a status interval passed
                 handled = status.get("frames", 0) + status.get("dropped", 0)
@@ -477,7 +484,7 @@ def run_demo(args: Any) -> int:
     try:
         sent = 0
         with contextlib.suppress(LhtstreamError):  # a replay stopped before it began
-            sent = parse_replay(children[1].text())[0] if len(children) > 1 else 0
+            sent = read_replay_summary(replay_summary)["frames_sent"]
         lat = (np.load(latency_log, allow_pickle=False) if latency_log.exists()
                else np.zeros(0))
     finally:

@@ -268,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
         "once; default %(default)s)",
     )
     p.add_argument(
+        "--summary-json",
+        default=None,
+        metavar="FILE",
+        help="at exit (also when stopped by a signal), write the run's summary to FILE as one "
+        "JSON object: frames_sent, frames_skipped, videos_started, ticks, seconds, streams, "
+        "stopped, jitter_us {n, p50, p99, p999, max} (null at --rate max); the same as the "
+        "two summary lines on stderr, for programs",
+    )
+    p.add_argument(
         "--skip", default=None, help=argparse.SUPPRESS
     )  # test hook: seq numbers not to send
     _curve_options(p, binds=True, connects=False)

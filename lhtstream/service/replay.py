@@ -14,12 +14,16 @@ thread so loading does not stall the schedule.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -54,6 +58,33 @@ class ReplayError(LhtstreamError):
     """Replay cannot start or continue (bad selection, endpoint, video)."""
 
 
+class Interrupted(BaseException):
+    """A stop signal came while the replay waited for a load (`interrupt_load`). Not an
+    `Exception`, like KeyboardInterrupt: a reader's ``except Exception`` must not take it
+    for a bad file."""
+
+
+_loading: list[str] = []  # what the main thread is waiting to load, innermost last
+
+
+@contextlib.contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Mark the main thread as waiting for ``what`` to load, for `interrupt_load`."""
+    _loading.append(what)
+    try:
+        yield
+    finally:
+        _loading.pop()
+
+
+def interrupt_load(signal_name: str) -> None:
+    """For a signal handler in the main thread: raise `Interrupted` if the replay is
+    waiting for a data set or video to load. A load can take unbounded time (a hostile
+    pickle, a file on a stalled mount, a FIFO); the send loop's stop flag never sees it."""
+    if _loading:
+        raise Interrupted(f"replay: stopped by {signal_name} while loading {_loading[-1]}")
+
+
 @dataclass
 class ReplayStats:
     """What a run did. Jitter is actual minus scheduled send time of each tick, in µs."""
@@ -75,6 +106,15 @@ class ReplayStats:
             f"{self.seconds:.2f} s ({rate:.1f} frames/s per stream), "
             f"{self.frames_skipped} skipped"
         )
+
+    def write_json(self, path: str | Path) -> None:
+        """The summary as one JSON object (``--summary-json``), renamed into place whole.
+        Fields: those of `ReplayStats`; ``jitter_us`` has n, p50, p99, p999, max (us) or
+        is null (``--rate max``, or nothing sent)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self)) + "\n")
+        os.replace(tmp, path)
 
     def jitter_line(self) -> str:
         if not self.jitter_us:
@@ -171,7 +211,9 @@ class _Stream:
             self.finished = True
             self.video = self.encoded = None
             return
-        self.encoded = self._next.result()
+        upcoming = self.playlist[nxt]
+        with loading(f"Type{upcoming.type} video {upcoming.name}"):
+            self.encoded = self._next.result()
         self.position = nxt
         self.video = self.playlist[nxt]
         self.count = self.encoded.count
@@ -232,7 +274,8 @@ def replay(
         raise ReplayError(f"--stream-prefix {stream_prefix!r}: {exc}") from None
     if rate is not None and not rate > 0:
         raise ReplayError(f"--rate must be > 0 or 'max', got {rate}")
-    selection = list(Dataset(data).videos(types=types, names=videos))
+    with loading(f"the data set {data}"):
+        selection = list(Dataset(data).videos(types=types, names=videos))
     if not selection:
         raise ReplayError(f"{data}: no videos match the selection (types={types}, "
                           f"videos={videos})")
@@ -257,6 +300,7 @@ def replay(
         socket.setsockopt(zmq.XPUB_NODROP, 1)
         socket.setsockopt(zmq.SNDTIMEO, SEND_WAIT_MS)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-load")
+    clean = False  # ended without an exception: wait for the loader thread
     stats = ReplayStats(streams=[f"{stream_prefix}{i + 1}" for i in range(streams)])
     # Frame subscriptions seen so far (XPUB_VERBOSE passes every one, duplicates too). A
     # subscriber of stream ws1 sent a prefix of b"frame/ws1/" (b"frame", b"frame/ws", ...);
@@ -295,16 +339,18 @@ def replay(
                 if socket.poll(100, zmq.POLLIN):
                     drain_subscriptions()
         if stop.is_set():
-            stats.stopped = True
+            stats.stopped = clean = True
             return stats
 
         jitter = _Jitter()
         _run(socket, lanes, rate, skip_set, stop, stats, jitter, spin_us,
              drain_subscriptions, say, progress_interval)
         stats.jitter_us = jitter.percentiles() if rate is not None else None
+        clean = True
         return stats
     finally:
-        loader.shutdown(wait=True, cancel_futures=True)
+        # after an error or an interrupted load (which may never end), do not wait for it
+        loader.shutdown(wait=clean, cancel_futures=True)
         socket.close()
         if curve is not None:
             curve.close()
