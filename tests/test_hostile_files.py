@@ -16,12 +16,13 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lhtstream.io.dataset import DatasetError, load_metadata, save_metadata
+from lhtstream.io.dataset import DatasetError, load_metadata, read_image, save_metadata
 from tests.processes import REPO_ROOT, ipc_endpoint
 
 ADDRESS_SPACE = 1536 << 20  # the child's RLIMIT_AS: Python + numpy + numba fit in ~1 GB
@@ -212,6 +213,7 @@ def test_metadata_bounds_leave_the_real_sizes_room(tmp_path):
         ("Index", 37, "37 is not 1 <= Index <= 36"),
         ("SizeInFrames", 0, "0 is not 1 <= SizeInFrames"),  # a zero-frame video
     ],
+    ids=["nan", "1e30", "inf", "10**400", "type37", "zero_frames"],
 )
 def test_bad_metadata_values_are_refused_by_every_command(hostile, model, tmp_path,
                                                           field, value, needle):
@@ -226,3 +228,118 @@ def test_bad_metadata_values_are_refused_by_every_command(hostile, model, tmp_pa
     assert_reported(results.pop("validate"), "video 0001", field, needle)
     for result in results.values():
         assert_refused(result, "0001.npz", "video 0001", field, needle)
+
+
+# ---------------------------------------------------------------- npz
+
+
+def _write_npz(path: Path, shape: tuple[int, ...], data_bytes: int | None = None,
+               descr: str = "<u2") -> None:
+    """An npz whose ``image.npy`` header declares ``shape`` and holds ``data_bytes`` zero bytes
+    (default: as many as the header declares), deflated and streamed in 16 MB chunks."""
+    from numpy.lib import format as npformat
+
+    if data_bytes is None:
+        data_bytes = int(np.prod(shape)) * np.dtype(descr).itemsize
+    chunk = bytes(16 << 20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("image.npy", "w", force_zip64=True) as fh:
+            npformat.write_array_header_1_0(
+                fh, {"descr": descr, "fortran_order": False, "shape": shape})
+            for start in range(0, data_bytes, len(chunk)):
+                fh.write(chunk[: min(len(chunk), data_bytes - start)])
+
+
+BOMB_FRAMES = 1_000_000  # x 32 x 32 uint16 = 1.9 GiB of zeros: the largest video metadata allows
+
+
+@pytest.fixture(scope="module")
+def zip_bomb(tmp_path_factory) -> Path:
+    """~9 MB on disk, 1.9 GiB declared and really there once inflated."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.npz"
+    _write_npz(path, (BOMB_FRAMES, 32, 32))
+    assert path.stat().st_size < 16 << 20
+    return path
+
+
+def _set_video(folder: Path, bomb: Path | None = None, **meta_changes: object) -> None:
+    if bomb is not None:
+        shutil.copy(bomb, folder / "0001.npz")
+    if meta_changes:
+        meta = load_metadata(folder / "metadata.pkl")
+        meta["0001"].update(meta_changes)
+        save_metadata(folder / "metadata.pkl", meta)
+
+
+FULL_SENSOR = dict(LeftBordPx=0, RightBordPx=31, SupBordPx=0, InfBordPx=31)
+
+
+@pytest.mark.parametrize("metadata_agrees", [True, False])
+def test_zip_bomb_is_refused_from_its_header_by_every_command(hostile, model, tmp_path,
+                                                              zip_bomb, metadata_agrees):
+    folder = hostile / "Type3"
+    if metadata_agrees:  # the metadata promises the bomb's shape: the byte bound refuses it
+        _set_video(folder, zip_bomb, SizeInFrames=BOMB_FRAMES, **FULL_SENSOR)
+        needle = "over the 268435456-byte limit"
+    else:  # the metadata's shape differs: refused before the size even matters
+        _set_video(folder, zip_bomb)
+        needle = "does not match metadata"
+    results = every_command(hostile, model, tmp_path)
+    assert_reported(results.pop("validate"), "0001.npz", "video 0001", needle)
+    for name, result in results.items():
+        assert_refused(result, "0001.npz", "video 0001", needle)
+        assert result.seconds < SECONDS / 2, name
+
+
+def test_header_declaring_8_gib_is_refused_before_allocation(hostile, model, tmp_path):
+    folder = hostile / "Type3"
+    _write_npz(folder / "0001.npz", (4 << 20, 32, 32), data_bytes=4096)  # 8 GiB declared
+    _set_video(folder, SizeInFrames=4 << 20, **FULL_SENSOR)  # over MAX_FRAMES: metadata refused
+    results = every_command(hostile, model, tmp_path)
+    assert_reported(results["validate"], "0001.npz", "SizeInFrames")
+    assert_reported(results.pop("validate"), "0001.npz", "over the 268435456-byte limit")
+    for result in results.values():
+        assert_refused(result, "0001.npz", "SizeInFrames = 4194304 is not")
+    with pytest.raises(DatasetError, match="8589934592 bytes, over"):
+        read_image(folder / "0001.npz")
+
+
+@pytest.mark.parametrize(
+    "shape, data_bytes, descr, needle",
+    [
+        ((300, 16, 18), 4096, "<u2", "member image.npy is"),  # truncated data
+        ((300, 16, 18), None, "|O", "dtype object"),  # object array, never unpickled
+        ((300, 16, 18), None, "|V8", "dtype |V8"),  # raw void records
+        ((300 * 16 * 18,), None, "<u2", "1 dimensions"),
+        ((300, 16, 18, 1), None, "<u2", "4 dimensions"),
+        ((1 << 62, 1 << 62, 4), 0, "<f8", "over the 268435456-byte limit"),  # overflows int64
+    ],
+)
+def test_npz_headers_are_checked_before_reading(tmp_path, shape, data_bytes, descr, needle):
+    path = tmp_path / "0001.npz"
+    _write_npz(path, shape, data_bytes=data_bytes if data_bytes is not None else 64, descr=descr)
+    with pytest.raises(DatasetError, match=needle.replace("|", r"\|")) as err:
+        read_image(path, "the video")
+    assert str(err.value).startswith("the video: ")
+
+
+def test_npz_with_a_huge_zip_directory_is_refused_before_zipfile_parses_it(tmp_path):
+    path = tmp_path / "0001.npz"
+    np.savez(path, image=np.zeros((3, 2, 2), np.uint16))
+    with zipfile.ZipFile(path, "a") as zf:
+        for i in range(3000):
+            zf.writestr(f"pad{i}", b"")
+    with pytest.raises(DatasetError, match="3001 members"):
+        read_image(path)
+
+
+def test_npz_of_other_shapes_and_dtypes_still_read(tmp_path):
+    # what np.load reads, read_image reads: uncompressed and compressed, any numeric dtype
+    image = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4)
+    np.savez(tmp_path / "a.npz", image=image)
+    np.savez_compressed(tmp_path / "b.npz", image=np.asfortranarray(image.astype(np.float32)))
+    assert np.array_equal(read_image(tmp_path / "a.npz"), image)
+    got = read_image(tmp_path / "b.npz", shape=(2, 3, 4))
+    assert got.dtype == np.float32 and np.array_equal(got, image)
+    with pytest.raises(DatasetError, match=r"\(2, 3, 4\) does not match metadata"):
+        read_image(tmp_path / "a.npz", shape=(2, 3, 5))

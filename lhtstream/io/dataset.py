@@ -19,17 +19,20 @@ hostile pickle cannot run code. Nothing here loads more than one video at a time
 from __future__ import annotations
 
 import csv
+import lzma
 import os
 import pickle
 import re
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+from numpy.lib import format as npformat
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.selection import N_TYPES
@@ -53,6 +56,10 @@ MAX_METADATA_BYTES = 64 * 1024 * 1024  # a real metadata.pkl is a few hundred KB
 MAX_METADATA_ITEMS = 200_000  # videos + fields in one metadata.pkl (the whole real set: ~46,000)
 MAX_FIELDS = 64  # fields of one video's entry (real: 10)
 MAX_NAME_CHARS = 64  # video and field names, and any string value
+MAX_IMAGE_BYTES = 256 * 1024 * 1024  # one video's decompressed array (15,000 x 20 x 26 u2: 16 MB)
+MAX_NPZ_MEMBERS = 16  # members of one npz (numpy writes 1)
+MAX_NPZ_DIRECTORY_BYTES = 64 * 1024  # its zip central directory (numpy writes ~100 bytes)
+_EOCD_SEARCH = 22 + 65535 + 56 + 20  # end record + longest comment + ZIP64 record and locator
 MAX_FRAMES = 1_000_000  # SizeInFrames: 1000 s at 1 kHz (real videos average ~15,000 frames)
 LABEL_COLUMNS = ("type", "video", "kind", "onset_frame", "end_frame", "magnitude")
 RAMP_COLUMN = "ramp_frames"  # optional: written only when some fault ramps (synth --ramp-frames)
@@ -298,22 +305,97 @@ def _check_image(arr: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint16)
 
 
-def read_image(path: str | os.PathLike, where: str | None = None) -> np.ndarray:
-    """Load the raw ``image`` array of one npz (no metadata checks); DatasetError on any failure."""
+def _zip_directory(fh: BinaryIO, where: str) -> None:
+    """Refuse a zip whose central directory is large before `zipfile` parses it (each entry
+    costs ~0.6 KB and 20 µs there: a 500 MB file of empty entries would take GBs)."""
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(max(0, size - _EOCD_SEARCH))
+    tail = fh.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return  # not a zip: zipfile says so
+    entries, dir_bytes = struct.unpack_from("<HI", tail, at + 10)
+    z64 = tail.rfind(b"PK\x06\x06", 0, at)
+    if (entries == 0xFFFF or dir_bytes == 0xFFFFFFFF) and z64 >= 0 and len(tail) >= z64 + 48:
+        entries, dir_bytes = struct.unpack_from("<QQ", tail, z64 + 32)
+    if entries > MAX_NPZ_MEMBERS or dir_bytes > MAX_NPZ_DIRECTORY_BYTES:
+        raise DatasetError(
+            f"{where}: npz holds {entries} members in a {dir_bytes}-byte directory, over "
+            f"{MAX_NPZ_MEMBERS} members or {MAX_NPZ_DIRECTORY_BYTES} bytes"
+        )
+
+
+def _image_header(
+    zf: zipfile.ZipFile, where: str, shape: tuple[int, int, int] | None
+) -> zipfile.ZipInfo:
+    """The ``image`` member, its .npy header checked (3-D, numeric dtype, size bound, ``shape``,
+    the member's declared length) from the first bytes of its stream: nothing decompressed."""
+    names = zf.namelist()
+    member = next((n for n in ("image.npy", "image") if n in names), None)
+    if member is None:
+        has = sorted(n.removesuffix(".npy") for n in names[:10])
+        raise DatasetError(f"{where}: no 'image' array in npz (has {has})")
+    info = zf.getinfo(member)
+    with zf.open(info) as fh:
+        version = npformat.read_magic(fh)
+        read_header = (npformat.read_array_header_1_0 if version == (1, 0)
+                       else npformat.read_array_header_2_0)  # 3.0 differs only in encoding
+        header_shape, _fortran, dtype = read_header(fh)
+        header_bytes = fh.tell()
+    got = tuple(header_shape)
+    if dtype.kind not in "iuf" or dtype.hasobject:
+        raise DatasetError(
+            f"{where}: image has dtype {dtype}, expected integer values 0..{MAX_VALUE}"
+        )
+    if len(got) != 3:
+        raise DatasetError(f"{where}: image has {len(got)} dimensions {got}, expected 3")
+    if shape is not None and got != shape:
+        raise DatasetError(
+            f"{where}: image shape {got} does not match metadata "
+            f"(SizeInFrames, InfBordPx-SupBordPx+1, RightBordPx-LeftBordPx+1) = {shape}"
+        )
+    data_bytes = got[0] * got[1] * got[2] * dtype.itemsize  # Python ints: no overflow
+    if data_bytes > MAX_IMAGE_BYTES:
+        raise DatasetError(
+            f"{where}: image declares shape {got} of {dtype} = {data_bytes} bytes, over the "
+            f"{MAX_IMAGE_BYTES}-byte limit"
+        )
+    if info.file_size != header_bytes + data_bytes:
+        raise DatasetError(
+            f"{where}: corrupt npz: member {member} is {info.file_size} bytes, its header "
+            f"declares {header_bytes} + {data_bytes}"
+        )
+    return info
+
+
+def read_image(
+    path: str | os.PathLike, where: str | None = None, shape: tuple[int, int, int] | None = None
+) -> np.ndarray:
+    """The ``image`` array of one npz; DatasetError on any failure.
+
+    Bounded before it allocates: the zip's directory, then the member's .npy header
+    (3-D, numeric, at most MAX_IMAGE_BYTES, equal to ``shape`` = (frames, rows, cols)
+    when given, matching the member's declared length) are checked before any data is
+    decompressed, and no more than that length is ever decompressed.
+    """
     path = Path(path)
     where = where or str(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "image" not in npz.files:
-                raise DatasetError(f"{where}: no 'image' array in npz (has {sorted(npz.files)})")
-            return npz["image"]
+        with path.open("rb") as fh:
+            _zip_directory(fh, where)
+            with zipfile.ZipFile(fh) as zf:
+                info = _image_header(zf, where, shape)
+                with zf.open(info) as member:
+                    return npformat.read_array(member, allow_pickle=False)
     except DatasetError:
         raise
     except FileNotFoundError:
         raise DatasetError(f"{where}: file missing") from None
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError,
+            zlib.error, lzma.LZMAError, RuntimeError, NotImplementedError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
         raise DatasetError(
-            f"{where}: corrupt or truncated npz ({type(exc).__name__}: {exc})"
+            f"{where}: corrupt or truncated npz ({type(exc).__name__}: {str(exc):.200})"
         ) from None
 
 
@@ -336,19 +418,9 @@ class Video:
         return expected_shape(self.metadata, self.where)
 
     def load(self) -> np.ndarray:
-        """(frames, rows, cols) uint16 difference video, checked against the metadata."""
-        arr = read_image(self.path, self.where)
-        if arr.ndim != 3:
-            raise DatasetError(
-                f"{self.where}: image has {arr.ndim} dimensions {arr.shape}, expected 3"
-            )
-        want = self.shape
-        if tuple(arr.shape) != want:
-            raise DatasetError(
-                f"{self.where}: image shape {tuple(arr.shape)} does not match metadata "
-                f"(SizeInFrames, InfBordPx-SupBordPx+1, RightBordPx-LeftBordPx+1) = {want}"
-            )
-        return _check_image(arr, self.where)
+        """(frames, rows, cols) uint16 difference video, checked against the metadata
+        (the shape before anything is decompressed, see `read_image`)."""
+        return _check_image(read_image(self.path, self.where, self.shape), self.where)
 
     def obstacle_states(self) -> np.ndarray:
         """(frames,) int8: 0 outside windows, n inside window n (KeyfIni <= f <= KeyfEnd)."""
@@ -574,27 +646,14 @@ def _metadata_problems(entry: dict[str, Any], type_id: int, where: str) -> list[
 
 def _video_problems(path: Path, entry: dict[str, Any], where: str) -> list[str]:
     try:
-        arr = read_image(path, where)
+        want = expected_shape(entry, where)
+    except DatasetError:
+        want = None  # field problem already reported
+    try:
+        _check_image(read_image(path, where, want), where)
     except DatasetError as exc:
         return [str(exc)]
-    problems = []
-    if arr.ndim != 3:
-        problems.append(f"{where}: image has {arr.ndim} dimensions {arr.shape}, expected 3")
-    else:
-        try:
-            want = expected_shape(entry, where)
-        except DatasetError:
-            want = None  # field problem already reported
-        if want is not None and tuple(arr.shape) != want:
-            problems.append(
-                f"{where}: image shape {tuple(arr.shape)} does not match metadata "
-                f"(SizeInFrames, InfBordPx-SupBordPx+1, RightBordPx-LeftBordPx+1) = {want}"
-            )
-    try:
-        _check_image(arr, where)
-    except DatasetError as exc:
-        problems.append(str(exc))
-    return problems
+    return []
 
 
 def validate(path: str | os.PathLike) -> list[str]:
