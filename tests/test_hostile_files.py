@@ -343,3 +343,22 @@ def test_npz_of_other_shapes_and_dtypes_still_read(tmp_path):
     assert got.dtype == np.float32 and np.array_equal(got, image)
     with pytest.raises(DatasetError, match=r"\(2, 3, 4\) does not match metadata"):
         read_image(tmp_path / "a.npz", shape=(2, 3, 5))
+
+
+# ---------------------------------------------------------------- type folders
+
+
+@pytest.mark.parametrize("name", ["Type0", "Type37", "Type03", "Type99999999999999999999"])
+def test_type_folders_outside_1_to_36_are_refused_by_every_command(hostile, model, tmp_path,
+                                                                   name):
+    shutil.copytree(hostile / "Type3", hostile / name)
+    for result in every_command(hostile, model, tmp_path).values():
+        assert_refused(result, str(hostile / name), "types are Type1..Type36")
+    # named directly, as a single TypeN folder, too
+    assert_refused(run_capped("validate", hostile / name), str(hostile / name))
+
+
+def test_folders_that_are_not_type_folders_are_still_ignored(hostile):
+    (hostile / "Type3_backup").mkdir()
+    (hostile / "Type40").write_text("a file, not a folder")
+    assert run_capped("validate", hostile).returncode == 0

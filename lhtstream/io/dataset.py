@@ -428,14 +428,18 @@ class Video:
 
 
 def _type_dirs(path: Path) -> list[tuple[int, Path]]:
-    m = _TYPE_DIR.match(path.name)
-    if m and path.is_dir():
-        return [(int(m.group(1)), path)]
+    """(type, folder) of ``path`` itself or of its TypeN children; DatasetError for a TypeN
+    folder outside Type1..Type36 (or spelt Type03), which no model or reader can use."""
+    candidates = [path] if _TYPE_DIR.match(path.name) else sorted(path.iterdir())
     found = []
-    for child in path.iterdir():
+    for child in candidates:
         m = _TYPE_DIR.match(child.name)
-        if m and child.is_dir():
-            found.append((int(m.group(1)), child))
+        if not (m and child.is_dir()):
+            continue
+        type_id = int(m.group(1))
+        if not 1 <= type_id <= N_TYPES or child.name != f"Type{type_id}":
+            raise DatasetError(f"{child}: not a type folder: types are Type1..Type{N_TYPES}")
+        found.append((type_id, child))
     return sorted(found)
 
 
