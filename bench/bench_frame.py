@@ -26,19 +26,28 @@ def _stepper(n: int):
 
 
 def test_feature_push(benchmark, live_video, obstacles):
-    """Features for one frame: `FeatureExtractor.push` (centroid .. phase, into the ring)."""
-    from lhtstream.kernels.features import FeatureExtractor
+    """Features for one frame: `kernels.step.feature_step` (centroid .. phase, into the ring),
+    the compiled call a stream without a model makes per frame."""
+    from lhtstream.kernels.features import N_FEATURES, new_track_state
+    from lhtstream.kernels.step import STREAM, feature_step
 
     frames = np.ascontiguousarray(live_video.image, dtype=np.uint16)
     obst = obstacles(live_video).tolist()
-    ext = FeatureExtractor()
+    capacity = 4096
+    state = np.zeros(STREAM.size)
+    STREAM.set(state, threshold=8.0, ring_capacity=capacity)
+    track = STREAM.part(state, "track")
+    prev = np.zeros(frames[0].size, dtype=np.uint16)
+    ring = np.full(2 * capacity * N_FEATURES, np.nan)
     nxt = _stepper(len(frames))
 
     def push() -> None:
         i = nxt()
-        if i == 0:
-            ext.reset()
-        ext.push(frames[i], obst[i])
+        if i == 0:  # a new video, as StreamPipeline.start_video
+            track[:] = new_track_state()
+            prev[:] = 0
+            STREAM.set(state, ring_total=0)
+        feature_step(frames[i], obst[i], prev, ring, state)
 
     for _ in range(len(frames)):  # warm: compiled, and the phase loop locked
         push()

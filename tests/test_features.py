@@ -8,9 +8,31 @@ import pytest
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io.dataset import obstacle_states
 from lhtstream.kernels import features as F
+from lhtstream.service.pipeline import StreamPipeline
 from tests.compiled import new_specialisations
 
 T = 10.0  # threshold used by the hand-built frames
+
+
+class Stream:
+    """Frames through the production streaming path: a `StreamPipeline` that has no model
+    yet (measure -> track -> ring in one compiled call per frame, as the monitor runs a
+    self-calibrating stream); `push` returns the frame's feature row (a copy)."""
+
+    def __init__(self, threshold: float = F.DEFAULT_THRESHOLD, capacity: int = 4096) -> None:
+        self.pipe = StreamPipeline("ws1", threshold=threshold, ring_capacity=capacity,
+                                   calibration_frames=1000)
+        self.video = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """A new video: the tracker, REPEAT reference and ring start again."""
+        self.video += 1
+        self.pipe.start_video(str(self.video), 1)
+
+    def push(self, frame: np.ndarray, obstacle: int = 0) -> np.ndarray:
+        self.pipe.process(frame, {"video": str(self.video), "type": 1, "obstacle": obstacle})
+        return self.pipe.ring.latest(1)[0].copy()
 
 
 def circular_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -150,13 +172,13 @@ def test_repeat_flags_identical_nonempty_frames_not_empty_ones():
 
 
 def test_empty_frames_carry_position_forward_with_zero_velocity():
-    ex = F.FeatureExtractor(threshold=T)
+    ex = Stream(threshold=T)
     f = np.zeros((8, 8), dtype=np.uint16)
-    first = ex.push(np.zeros_like(f)).copy()  # nothing seen yet
+    first = ex.push(np.zeros_like(f))  # nothing seen yet
     assert np.isnan(first[F.X]) and first[F.VX] == 0.0 and first[F.EMPTY] == 1.0
     f[2, 3] = 100
-    a = ex.push(f).copy()
-    b = ex.push(np.zeros_like(f)).copy()
+    a = ex.push(f)
+    b = ex.push(np.zeros_like(f))
     assert (a[F.X], a[F.Y]) == (3.0, 2.0)
     assert b[F.EMPTY] == 1.0
     assert (b[F.X], b[F.Y]) == (3.0, 2.0)
@@ -164,7 +186,7 @@ def test_empty_frames_carry_position_forward_with_zero_velocity():
 
 
 def test_velocity_is_position_change_per_frame():
-    ex = F.FeatureExtractor(threshold=T)
+    ex = Stream(threshold=T)
     f = np.zeros((8, 8), dtype=np.uint16)
     f[2, 3] = 100
     ex.push(f)
@@ -258,25 +280,25 @@ def test_streaming_equals_batch_to_the_bit():
     batch = F.video_features(video, obstacles)
     assert batch[50, F.EMPTY] == 1 and batch[200, F.REPEAT] == 1 and batch[201, F.REPEAT] == 1
 
-    ex = F.FeatureExtractor(capacity=256)
+    ex = Stream(capacity=256)
     streamed = np.empty_like(batch)
     for i in range(len(video)):
         # frames decoded from the wire are read-only buffers
         frame = np.frombuffer(video[i].tobytes(), dtype=np.uint16).reshape(video.shape[1:])
         streamed[i] = ex.push(frame, int(obstacles[i]))
     assert np.array_equal(streamed, batch, equal_nan=True)
-    assert np.array_equal(ex.ring.latest(256), batch[-256:], equal_nan=True)
+    assert np.array_equal(ex.pipe.ring.latest(256), batch[-256:], equal_nan=True)
 
-    # a new video after reset starts from scratch, like a fresh batch run
+    # a new video starts from scratch, like a fresh batch run
     ex.reset()
-    assert len(ex.ring) == 0
+    assert len(ex.pipe.ring) == 0
     again = np.array([ex.push(video[i], int(obstacles[i])) for i in range(100)])
     assert np.array_equal(again, batch[:100], equal_nan=True)
     assert np.array_equal(F.track(F.measure_video(video), obstacles), batch, equal_nan=True)
 
 
 def test_bad_input_raises_a_feature_error():
-    ex = F.FeatureExtractor()
+    ex = Stream()
     with pytest.raises(LhtstreamError, match="uint16"):
         ex.push(np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(LhtstreamError, match="uint16"):
@@ -309,9 +331,9 @@ def test_ring_buffer_wraps_and_latest_is_a_view_of_the_last_pushes():
 
 def test_warm_up_leaves_nothing_to_compile_for_frames_off_the_wire():
     # the monitor calls warm_up so that the first frame off the wire (a read-only view of
-    # the received bytes) pays no compilation; in a fresh process, what does pushing such
-    # frames still add after it? (Checking one kernel's signatures misses the kernel the
-    # frame path actually calls.)
+    # the received bytes) pays no compilation; in a fresh process, what does measuring and
+    # tracking such frames still add after it? (Checking one kernel's signatures misses the
+    # kernel the frame path actually calls; the whole frame path: tests/test_monitor.py.)
     new = new_specialisations(
         setup="""
             import numpy as np
@@ -320,13 +342,17 @@ def test_warm_up_leaves_nothing_to_compile_for_frames_off_the_wire():
             F.warm_up()
         """,
         probe="""
-            ex = F.FeatureExtractor()
             pixels = np.arange(16 * 22, dtype=np.uint16).reshape(16, 22) % 300
+            previous = np.zeros_like(pixels)
+            state = F.new_track_state()
+            row = np.zeros(F.N_FEATURES)
             for k in range(5):
                 parts = [bytes(p) for p in protocol.encode_frame(
                     pixels, stream="ws1", video="0001", type=1, seq=k, index=k, obstacle=k % 3)]
                 message = protocol.decode(parts)
-                ex.push(protocol.frame_array(message), message.header["obstacle"])
+                F.measure_frame(protocol.frame_array(message), previous, F.DEFAULT_THRESHOLD, row)
+                row[F.OBSTACLE] = message.header["obstacle"]
+                F.track_step(state, row)
         """)
     assert new == {}
 

@@ -10,7 +10,7 @@ import pytest
 
 from lhtstream.io.dataset import Dataset, obstacle_states
 from lhtstream.io.simulate import simulate_video
-from lhtstream.kernels.features import INTENSITY, PEAK, video_features
+from lhtstream.kernels.features import INTENSITY, PEAK, measure_video, track, video_features
 from lhtstream.kernels.scoring import ADAPT_MEAN_SD, ADAPT_VAR_RATIO
 from lhtstream.model import model_file
 from lhtstream.model.normality import (
@@ -22,6 +22,7 @@ from lhtstream.model.normality import (
     NormalityModel,
     adaptation_extent,
 )
+from lhtstream.service.pipeline import StreamPipeline
 from tests.processes import run_cli
 
 FRAMES = 2500
@@ -262,22 +263,33 @@ def _calibrated(model: NormalityModel) -> NormalityModel:
     return m
 
 
-def test_learn_one_follows_a_drift_only_as_far_as_its_bound(model):
+def _learned(model: NormalityModel, meas: np.ndarray, obs: np.ndarray) -> NormalityModel:
+    """The model a stream ends with after 20 passes of `meas` (measured rows) with online
+    learning on (rate 0.02) and no group judged (no alarm stops the learning): the
+    production path, `StreamPipeline.process_measured`."""
+    m = model.copy()
+    m.calibration = {"raise": {}}  # calibrated, every threshold inf: nothing is judged
+    pipe = StreamPipeline("ws1", m, adapt=True, learn_rate=0.02)
+    for k in range(20):
+        pipe.start_video(str(k), 1)
+        pipe.process_measured(meas, obs, {"video": str(k), "type": 1})
+    pipe.end_video_events()
+    return pipe.model
+
+
+def test_learning_follows_a_drift_only_as_far_as_its_bound(model):
     """Online learning may follow slow differences between normal videos, but not
     absorb a fault: a 50 % brighter spot, learned at length, moves each cell's mean by
     at most ADAPT_MEAN_SD trained sd (and variances by ADAPT_VAR_RATIO), so it stays
     alarming; a small offset is learned fully."""
-    m = model.copy()
-    rows = _rows(1, 70)
-    brighter = rows.copy()
+    v = simulate_video(1, 70, FRAMES)
+    meas, obs = measure_video(v.image), obstacle_states(v.metadata)
+    brighter = meas.copy()
     brighter[:, INTENSITY] *= 1.5
     brighter[:, PEAK] *= 1.5
-    before, ok = m.score_rows(1, brighter)
-    for _ in range(20):
-        state = m.new_state()
-        for r in brighter:
-            m.learn_one(1, r, state, eta=0.02)
-    after, ok2 = m.score_rows(1, brighter)
+    before, ok = model.score_rows(1, track(brighter, obs))
+    m = _learned(model, brighter, obs)
+    after, ok2 = m.score_rows(1, track(brighter, obs))
     assert before[ok == 1, INT_HIGH].mean() > 4.0
     # it moved (learning is on) and stopped at the bound: the mean by ADAPT_MEAN_SD sd,
     # the sd by sqrt(ADAPT_VAR_RATIO) at most
@@ -288,19 +300,15 @@ def test_learn_one_follows_a_drift_only_as_far_as_its_bound(model):
     assert ADAPT_MEAN_SD * 0.9 < extent["mean_shift_sd"] <= ADAPT_MEAN_SD + 1e-9
     assert extent["var_ratio"] <= ADAPT_VAR_RATIO + 1e-9
     # the shared model was not touched by learning on its copy
-    again, _ = model.score_rows(1, brighter)
+    again, _ = model.score_rows(1, track(brighter, obs))
     assert np.array_equal(again, before)
     # a slightly brighter spot (well inside the bound) is learned as normal
-    m = model.copy()
-    lighter = rows.copy()
+    lighter = meas.copy()
     lighter[:, INTENSITY] *= 1.02
     lighter[:, PEAK] *= 1.02
-    z0 = m.score_rows(1, lighter)[0][ok == 1, INT_HIGH].mean()
-    for _ in range(20):
-        state = m.new_state()
-        for r in lighter:
-            m.learn_one(1, r, state, eta=0.02)
-    z1 = m.score_rows(1, lighter)[0][ok == 1, INT_HIGH].mean()
+    z0 = model.score_rows(1, track(lighter, obs))[0][ok == 1, INT_HIGH].mean()
+    m = _learned(model, lighter, obs)
+    z1 = m.score_rows(1, track(lighter, obs))[0][ok == 1, INT_HIGH].mean()
     assert z0 > 0.2 and abs(z1) < 0.1
 
 

@@ -95,10 +95,16 @@ def test_streaming_equals_batch_and_no_event_is_a_shared_tuple(model):
             for i, f in enumerate(v.image)]
     assert all(o is NO_EVENTS for o in outs)
     streamed = pipe.end_video()
-    batch = StreamPipeline("b", model, adapt=False)
-    ev = batch.process_rows(video_features(v.image, obs), {"video": "x", "type": TYPE})
-    ev += batch.end_video_events()
+    # the offline paths: frames in one block, and measured rows (the KDE-AMD protocol's)
+    blocks = StreamPipeline("b", model, adapt=False)
+    ev = blocks.process_block(v.image, obs, {"video": "x", "type": TYPE})
+    ev += blocks.end_video_events()
     assert streamed.score == ev[-1].score
+    rows = StreamPipeline("c", model, adapt=False)
+    ev = rows.process_measured(F.measure_video(v.image), obs, {"video": "x", "type": TYPE})
+    ev += rows.end_video_events()
+    assert streamed.score == ev[-1].score
+    assert np.array_equal(rows.ring.latest(600), video_features(v.image, obs), equal_nan=True)
 
 
 def test_learning_is_frozen_while_an_alarm_is_active(model):

@@ -1,10 +1,10 @@
 """Per-frame feature kernels (Numba), the online cycle-phase tracker and the ring buffer.
 
-One code path serves streaming and batch: `FeatureExtractor.push` and
-`video_features` / `track` call the same two kernels, `measure_frame` (pixels
--> measurements) and `track_step` (the sequential part: carry-forward,
-velocity, phase), so the batch features used for training equal the streamed
-ones to the bit.
+One code path serves streaming and batch: the fused per-frame step
+(`lhtstream.kernels.step`) and `video_features` / `track` call the same two
+kernels, `measure_frame` (pixels -> measurements) and `track_step` (the
+sequential part: carry-forward, velocity, phase), so the batch features used for
+training equal the streamed ones to the bit.
 
 Units: positions in ROI pixels (x = column, y = row, origin at the top-left
 pixel centre), time in frames (1 frame = 1 ms), phase in frames in [0, 10).
@@ -176,7 +176,7 @@ def new_track_state(
     alpha_centre: float = 0.02,
     kp: float = 0.02,
     ki: float = 2e-4,
-    acquire: int = 30,
+    acquire: float = 30,
     min_lock: float = 0.3,
     rate_min: float = 0.85,
     rate_max: float = 1.15,
@@ -602,18 +602,6 @@ def _track_loop(obstacles, state, out):
         track_step(state, row)
 
 
-@kernel
-def _push_kernel(frame, previous, threshold, obstacle, state, buf, slot, capacity):
-    # one dispatch per streamed frame: measure, track, mirror into the ring's second half
-    row = buf[slot]
-    measure_frame(frame, previous, threshold, row)
-    row[OBSTACLE] = obstacle
-    track_step(state, row)
-    mirror = buf[slot + capacity]
-    for j in range(row.shape[0]):
-        mirror[j] = row[j]
-
-
 # ---------------------------------------------------------------- ring buffer
 
 
@@ -654,12 +642,6 @@ class RingBuffer:
         self._count[()] += 1.0
         return self.buffer[i + self.capacity]
 
-    def _advance(self) -> int:
-        # for writers that fill both copies themselves (the fused push kernel)
-        i = self.total % self.capacity
-        self._count[()] += 1.0
-        return i
-
     def latest(self, n: int | None = None) -> np.ndarray:
         """The last `n` rows (default: all held), oldest first, as a view (no copy)."""
         held = len(self)
@@ -673,52 +655,6 @@ class RingBuffer:
     def clear(self) -> None:
         """Forget the history (O(1): rows before it are never shown again)."""
         self._count[()] = 0.0
-
-
-# ---------------------------------------------------------------- streaming
-
-
-class FeatureExtractor:
-    """Streaming features for one stream: owns the previous frame, tracker state and ring.
-
-    `reset()` must be called at each new video: the tracker (phase lock, last
-    position, centre) and the REPEAT reference restart, because consecutive
-    videos are different workpieces with an unknown pause between them, so
-    no phase lock can be carried over. The ring history is cleared as well.
-    """
-
-    def __init__(
-        self,
-        threshold: float = DEFAULT_THRESHOLD,
-        capacity: int = 4096,
-        **tracker: float,
-    ) -> None:
-        self.threshold = float(threshold)
-        self._tracker = dict(tracker)
-        self.ring = RingBuffer(capacity, N_FEATURES)
-        self.state = new_track_state(**self._tracker)
-        self._previous = np.zeros((0, 0), dtype=np.uint16)
-
-    def reset(self) -> None:
-        """Start a new video: fresh tracker state, REPEAT reference and history."""
-        self.state[:] = new_track_state(**self._tracker)
-        self._previous.fill(0)
-        self.ring.clear()
-
-    def push(self, frame: np.ndarray, obstacle: int = 0) -> np.ndarray:
-        """Features of the next frame (uint16, 2-D); returns its row, a view into the ring."""
-        if frame.dtype != np.uint16 or frame.ndim != 2:
-            raise FeatureError(f"frame must be a 2-D uint16 array, got {frame.dtype} {frame.shape}")
-        if frame.shape != self._previous.shape:
-            # new ROI: only happens at a video boundary, so this allocation is off the hot path
-            self._previous = np.zeros(frame.shape, dtype=np.uint16)
-        if not frame.flags.c_contiguous:
-            frame = np.ascontiguousarray(frame)
-        ring = self.ring
-        slot = ring._advance()
-        _push_kernel(frame, self._previous, self.threshold, float(obstacle), self.state,
-                     ring.buffer, slot, ring.capacity)
-        return ring.buffer[slot + ring.capacity]
 
 
 # ---------------------------------------------------------------- batch
@@ -769,7 +705,7 @@ def video_features(
     threshold: float = DEFAULT_THRESHOLD,
     **tracker: float,
 ) -> np.ndarray:
-    """All features of a whole video, equal to streaming it through a fresh FeatureExtractor."""
+    """All features of a whole video, equal to streaming it (`kernels.step`) to the bit."""
     video = _check_video(video)
     n = video.shape[0]
     out = np.full((n, N_FEATURES), np.nan, dtype=np.float64)
@@ -788,11 +724,8 @@ def warm_up() -> float:
     meas = measure_video(video)
     track(meas, obstacles)
     video_features(video, obstacles)
-    ex = FeatureExtractor(capacity=2)
-    ex.push(video[0], 0)
     # frames decoded from the wire are read-only buffers: a separate specialisation
     ro = np.frombuffer(video[0].tobytes(), dtype=np.uint16).reshape(video.shape[1:])
-    ex.push(ro, 0)
     row = np.zeros(N_FEATURES)
     measure_frame(ro, np.zeros_like(video[0]), DEFAULT_THRESHOLD, row)
     measure_frame(video[0], np.zeros_like(video[0]), DEFAULT_THRESHOLD, row)

@@ -71,6 +71,9 @@ class Field:
 class Layout:
     """An ordered declaration of the named fields of a flat float64 array."""
 
+    size: int  #: float64 elements in all
+    digest: str  #: 16 hex digits of SHA-256 over the name and every field's name and shape
+
     def __init__(self, name: str, fields: Sequence[tuple[str, Any]]) -> None:
         self.name = name
         self.fields: dict[str, Field] = {}
@@ -193,7 +196,8 @@ def _stamped(locator: type) -> type:
 class _KernelCacheImpl(CompileResultCacheImpl):
     # Numba's own locators (NUMBA_CACHE_DIR, __pycache__, the user's cache dir, ...), in
     # its order, with the package's source digest added to the stamp
-    _locator_classes = [_stamped(c) for c in CompileResultCacheImpl._locator_classes]
+    _locator_classes = [_stamped(c) for c in  # type: ignore[misc]
+                        CompileResultCacheImpl._locator_classes]
 
 
 class KernelCache(FunctionCache):
@@ -209,7 +213,7 @@ def kernel(func: Any = None, **options: Any) -> Any:
     def wrap(f: Any) -> Any:
         disp = njit(nogil=True, **options)(f)
         if isinstance(disp, Dispatcher):  # not under NUMBA_DISABLE_JIT
-            disp._cache = KernelCache(disp.py_func)
+            disp._cache = KernelCache(disp.py_func)  # type: ignore[attr-defined]
         return disp
 
     return wrap if func is None else wrap(func)

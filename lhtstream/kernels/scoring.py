@@ -99,7 +99,7 @@ N_OBSTACLE = 3
 N_CHANGE = 9
 N_IMAGE = 5  # log area, log major, log minor, far, background
 
-WARMUP_FRAMES = 100          # frames at a video's start that are not scored (phase lock, centre)
+UNJUDGED_FRAMES = 100        # frames at a video's start that are not judged (phase lock, centre)
 CENTRE_TAU = 500.0           # frames; time constant of the running centre
 SPEED_OFFSET = 0.5           # px/frame added before log(speed): bounded score near a stop
 AXIS_OFFSET = 0.01           # px^2 added to a moment before its log: bounded for a 1-px spot
@@ -114,7 +114,6 @@ CHANGE_Z_CLIP = 40.0         # cap of the change groups' z (intensity_fall/_rise
 SLIP_CLIP = 20.0             # a 3 % frequency step is ~40 sd of the normal cycle slip
 COMB_CLIP = 25.0             # lower cap for the comb: one bad frame alone cannot raise an alarm
 CHANGE_CLIP = 400.0          # cap of the change groups' chi2 (a 20-sd change in every part)
-COV_FLOOR = 1e-4             # px^2; keeps every covariance positive definite
 TRANSITION_FRAMES = 20
 STALL_SPEED_FRACTION = 0.5   # stall is judged only below this share of the cell's normal speed
 SLIP_FRAMES = 5              # frames whose d the slip is fitted on (half a cycle: fast, and
@@ -257,7 +256,7 @@ WORK_SIZE = WORK.size
 @kernel
 def _bin_weights(phase: float, nbins: int) -> tuple[int, int, float, int]:
     """Interpolation bins (i0, i1), weight of i1, and the nearest bin."""
-    u = phase * nbins / 10.0 - 0.5
+    u = phase * nbins / CYCLE_FRAMES - 0.5
     fl = math.floor(u)
     w = u - fl
     i0 = int(fl) % nbins
@@ -480,7 +479,7 @@ def score_frame(row, slot, cells, states, state, out, work, ref_mode):
         return 0
     if unusable:
         # faint, not blank: the spot stopped moving (no new pixels heated)
-        if state[S_FRAMES] <= WARMUP_FRAMES:
+        if state[S_FRAMES] <= UNJUDGED_FRAMES:
             return 0
         out[STALL] = STALL_CLIP
         return 1
@@ -501,7 +500,7 @@ def score_frame(row, slot, cells, states, state, out, work, ref_mode):
         cx = state[S_CX]
         cy = state[S_CY]
     cell = cells[slot, obs, near]
-    if (state[S_N] == 0.0 or state[S_FRAMES] <= WARMUP_FRAMES or after_gap or in_transition
+    if (state[S_N] == 0.0 or state[S_FRAMES] <= UNJUDGED_FRAMES or after_gap or in_transition
             or cell[CELL_VALID] == 0.0):
         return 0
     r0 = x[0] - cx - mu[0]
@@ -772,7 +771,7 @@ def learn_frame(row, slot, cells, trained, states, state, eta, work):
     obs = int(row[OBSTACLE])
     if not math.isfinite(phase) or obs < 0 or obs > 2 or states[slot, obs, ST_KNOWN] == 0.0:
         return
-    if state[S_N] == 0.0 or state[S_FRAMES] <= WARMUP_FRAMES:
+    if state[S_N] == 0.0 or state[S_FRAMES] <= UNJUDGED_FRAMES:
         return
     nb = cells.shape[2]
     i0, i1, w, near = _bin_weights(phase, nb)

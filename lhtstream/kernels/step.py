@@ -3,9 +3,9 @@
 A stream's whole frame-path state lives in four preallocated arrays, owned by
 `lhtstream.service.pipeline.StreamPipeline`:
 
-- ``state`` (float64, `STREAM_STATE_SIZE`): tracker, scoring state, the last
-  scores, scratch, detector (`lhtstream.kernels.detection`) and the settings
-  below (`P_*`);
+- ``state`` (float64, laid out as `STREAM`): tracker, scoring state, the last
+  scores, scratch, detector (`lhtstream.kernels.detection`) and the stream's
+  settings (slot, threshold, adapt, learn rate, ring count and capacity);
 - ``prev`` (uint16, at least rows x cols of the frame): the REPEAT reference;
 - ``ring`` (float64, 2 x capacity x `N_FEATURES`, flat): the feature history,
   each row stored twice so the last n rows are one contiguous slice;
@@ -15,12 +15,12 @@ A stream's whole frame-path state lives in four preallocated arrays, owned by
 All four are 1-D (a 1-D argument costs Numba's dispatcher the least; every
 kernel reshapes views inside). `frame_step` does one frame and returns the
 number of alarm-kind changes (0: nothing happened, build no event);
-`frames_block` runs the same code over consecutive frames of one video and
-stops after the first frame with a change; `measured_block` and `rows_block`
-enter the same path after measurement (the KDE-AMD protocol's perturbed
-positions) or after tracking (batch feature rows). `lost_frames` advances the
-tracker and the scoring state over frames that never arrived. No kernel
-allocates; the features are the ones `video_features` computes, bit for bit.
+`feature_step` only measures and tracks (a stream without a model yet);
+`block` runs the same code over consecutive frames of one video, from pixels or
+(the KDE-AMD protocol's perturbed positions) from measured rows, and stops after
+the first frame with a change; `lost_frames` advances the tracker and the scoring
+state over frames that never arrived. No kernel allocates; the features are the
+ones `video_features` computes, bit for bit.
 """
 
 from __future__ import annotations
@@ -177,16 +177,15 @@ def feature_step(frame, obstacle, prev, ring, state):
 
 FRAMES = 0    #: `block` input: pixels (n, rows, cols) uint16
 MEASURED_ROWS = 1  #: measured rows (n, N_FEATURES; the `MEASURED` columns, e.g. perturbed X/Y)
-TRACKED_ROWS = 2   #: tracked feature rows (n, N_FEATURES), e.g. from `video_features`
 
 
 @kernel
 def block(kind, frames, rows, obstacles, start, prev, ring, state, table, trained, level):
     """`frame_step` over consecutive frames of one video from index `start` on.
 
-    `kind` says what the input is: `FRAMES` (`frames`, with `prev`), `MEASURED_ROWS`
-    (`rows`: tracked here) or `TRACKED_ROWS` (`rows`); the unused input may be empty.
-    `obstacles` (n,) int gives each frame's obstacle state (not read for tracked rows).
+    `kind` says what the input is: `FRAMES` (`frames`, with `prev`) or `MEASURED_ROWS`
+    (`rows`: tracked here); the unused input may be empty. `obstacles` (n,) int gives
+    each frame's obstacle state.
     Returns the index of the first frame with an alarm-kind change, or n. `level` (n,)
     gets each frame's highest smoothed score / raise threshold, unless it is empty.
     """
@@ -204,16 +203,12 @@ def block(kind, frames, rows, obstacles, start, prev, ring, state, table, traine
             row = _features(frames[i], obstacles[i], prev, ring, state)
         else:
             new, row = _push_row(ring, state)
-            if kind == MEASURED_ROWS:
-                for j in range(N_FEATURES):
-                    new[j] = math.nan
-                for c in MEASURED:
-                    new[c] = rows[i, c]
-                new[OBSTACLE] = obstacles[i]
-                track_step(track, new)
-            else:
-                for j in range(N_FEATURES):
-                    new[j] = rows[i, j]
+            for j in range(N_FEATURES):
+                new[j] = math.nan
+            for c in MEASURED:
+                new[c] = rows[i, c]
+            new[OBSTACLE] = obstacles[i]
+            track_step(track, new)
             _mirror(new, row)
         scored = score_frame(row, slot, cells, states, mstate, scores, work,
                              _ref_mode(state, det))

@@ -74,7 +74,7 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
 def expected_shapes(types: int, bins: int) -> dict[str, tuple[int, ...]]:
     """Shape of every array of a model of `types` types and `bins` phase bins."""
     cell = (types, N_OBSTACLE, bins)
-    shapes = {"types": (types,)}
+    shapes: dict[str, tuple[int, ...]] = {"types": (types,)}
     shapes.update({f.name: cell + f.shape for f in CELL})
     shapes.update({f.name: (types, N_OBSTACLE) + f.shape for f in OBSTACLE_STATE})
     shapes.update(count=cell, raise_thr=(types, N_GROUPS), clear_thr=(types, N_GROUPS),

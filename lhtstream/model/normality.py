@@ -19,7 +19,10 @@ this phase), which is unbiased from the first frame on, unlike a running mean
 over partial cycles; it is updated on obstacle-free frames only because the
 obstacle patterns are not centred on the eight.
 
-Per-frame group scores (`GROUPS`, see `score_one`):
+Per-frame group scores (`GROUPS`; `lhtstream.kernels.scoring.score_frame` computes them,
+docs/model.md says why each is there). Population groups compare the frame with the
+cell's mean over normal videos; change groups with the stream's own reference at this
+phase (an EWMA of the whitened residual, so already smoothed):
 
 | group | score | normal level |
 | --- | --- | --- |
@@ -27,15 +30,19 @@ Per-frame group scores (`GROUPS`, see `score_one`):
 | move | squared Mahalanobis distance of (vx, vy) given (dx, dy) | chi2(2): mean 2 |
 | intensity_low / intensity_high | -z / +z of log intensity | N(0, 1) |
 | spot_size | +z of spread | N(0, 1) |
-| stall | -z of log speed | N(0, 1) |
+| stall | -z of log speed, on a spot slower than half its normal speed | 0 |
 | frequency | abs z of rate | half-normal |
 | cycle_residual | d2 of p_t - p_{t-10} minus the cycle slip (the comb) | chi2(2): mean 2 |
 | cycle_slip | abs z of the consistent along-track slip per cycle | half-normal |
+| image | z2 of the far share + z2 of the background (obstacle-free) | chi2(2): mean 2 |
+| position_change | change EWMA of (dx, dy), squared, normalised | chi2(2): mean 2 |
+| intensity_fall / _rise | -z / +z (>= 0) of the change EWMA of log intensity | half-normal |
+| size_change | abs z of the change EWMA of spread | half-normal |
+| image_change | change EWMA of the 5 image quantities, squared, normalised | chi2(5): mean 5 |
 | sensor | 1 for an all-zero or repeated frame | 0 |
 
-Saved as one `.npz`: arrays plus a JSON header under the key `header`
-(format version, training-data description, feature settings, a SHA-256 of
-the arrays), loaded with `allow_pickle=False`.
+Saved as one `.npz`: the arrays by name plus a JSON header, read back with
+bounds and checks (`lhtstream.model.model_file`).
 """
 
 from __future__ import annotations
@@ -80,20 +87,17 @@ from lhtstream.kernels.scoring import (
     STALL,
     TRAJ,
     TRANSITION_FRAMES,
-    WARMUP_FRAMES,
+    UNJUDGED_FRAMES,
     WORK,
     change_rows,
     comb_rows,
     derived_rows,
-    learn_frame,
     new_score_state,
     running_centres,
-    score_frame,
     score_rows,
     table_size,
     tables,
 )
-from lhtstream.kernels.scoring import LEARN_FOLLOW as _LEARN_FOLLOW
 from lhtstream.model import model_file
 from lhtstream.model.model_file import (
     ARRAYS,
@@ -232,9 +236,6 @@ class NormalityModel:
         self._slots = {int(t): i for i, t in enumerate(self.types)}
         self.trained = self.table.copy()
         self._between_dof = 0
-        self._state = self.new_state()
-        self._work = np.zeros(WORK.size)
-        self._out = np.zeros(N_GROUPS)
 
     # ---- lookup
 
@@ -266,40 +267,7 @@ class NormalityModel:
         m.calibration = json.loads(json.dumps(self.calibration))
         return m
 
-    # ---- scoring (River-style; the pipeline runs the same kernels fused per frame)
-
-    def score_one(self, type_id: int, row: np.ndarray, state: np.ndarray | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
-        """Per-group scores (see `GROUPS`) of one feature row, O(1).
-
-        `state` is the video's running-centre state (`new_state()`); without
-        it a model-owned state is used (one stream). `out` is filled and
-        returned (a model-owned array when omitted: copy it to keep it).
-        """
-        if state is None:
-            state = self._state
-        if out is None:
-            out = self._out
-        cells, states = tables(self.table)
-        score_frame(row, self.slot(type_id), cells, states, state, out, self._work,
-                    _LEARN_FOLLOW)
-        return out
-
-    def learn_one(self, type_id: int, row: np.ndarray, state: np.ndarray | None = None,
-                  eta: float = DEFAULT_LEARN_RATE) -> None:
-        """Adapt the row's cell slowly (EWMA, rate `eta`) towards a frame judged normal.
-
-        Scores the row first (to place it against the running centre), so do
-        not call `score_one` and `learn_one` both on the same row with the same
-        state.
-        """
-        if state is None:
-            state = self._state
-        slot = self.slot(type_id)
-        cells, states = tables(self.table)
-        fitted, _ = tables(self.trained)
-        if score_frame(row, slot, cells, states, state, self._out, self._work, _LEARN_FOLLOW):
-            learn_frame(row, slot, cells, fitted, states, state, eta, self._work)
+    # ---- scoring (the pipeline runs the same kernels fused per frame, learning included)
 
     def score_rows(self, type_id: int, rows: np.ndarray,
                    state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -354,7 +322,7 @@ class NormalityModel:
         obs = rows[:, c["OBSTACLE"]].astype(np.int64)
         ok = ((rows[:, c["EMPTY"]] < 0.5) & (rows[:, c["REPEAT"]] < 0.5)
               & np.isfinite(phase) & (obs >= 0) & (obs <= 2) & np.isfinite(x).all(axis=1))
-        ok[:WARMUP_FRAMES] = False
+        ok[:UNJUDGED_FRAMES] = False
         gap = (rows[:, c["EMPTY"]] > 0.5) | (rows[:, c["REPEAT"]] > 0.5)
         ok[1:] &= ~gap[:-1]  # velocity across an empty/repeated frame is not a move
         for k in np.flatnonzero(np.diff(obs) != 0) + 1:
@@ -660,7 +628,7 @@ class NormalityModel:
         obs = rows[:, c["OBSTACLE"]]
         ok = ((rows[:, c["EMPTY"]] < 0.5) & (rows[:, c["REPEAT"]] < 0.5)
               & np.isfinite(rows[:, c["PHASE"]]) & (obs >= 0) & (obs <= 2))
-        ok[:WARMUP_FRAMES] = False
+        ok[:UNJUDGED_FRAMES] = False
         return ok
 
     # ---- persistence

@@ -43,7 +43,7 @@ from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.stats import poisson_upper, roc_auc
 from lhtstream.io.dataset import Dataset, read_labels
 from lhtstream.io.perturb import PERTURBATIONS, read_manifest
-from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
+from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY, FRAMES_PER_HOUR
 from lhtstream.model.kdeamd import NOISE_VARIANCE
 from lhtstream.model.normality import NormalityModel
 from lhtstream.service.kdeamd_protocol import kdeamd_protocol, noise_levels
@@ -52,7 +52,6 @@ from lhtstream.service.pipeline import StreamPipeline, offline_header
 
 #: An alarm counts as a detection when raised in [onset, end + DETECTION_SLACK] frames.
 DETECTION_SLACK = 100
-FRAMES_PER_HOUR = 3_600_000.0
 STREAM = "evaluate"
 #: Per-frame timings kept for the cost medians (a sample is enough).
 _MAX_TIMINGS = 200_000

@@ -51,7 +51,6 @@ from lhtstream.kernels.step import (
     FRAMES,
     MEASURED_ROWS,
     STREAM,
-    TRACKED_ROWS,
     block,
     feature_step,
     frame_step,
@@ -97,7 +96,6 @@ _U16 = np.dtype(np.uint16)
 _NO_LEVEL = np.zeros(0)  # the unused inputs and outputs of the block kernel
 _NO_FRAMES = np.zeros((0, 1, 1), dtype=np.uint16)
 _NO_ROWS = np.zeros((0, N_FEATURES))
-_NO_OBSTACLES = np.zeros(0, dtype=np.int64)
 
 # (name in Alarm.features, feature column) reported with each alarm
 _FEATURE_REPORT = tuple((name.lower(), int(getattr(F, name))) for name in
@@ -344,30 +342,20 @@ class StreamPipeline:
                          header: dict[str, Any]) -> list:
         """Like `process_block` from measured rows (n, N_FEATURES; the `MEASURED` columns, e.g.
         with perturbed X/Y, as in the KDE-AMD protocol): track -> score -> detect -> learn."""
-        return self._rows(measured, obstacles, header, measured=True)
-
-    def process_rows(self, rows: np.ndarray, header: dict[str, Any]) -> list:
-        """Score already-tracked feature rows (a whole video from `video_features`), all events."""
-        return self._rows(rows, None, header, measured=False)
-
-    def _rows(self, rows: np.ndarray, obstacles: np.ndarray | None, header: dict[str, Any],
-              measured: bool) -> list:
-        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        rows = np.ascontiguousarray(measured, dtype=np.float64)
         if rows.ndim != 2 or rows.shape[1] != N_FEATURES:
             raise FeatureError(f"rows must have shape (n, {N_FEATURES}), got {rows.shape}")
         n = rows.shape[0]
-        obstacles = (_block_column(obstacles, n, "obstacle states") if measured
-                     else _NO_OBSTACLES)
+        obstacles = _block_column(obstacles, n, "obstacle states")
         events: list = list(self._check_video(header) or [])
         if self._table is None:
             raise FeatureError("no model for this type yet: rows can only be scored with one")
         first = int(header.get("frame", 0))
         t0 = int(header.get("t_ns", 0))
-        kind = MEASURED_ROWS if measured else TRACKED_ROWS
         i = 0
         while i < n:
-            j = block(kind, _NO_FRAMES, rows, obstacles, i, self._prev, self._ring, self.state,
-                      self._table, self._trained, _NO_LEVEL)
+            j = block(MEASURED_ROWS, _NO_FRAMES, rows, obstacles, i, self._prev, self._ring,
+                      self.state, self._table, self._trained, _NO_LEVEL)
             self.frames += min(j + 1, n) - i
             if j < n:
                 events.extend(self._events(first + j, t0))
