@@ -237,3 +237,71 @@ def test_history_counts_raises_per_bucket_stream_and_kind(tmp_path, monkeypatch)
         assert rows == [(1000.0, "a", "stall", 2), (1010.0, "b", "sensor", 1)]
         assert j.raise_counts(max_buckets=20)[1][0] == (1000.0, "a", "stall", 1)
         assert j.verdict_counts(bucket) == [(1010.0, "a", False, 1), (1010.0, "a", True, 1)]
+
+
+def _verdict(k: int) -> dict:
+    return {"v": 2, "stream": "ws1", "video": f"v{k}", "type": 1, "frames": 1, "score": 0.5,
+            "anomalous": False, "alarms": 0, "kinds": ["x" * 40] * 20, "t_ns": 1}
+
+
+def test_wal_stays_bounded_under_a_flood_of_commits(tmp_path):
+    """Issue 20 item 2: one commit per row at full speed grew the WAL to 1.24 GB, folded
+    back only at shutdown. The checkpoint thread now checkpoints on size (TRUNCATE past
+    WAL_MAX_BYTES), so the WAL stays bounded however fast rows come."""
+    from lhtstream.io.journal import WAL_MAX_BYTES
+
+    path = tmp_path / "j.sqlite"
+    wal = tmp_path / "j.sqlite-wal"
+    peak = rows = 0
+    with Journal(path) as j:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4.0:
+            for _ in range(50):  # one transaction per row, as the monitor commits
+                j.record(alarms=[alarm(frame=rows)], verdicts=[_verdict(rows)],
+                         opened={"stream": "ws1", "video": f"v{rows + 1}", "type": 1})
+                rows += 1
+            peak = max(peak, wal.stat().st_size)
+        assert j.health()["errors"] == 0 and j.checkpoints > 0
+    print(f"{rows} commits in 4 s; WAL peak {peak / 2**20:.1f} MiB (bound "
+          f"{WAL_MAX_BYTES / 2**20:.0f} MiB); database {path.stat().st_size / 2**20:.1f} MiB")
+    assert peak <= WAL_MAX_BYTES + 8 * 2**20, peak  # + what lands between two looks
+    with Journal(path, writer=False) as reader:
+        assert len(reader.alarms()) == rows
+
+
+def test_a_deleted_or_replaced_journal_is_written_back_and_seq_continues(tmp_path):
+    """Issue 20 item 6: journal files deleted under a running monitor lost its alarms,
+    and a restart began again at seq 1. Now `check_file` sees it, writes the whole
+    history back from the open database (a foreign file moved aside), and seq goes on."""
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as j:
+        assert j.check_file() is None
+        j.record(alarms=[alarm(frame=f) for f in range(3)], verdicts=[_verdict(0)])
+        for suffix in ("", "-wal", "-shm"):
+            os.unlink(f"{path}{suffix}")
+        message = j.check_file()
+        assert "deleted" in message and "seq continues at 4" in message
+        assert j.health()["restored"] == 1
+        seqs, committed = j.record(alarms=[alarm(frame=3)])
+        assert (seqs, committed) == ([4], True)
+        with Journal(path, writer=False) as reader:  # what `alarms --history` reads now
+            assert [r["seq"] for r in reader.alarms()] == [1, 2, 3, 4]
+        # replaced by another database: moved aside, the history written back
+        os.unlink(path)
+        stranger = sqlite3.connect(path)
+        stranger.execute("CREATE TABLE t (x)")
+        stranger.close()
+        message = j.check_file()
+        assert "replaced" in message and ".replaced-" in message
+        assert j.check_file() is None
+        j.record(alarms=[alarm(frame=4)])
+    (moved,) = [p for p in tmp_path.glob("j.sqlite.replaced-*") if p.suffix == "" or
+                not p.name.endswith(("-wal", "-shm"))]
+    assert sqlite3.connect(moved).execute("SELECT name FROM sqlite_master").fetchall() == [
+        ("t",)]
+    with Journal(path) as j:  # a restart continues the sequence
+        assert j.next_seq() == 6
+        assert [r["seq"] for r in j.alarms()] == [1, 2, 3, 4, 5]
+        assert len(j.verdicts()) == 1

@@ -929,6 +929,21 @@ def test_a_status_that_cannot_be_encoded_is_replaced_by_a_minimal_one(tmp_path):
         assert "status_error" in header and header["errors"] >= 1
 
 
+def _verdicts(sub: Subscriber, n: int, timeout: float = 15.0) -> list[dict]:
+    """The next ``n`` verdicts on ``sub`` (which must subscribe to them)."""
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        try:
+            msg = decode(sub.recv(timeout=0.2))
+        except TimeoutError:
+            continue
+        if msg.topic == "verdict":
+            got.append(msg.header)
+    assert len(got) == n, f"{len(got)} of {n} verdicts within {timeout} s"
+    return got
+
+
 def _video_message(stream: str, video: str, event: str = "start") -> list[bytes]:
     return protocol.encode("video", {"stream": stream, "video": video, "type": 1,
                                      "event": event, "metadata": {}})
@@ -956,7 +971,7 @@ def test_frames_naming_another_video_neither_end_nor_switch_the_open_one(procs, 
             detail = wait_status(sub, lambda s: s["frames"] == 300, stream="ws1")
             assert (detail["video"], detail["videos"]) == ("0001", 1)
             pub.socket.send_multipart(_video_message("ws1", "0001", "end"))
-            verdicts = _collect(sub, "verdict", lambda got: len(got) >= 1, timeout=15)
+            verdicts = _verdicts(sub, 1)
             assert [(v["video"], v["partial"], v["frames"]) for v in verdicts] == [
                 ("0001", False, 300)]
             final_status(mon, sub)
@@ -1054,3 +1069,33 @@ def test_a_flood_of_video_starts_is_counted_not_journaled_and_status_stays_fair(
           f"{len(verdicts)} journaled; longest gap between statuses of another stream "
           f"{gaps.max():.2f} s")
     assert len(seen) >= 3 and gaps.max() < 2 * 0.2 + 0.3, gaps  # 2 intervals + slack
+
+
+def test_journal_deleted_under_a_running_monitor_is_written_back(procs, tmp_path):
+    """Issue 20 item 6: journal files deleted while running lost what was journaled, the
+    status showed only a checkpoint error, and a restart began again at seq 1. Now the
+    monitor sees it within a second, writes its whole history back, says so in status
+    and log, and goes on journaling where it was."""
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    journal = tmp_path / "journal.sqlite"
+    with FramePublisher(frames_ep) as pub:
+        mon = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+        pub.wait_subscribed()
+        with Subscriber(pub_ep, ["status", "verdict"]) as sub:
+            wait_status(sub, lambda s: True)
+            pub.socket.send_multipart(_video_message("ws1", "0001"))
+            pub.frames(range(250), video="0001")
+            pub.socket.send_multipart(_video_message("ws1", "0001", "end"))
+            _verdicts(sub, 1)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{journal}{suffix}").unlink()
+            status = wait_status(sub, lambda s: s["journal"]["restored"] >= 1, timeout=10)
+            assert "deleted" in status["journal"]["last_error"]
+            pub.socket.send_multipart(_video_message("ws1", "0002"))
+            pub.frames(range(250, 500), video="0002")
+            pub.socket.send_multipart(_video_message("ws1", "0002", "end"))
+            _verdicts(sub, 1)
+            final_status(mon, sub)
+    assert "WARNING: journal" in mon.stderr and "restored" in mon.stderr
+    with Journal(journal, writer=False) as reader:
+        assert [v["video"] for v in reader.verdicts()] == ["0001", "0002"]

@@ -19,7 +19,20 @@ monitor takes an exclusive ``flock`` on ``PATH.lock`` to make that so.
 Nothing here waits on the frame path: SQLite's automatic WAL checkpoint (copying the
 WAL into the database, with an fsync, up to ~12 ms inside a commit) is switched off and
 a thread with its own connection checkpoints every few seconds instead (sqlite3 releases
-the GIL while SQLite works). A commit that fails (disk full, read-only, I/O error)
+the GIL while SQLite works), and as soon as the WAL passes ``WAL_CHECKPOINT_BYTES``.
+The WAL's size is bounded under any write rate: a commit that leaves it past
+``WAL_MAX_BYTES`` is followed by a ``TRUNCATE`` checkpoint by the writer itself (after the
+thread's checkpoint under way, if any: a checkpoint of the thread's never catches a gap
+between a flood's commits; only a flood gets there), and ``journal_size_limit`` shrinks
+the WAL back after every checkpoint.
+
+The file at ``PATH`` is watched (``check_file``, called by the monitor once a second):
+if it, or its ``-wal``, is deleted or replaced under the running writer, the writer's
+whole history is written back to ``PATH`` from its open connection (a foreign file
+there is moved aside to ``PATH.replaced-<unix time>``), and ``seq`` continues: a
+journal never begins again at 1 on an existing history. ``health()`` counts it.
+
+A commit that fails (disk full, read-only, I/O error)
 never raises into the monitor: ``record`` keeps the rows pending, counts the error and
 returns the seqs anyway, and ``flush`` retries them later, in order; ``health()`` says
 how many rows wait and why. Rows committed before stay as they are.
@@ -51,6 +64,13 @@ JOURNAL_VERSION = 2
 """2: verdicts have ``partial`` and ``kinds``; ``open_videos``. A writer upgrades 1 in place."""
 CHECKPOINT_INTERVAL_S = 5.0
 """How often the checkpoint thread copies the WAL into the database."""
+WAL_POLL_S = 0.1
+"""How often the checkpoint thread looks at the WAL's size."""
+WAL_CHECKPOINT_BYTES = 4 << 20
+"""A WAL past this size (4 MiB) is checkpointed at once (PASSIVE: the writer never waits)."""
+WAL_MAX_BYTES = 32 << 20
+"""A WAL past this size after a commit (32 MiB: a checkpoint that cannot catch up with a
+flood of commits) gets a TRUNCATE checkpoint by the writer at once: 0 bytes again."""
 MAX_PENDING_ROWS = 100_000
 """Rows kept in memory while the journal cannot be written; older ones beyond are lost
 (counted): ~100 MB at worst, hours of alarms at any sane rate."""
@@ -211,6 +231,15 @@ class Journal:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self.restored = 0  # times the file was deleted or replaced and written back
+        self.checkpoints = 0  # checkpoints run by the thread (a TRUNCATE counts too)
+        self.wal_peak = 0  # the largest WAL size the thread saw, bytes
+        self._wal = f"{self.path}-wal"
+        self._checkpointing = threading.Lock()  # one checkpoint at a time: thread or writer
+        self._synchronous = synchronous
+        self._checkpoint_interval = checkpoint_interval
+        self._max_pages = max_pages
+        self._identity: tuple[tuple[int, int] | None, ...] = ()
         if writer:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +256,7 @@ class Journal:
                     f"journal {self.path} is in use by another monitor (lock {self.path}.lock)"
                 ) from None
             uri = self.path.resolve().as_uri() + "?mode=rwc"
+            self._uri = uri
         else:
             if not self.path.exists():
                 raise JournalError(f"journal {self.path} does not exist")
@@ -235,10 +265,7 @@ class Journal:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per row.
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             if writer:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(f"PRAGMA synchronous={synchronous}")
-                if checkpoint_interval is not None:
-                    self._db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
+                self._writer_pragmas(self._db)
                 has_meta = self._db.execute(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
                 ).fetchone()
@@ -251,8 +278,6 @@ class Journal:
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('version', ?)",
                     (str(JOURNAL_VERSION),),
                 )
-                if max_pages is not None:  # test hook: a disk that fills up
-                    self._db.execute(f"PRAGMA max_page_count={int(max_pages)}")
             row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -268,11 +293,46 @@ class Journal:
             )
         self.version = int(row[0])
         self._seq = self.next_seq()
-        if writer and checkpoint_interval is not None:
-            self._checkpointer = threading.Thread(
-                target=self._checkpoint_loop, args=(uri, checkpoint_interval),
-                name="journal-checkpoint", daemon=True)
-            self._checkpointer.start()
+        if writer:
+            self._identity = self._file_identity()
+            self._start_checkpointer()
+
+    def _writer_pragmas(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute(f"PRAGMA journal_size_limit={WAL_CHECKPOINT_BYTES}")
+        if self._checkpoint_interval is not None:
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the thread does it
+        if self._max_pages is not None:  # test hook: a disk that fills up
+            db.execute(f"PRAGMA max_page_count={int(self._max_pages)}")
+
+    def _start_checkpointer(self) -> None:
+        if self._checkpoint_interval is None:
+            return
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, args=(self._uri, self._checkpoint_interval,
+                                                self._stop),
+            name="journal-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _stop_checkpointer(self) -> None:
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=10)
+            self._checkpointer = None
+
+    def _file_identity(self) -> tuple[tuple[int, int] | None, ...]:
+        """(device, inode) of the database file and of its WAL (None: missing)."""
+        out = []
+        for path in (self.path, Path(f"{self.path}-wal")):
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_dev, st.st_ino))
+        return tuple(out)
 
     # ------------------------------------------------------------ writing
 
@@ -283,17 +343,31 @@ class Journal:
         (top,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM alarms").fetchone()
         return int(top) + 1
 
-    def _checkpoint_loop(self, uri: str, interval: float) -> None:
-        """Copy the WAL into the database every ``interval`` s, off the monitor's thread."""
+    def _checkpoint_loop(self, uri: str, interval: float, stop: threading.Event) -> None:
+        """Copy the WAL into the database every ``interval`` s, or at once when it passes
+        WAL_CHECKPOINT_BYTES (TRUNCATE past WAL_MAX_BYTES), off the monitor's thread."""
         try:
-            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                                 timeout=10.0)
         except sqlite3.Error as exc:
             self._failed("checkpoint connection", exc)
             return
+        wal = self._wal
+        due = time.monotonic() + interval
         try:
-            while not self._stop.wait(interval):
+            while not stop.wait(min(WAL_POLL_S, interval)):
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    size = os.stat(wal).st_size
+                except OSError:
+                    size = 0
+                self.wal_peak = max(self.wal_peak, size)
+                if size <= WAL_CHECKPOINT_BYTES and time.monotonic() < due:
+                    continue
+                due = time.monotonic() + interval
+                try:
+                    with self._checkpointing:  # fetchall: a pending row pins the WAL
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
                 except sqlite3.Error as exc:
                     self._failed("checkpoint", exc)
         finally:
@@ -351,13 +425,105 @@ class Journal:
                 pass  # no transaction left to roll back (SQLite ended it itself)
             return False
         self.pending.clear()
+        if self._checkpointer is not None:
+            try:
+                size = os.stat(self._wal).st_size  # ~1 µs, beside a commit's ~100
+            except OSError:
+                size = 0
+            if size > WAL_MAX_BYTES:
+                try:
+                    with self._checkpointing:
+                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:
+                    self._failed("checkpoint", exc)
         return True
 
     def health(self) -> dict[str, Any]:
         """The journal's state for status: ``errors``, ``pending`` rows, ``lost`` rows,
+        ``restored`` (times the file was deleted or replaced and written back),
         ``last_error`` (None when every write so far succeeded)."""
         return {"errors": self.errors, "pending": len(self.pending), "lost": self.lost,
+                "restored": self.restored,
                 "last_error": None if self.last_error is None else self.last_error[:200]}
+
+    def check_file(self) -> str | None:
+        """Whether ``PATH`` (and its WAL) is still the file this writer has open; if it was
+        deleted or replaced, write the whole history back there (`_restore`) and return
+        what happened, for the operator; None when all is well (a stat or two, ~µs)."""
+        if self._db is None or not self._identity:
+            return None
+        now = self._file_identity()
+        if now == self._identity:
+            return None
+        db_gone = now[0] is None
+        what = ("deleted" if db_gone else "replaced") if now[0] != self._identity[0] else (
+            "WAL deleted" if now[1] is None else "WAL replaced")
+        try:
+            moved = self._restore(foreign=not db_gone and now[0] != self._identity[0])
+        except (OSError, sqlite3.Error) as exc:
+            self._failed(f"journal file {what}; restoring it", exc)
+            return (f"journal {self.path}: file {what} under the running monitor, and it "
+                    f"could not be written back ({type(exc).__name__}: {exc})")
+        self.restored += 1
+        self.last_error = (f"journal file {what} under the running monitor: history "
+                           f"restored from the open database, seq continues at {self._seq}")
+        extra = f"; the file found there was moved to {moved}" if moved else ""
+        return f"journal {self.path}: {self.last_error}{extra}"
+
+    def _restore(self, foreign: bool) -> str | None:
+        """Write the open database (all committed rows) to a new file at ``PATH`` and
+        continue there; a ``foreign`` file at ``PATH`` is moved aside first (its name
+        returned)."""
+        self._stop_checkpointer()
+        moved = None
+        if foreign:
+            moved = f"{self.path}.replaced-{int(time.time())}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(f"{self.path}{suffix}"):
+                    os.replace(f"{self.path}{suffix}", f"{moved}{suffix}")
+        fresh = Path(f"{self.path}.restoring")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(f"{fresh}{suffix}"):
+                os.unlink(f"{fresh}{suffix}")
+        copy = sqlite3.connect(fresh, isolation_level=None)
+        try:
+            self._db.backup(copy)
+        finally:
+            copy.close()
+        os.replace(fresh, self.path)
+        for suffix in ("-wal", "-shm"):  # the old file's (or a stranger's): not ours now
+            if os.path.exists(f"{self.path}{suffix}"):
+                os.unlink(f"{self.path}{suffix}")
+        old, self._db = self._db, None
+        old.close()
+        self._db = sqlite3.connect(self._uri, uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        self._writer_pragmas(self._db)
+        self._relock()
+        self._identity = self._file_identity()
+        self._start_checkpointer()
+        return moved
+
+    def _relock(self) -> None:
+        """Take the owner lock again if ``PATH.lock`` went with the journal."""
+        lock = f"{self.path}.lock"
+        try:
+            same = self._lock_fd is not None and os.fstat(self._lock_fd).st_ino == \
+                os.stat(lock).st_ino
+        except OSError:
+            same = False
+        if same:
+            return
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(f"{lock} is now held by another process") from None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        self._lock_fd = fd
 
     def open_videos(self) -> list[dict[str, Any]]:
         """Videos started and never judged (the monitor stopped without their verdict),
@@ -495,10 +661,7 @@ class Journal:
 
     def close(self) -> None:
         """Stop the checkpoint thread, close the database and release the owner lock."""
-        self._stop.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join(timeout=10)
-            self._checkpointer = None
+        self._stop_checkpointer()
         db = getattr(self, "_db", None)
         if db is not None:
             db.close()

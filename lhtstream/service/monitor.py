@@ -588,6 +588,9 @@ class Monitor:
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_NS
                 self._evict_idle(now)
+                problem = self.journal.check_file()
+                if problem:
+                    log(f"WARNING: {problem}")
                 if self.journal.pending and self._drained:
                     self._retry_journal()
             if now >= next_status:
