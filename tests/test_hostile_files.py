@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lhtstream.io.dataset import DatasetError, load_metadata, read_image, save_metadata
+from lhtstream.io.dataset import (
+    DatasetError,
+    load_metadata,
+    read_image,
+    read_labels,
+    save_metadata,
+)
 from tests.processes import REPO_ROOT, ipc_endpoint
 
 ADDRESS_SPACE = 1536 << 20  # the child's RLIMIT_AS: Python + numpy + numba fit in ~1 GB
@@ -362,3 +368,49 @@ def test_folders_that_are_not_type_folders_are_still_ignored(hostile):
     (hostile / "Type3_backup").mkdir()
     (hostile / "Type40").write_text("a file, not a folder")
     assert run_capped("validate", hostile).returncode == 0
+
+
+# ---------------------------------------------------------------- other files
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "folder"])
+def test_metadata_that_is_not_a_regular_file_is_refused_without_reading(hostile, kind):
+    path = hostile / "Type3" / "metadata.pkl"
+    path.unlink()
+    if kind == "dev_zero":
+        path.symlink_to("/dev/zero")  # read to the end, it never ends
+    elif kind == "fifo":
+        os.mkfifo(path)  # opened, it blocks until a writer comes
+    else:
+        path.mkdir()
+    result = run_capped("validate", hostile, timeout=SECONDS)
+    assert_reported(result, str(path), "not a regular file")
+
+
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        ("3,0001,normal,,,\x00", "bad label row"),
+        ("3,0001,normal,,," + "x" * 200_000, "field larger than field limit"),
+        ("99,0001,normal,,,", "type 99 is outside 1..36"),
+        ("3,0001,power_drop,10,20,nan", "magnitude nan is not finite"),
+        ("3,0001,power_drop,10,1" + "0" * 40 + ",0.5", "end_frame"),
+        ("3,0001,power_drop,10,20", "bad label row"),  # a column short
+    ],
+    ids=["nul", "long_field", "type99", "nan", "huge_frame", "short_row"],
+)
+def test_bad_labels_are_one_line_errors(hostile, tmp_path, row, needle):
+    path = hostile / "labels.csv"
+    path.write_text("type,video,kind,onset_frame,end_frame,magnitude\n" + row + "\n")
+    with pytest.raises(DatasetError, match=needle) as err:
+        read_labels(hostile)
+    assert str(err.value).startswith(f"{path}: line 2: ")
+    assert_refused(run_capped("train", hostile, "-o", tmp_path / "m.npz", "--workers", "1"),
+                   str(path), "line 2", needle)
+
+
+def test_labels_that_are_not_utf8_are_one_line_errors(hostile):
+    path = hostile / "labels.csv"
+    path.write_bytes(b"type,video,kind,onset_frame,end_frame,magnitude\n3,\xff\xfe,normal,,,\n")
+    with pytest.raises(DatasetError, match="labels.csv: line .*codec"):
+        read_labels(hostile)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import csv
 import lzma
+import math
 import os
 import pickle
 import re
+import stat
 import struct
 import zipfile
 import zlib
@@ -53,6 +55,7 @@ METADATA_FIELDS: tuple[str, ...] = (
 SENSOR_SIZE = 32  # the camera is 32x32 px; ROI borders index into it
 MAX_VALUE = 1024  # camera range 0..1024
 MAX_METADATA_BYTES = 64 * 1024 * 1024  # a real metadata.pkl is a few hundred KB
+MAX_LABELS_BYTES = 16 * 1024 * 1024  # labels.csv (4,223 videos: ~150 KB)
 MAX_METADATA_ITEMS = 200_000  # videos + fields in one metadata.pkl (the whole real set: ~46,000)
 MAX_FIELDS = 64  # fields of one video's entry (real: 10)
 MAX_NAME_CHARS = 64  # video and field names, and any string value
@@ -148,12 +151,14 @@ def load_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_METADATA_BYTES:
-            raise DatasetError(
-                f"{path}: metadata file is {size} bytes, over the {MAX_METADATA_BYTES} limit"
-            )
-        data = path.read_bytes()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # opening a FIFO blocks; /dev/zero never ends
+            raise DatasetError(f"{path}: metadata is not a regular file")
+        if info.st_size > MAX_METADATA_BYTES:
+            raise DatasetError(f"{path}: metadata file is {info.st_size} bytes, over the "
+                               f"{MAX_METADATA_BYTES} limit")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_METADATA_BYTES + 1)  # bounded even if it grew meanwhile
     except FileNotFoundError:
         raise DatasetError(f"{path}: metadata file missing") from None
     except OSError as exc:
@@ -550,34 +555,61 @@ class Label:
         return self.kind != "normal"
 
 
+def _label(row: dict[str, Any]) -> Label:
+    """One labels.csv row as a Label; ValueError (or TypeError, AttributeError) when bad."""
+    label = Label(
+        type=int(row["type"]),
+        video=row["video"].strip(),
+        kind=row["kind"].strip(),
+        onset_frame=int(row["onset_frame"]) if row["onset_frame"].strip() else None,
+        end_frame=int(row["end_frame"]) if row["end_frame"].strip() else None,
+        magnitude=float(row["magnitude"]) if row["magnitude"].strip() else None,
+        ramp_frames=int((row.get(RAMP_COLUMN) or "").strip() or 0),
+    )
+    if not 1 <= label.type <= N_TYPES:
+        raise ValueError(f"type {label.type} is outside 1..{N_TYPES}")
+    for name in ("onset_frame", "end_frame", "ramp_frames"):
+        value = getattr(label, name)
+        if value is not None and not 0 <= value <= MAX_FRAMES:
+            raise ValueError(f"{name} {value} is outside 0..{MAX_FRAMES}")
+    if label.magnitude is not None and not math.isfinite(label.magnitude):
+        raise ValueError(f"magnitude {label.magnitude} is not finite")
+    if len(label.video) > MAX_NAME_CHARS or len(label.kind) > MAX_NAME_CHARS:
+        raise ValueError(f"video or kind longer than {MAX_NAME_CHARS} characters")
+    return label
+
+
 def read_labels(root: str | os.PathLike) -> dict[tuple[int, str], Label]:
-    """``labels.csv`` at a data-set root as {(type, video): Label}; {} when there is none."""
+    """``labels.csv`` at a data-set root as {(type, video): Label}; {} when there is none.
+
+    DatasetError naming the file and line for anything malformed or out of range, and
+    for a file over MAX_LABELS_BYTES."""
     root = Path(root)
     if _TYPE_DIR.match(root.name) and not (root / "labels.csv").exists():
         root = root.parent
     path = root / "labels.csv"
     if not path.is_file():
         return {}
+    if path.stat().st_size > MAX_LABELS_BYTES:
+        raise DatasetError(f"{path}: over the {MAX_LABELS_BYTES}-byte limit")
     out: dict[tuple[int, str], Label] = {}
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
-        for lineno, row in enumerate(reader, start=2):
-            try:
-                label = Label(
-                    type=int(row["type"]),
-                    video=row["video"].strip(),
-                    kind=row["kind"].strip(),
-                    onset_frame=int(row["onset_frame"]) if row["onset_frame"].strip() else None,
-                    end_frame=int(row["end_frame"]) if row["end_frame"].strip() else None,
-                    magnitude=float(row["magnitude"]) if row["magnitude"].strip() else None,
-                    ramp_frames=int((row.get(RAMP_COLUMN) or "").strip() or 0),
-                )
-            except (TypeError, ValueError, AttributeError) as exc:
-                raise DatasetError(f"{path}: line {lineno}: bad label row ({exc})") from None
-            out[(label.type, label.video)] = label
+        try:
+            missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+            for row in reader:
+                label = _label(row)
+                out[(label.type, label.video)] = label
+        except csv.Error as exc:  # an over-long field: met before the line is counted
+            raise DatasetError(
+                f"{path}: line {reader.line_num + 1}: bad label row ({str(exc):.200})"
+            ) from None
+        except (TypeError, ValueError, AttributeError) as exc:  # UnicodeDecodeError too
+            raise DatasetError(
+                f"{path}: line {reader.line_num}: bad label row ({str(exc):.200})"
+            ) from None
     return out
 
 
