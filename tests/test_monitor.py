@@ -1099,3 +1099,34 @@ def test_journal_deleted_under_a_running_monitor_is_written_back(procs, tmp_path
     assert "WARNING: journal" in mon.stderr and "restored" in mon.stderr
     with Journal(journal, writer=False) as reader:
         assert [v["video"] for v in reader.verdicts()] == ["0001", "0002"]
+
+
+def test_a_second_monitor_on_a_live_ipc_endpoint_is_refused_and_a_stale_one_is_taken(
+    procs, tmp_path
+):
+    """Issue 20 item 6: a second monitor on the same ipc:// endpoint took it silently and
+    orphaned the first. Now it exits 2 naming the endpoint, the first goes on serving;
+    a socket file left by a process that died is replaced."""
+    import socket
+
+    frames_ep, pub_ep = endpoints("ipc", tmp_path)
+    first = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+    with Subscriber(pub_ep, ["status"]) as sub:
+        wait_status(sub, lambda s: True)
+        second = procs.cli("monitor", "--frames", frames_ep, "--publish", pub_ep,
+                           "--journal", tmp_path / "other.sqlite", cwd=tmp_path)
+        assert second.wait(timeout=120) == 2, second.stderr
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith("lhtstream: error:") and pub_ep in last and "in use" in last
+        t_ns = wait_status(sub, lambda s: True)["t_ns"]
+        assert wait_status(sub, lambda s: s["t_ns"] > t_ns)  # the first still publishes
+        final_status(first, sub)
+    stale = tmp_path / "stale.ipc"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))  # a socket file nobody listens on, as a killed process leaves
+    dead.close()
+    pub_ep = f"ipc://{stale}"
+    third = start_monitor(procs, frames_ep, pub_ep, tmp_path)
+    with Subscriber(pub_ep, ["status"]) as sub:
+        wait_status(sub, lambda s: True)
+        final_status(third, sub)

@@ -18,7 +18,10 @@ already seen are looked up in a bounded set), never a schema library.
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
+import socket as _socket
+import stat
 import struct
 import time
 from collections.abc import Iterable, Sequence
@@ -764,3 +767,37 @@ def configure_subscriber(
         prefixes = selection.prefixes(topic) if topic in _TOPIC_BYTES else [topic.encode()]
         for prefix in prefixes:
             socket.setsockopt(zmq.SUBSCRIBE, prefix)
+
+
+def claim_ipc(endpoint: str) -> None:
+    """Make ``endpoint`` safe to bind if it is ``ipc://PATH``: a socket file there whose
+    owner is alive (it accepts a connection) raises ProtocolError, so a second process
+    never silently takes the endpoint from the first (libzmq would unlink and rebind
+    it); a stale one (owner gone: connection refused) is removed. Other endpoints and
+    abstract ``ipc://@name`` ones are left to ``bind``."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    path = endpoint[len("ipc://"):]
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ProtocolError(f"{endpoint}: cannot look at {path} ({exc.strerror})") from None
+    if not stat.S_ISSOCK(mode):
+        raise ProtocolError(f"{endpoint}: {path} exists and is no socket; not binding over it")
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # nobody listens: left behind by a process that died
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ProtocolError(f"{endpoint}: cannot probe {path} ({exc})") from None
+    finally:
+        probe.close()
+    raise ProtocolError(f"{endpoint} is in use by a running process (another monitor?): "
+                        "refusing to take it over; stop that one or choose another endpoint")

@@ -1414,7 +1414,10 @@ def serve(
     curve_client(curve, sub)
     try:
         try:
+            protocol.claim_ipc(publish)
             pub.bind(publish)
+        except protocol.ProtocolError as exc:
+            raise MonitorError(f"cannot bind --publish: {exc}") from None
         except zmq.ZMQError as exc:
             raise MonitorError(f"cannot bind --publish {publish}: {exc}") from None
         monitor = Monitor(
