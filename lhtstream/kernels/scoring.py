@@ -40,11 +40,11 @@ the stream adapts) follows as an EWMA of that length, and never moves more than
 slow fault cannot be absorbed, and how far it moved is in the pipeline status.
 It learns nothing while an alarm is active.
 
-Per-stream scoring state (`SCORE_STATE_SIZE` float64, zero at a video's start):
+Per-stream scoring state (float64 laid out as `SCORE`, zero at a video's start):
 running centre, frame count, the previous frame's flags and obstacle state,
 the cycle comb's rings, the change reference and its EWMA. Units: px, frames,
 px/frame; phase in frames [0, 10).
-All kernels are allocation-free; `work` is a float64 scratch of `WORK_SIZE`.
+All kernels are allocation-free; `work` is a float64 scratch laid out as `WORK`.
 """
 
 from __future__ import annotations
@@ -191,14 +191,14 @@ def tables(table):
 
 # ------------------------------------------------------------------ scoring state
 
-# S_PREV: 1 when the previous frame was empty/repeated (this frame's velocity is then
+# `SCORE` fields: prev: 1 when the previous frame was empty/repeated (this frame's velocity is then
 # a jump across the gap, not a move, so the frame is not judged).
-# S_LASTOBS / S_SINCE: obstacle state of the previous frame and frames since it changed
+# lastobs / since: obstacle state of the previous frame and frames since it changed
 # (the scanner finishes the pattern it was on when a window opens or closes, so frames
 # just after a key frame belong to neither pattern and are not judged).
-# Then the cycle comb: a ring of the last COMB_LAG frames' (x, y, obstacle, ok) and of
+# ring, slipring: the cycle comb, a ring of the last COMB_LAG frames' (x, y, obstacle, ok) and of
 # their slip terms (d.v, v.v, d.d), indexed by frame count modulo COMB_LAG.
-# Then the change reference: per obstacle state and REF_BINS bin, N_CHANGE means and their
+# ref, ref0, ew: the change reference, per obstacle state and REF_BINS bin, N_CHANGE means and their
 # weight; the means where each bin was established (for REF_BOUND); and per obstacle state
 # the change EWMA (frames it ran, sum of its squared weights, values): a window's EWMA does
 # not restart the obstacle-free one, which goes on where it stopped.
