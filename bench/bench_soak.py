@@ -41,7 +41,7 @@ def bench_set(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_soak_memory_flat_and_counters_clean(benchmark, bench_set, tmp_path):
-    from lhtstream.cli.children import Child, monitor_args, short_tempdir
+    from lhtstream.service.harness import Child, monitor_args, short_tempdir
 
     data, model = bench_set
     folder = short_tempdir("lht-soak-")

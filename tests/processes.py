@@ -1,5 +1,8 @@
 """Shared test helpers: CLI processes, endpoints and ZeroMQ subscribers.
 
+The processes are the package's own harness (`lhtstream.service.harness`, which the
+benchmarks and the demo use), run against this checkout.
+
 Import with ``from tests.processes import ...``. Every process is started via
 ``ProcessGroup`` (a context manager) so a failing test still kills it::
 
@@ -17,12 +20,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,14 +31,9 @@ from typing import Any
 
 import zmq
 
+from lhtstream.service.harness import Child, cli, free_tcp_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tcp_endpoint() -> str:
@@ -66,130 +61,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-class CliProcess:
-    """One ``python -m lhtstream.cli ...`` child whose stdout/stderr are collected by threads."""
+class CliProcess(Child):
+    """One ``python -m lhtstream.cli ...`` child of this checkout (the harness's `Child`)."""
 
     def __init__(self, args: Sequence[str], cwd: Path | None = None,
                  env: dict[str, str] | None = None) -> None:
-        full_env = _child_env(env)
-        self.args = [sys.executable, "-m", "lhtstream.cli", *map(str, args)]
-        self.popen = subprocess.Popen(
-            self.args, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-        )
-        self._lock = threading.Lock()
-        self.stdout_lines: list[str] = []
-        self.stderr_lines: list[str] = []
-        self._threads = [
-            threading.Thread(target=self._pump, args=(self.popen.stdout, self.stdout_lines),
-                             daemon=True),
-            threading.Thread(target=self._pump, args=(self.popen.stderr, self.stderr_lines),
-                             daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _pump(self, stream: Any, lines: list[str]) -> None:
-        for line in stream:
-            with self._lock:
-                lines.append(line.rstrip("\n"))
-        stream.close()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    @property
-    def stdout(self) -> str:
-        with self._lock:
-            return "\n".join(self.stdout_lines)
-
-    @property
-    def stderr(self) -> str:
-        with self._lock:
-            return "\n".join(self.stderr_lines)
-
-    def _wait_for(self, lines: list[str], pattern: str, timeout: float) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            with self._lock:
-                new = lines[seen:]
-            match = _first_match(regex, new)
-            if match:
-                return match
-            seen += len(new)
-            if self.popen.poll() is not None:
-                self._drain()
-                with self._lock:
-                    rest = lines[seen:]
-                match = _first_match(regex, rest)
-                if match:
-                    return match
-                raise AssertionError(
-                    f"process exited ({self.popen.returncode}) before printing /{pattern}/\n"
-                    f"stderr:\n{self.stderr}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"/{pattern}/ not printed within {timeout} s\nstderr:\n{self.stderr}"
-                )
-            time.sleep(0.02)
+        super().__init__(cli(*args), name=f"lhtstream {args[0] if args else ''}",
+                         env=_child_env(env), cwd=cwd)
 
     def wait_for_stderr(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
         """Wait until a stderr line matches the regex ``pattern``; return the match."""
-        return self._wait_for(self.stderr_lines, pattern, timeout)
+        return self.wait_for(pattern, timeout, stream="stderr")
 
     def wait_for_stdout(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
         """Wait until a stdout line matches the regex ``pattern``; return the match."""
-        return self._wait_for(self.stdout_lines, pattern, timeout)
-
-    def _drain(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        """Wait for exit (output fully collected); kill and raise on timeout."""
-        try:
-            code = self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        self._drain()
-        return code
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signum)
+        return self.wait_for(pattern, timeout, stream="stdout")
 
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._drain()
-        return self.popen.returncode
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(timeout=10)
-
-
-def _first_match(regex: re.Pattern[str], lines: list[str]) -> re.Match[str] | None:
-    for line in lines:
-        match = regex.search(line)
-        if match:
-            return match
-    return None
+        return self.stop(timeout)
 
 
 class ProcessGroup:

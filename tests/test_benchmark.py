@@ -4,12 +4,14 @@ No timing is asserted here; that is what `lhtstream bench` is for."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
 def test_percentiles_of_known_values():
     from lhtstream.base.stats import percentiles
-    from lhtstream.cli.children import LAT_QS
+    from lhtstream.service.harness import LAT_QS
 
     # 1..1000: linear interpolation puts p50 at 500.5, p99 at 990.01, p99.9 at 999.001
     out = percentiles(np.arange(1, 1001, dtype=float), LAT_QS)
@@ -83,3 +85,26 @@ def test_check_view_cost_judges_the_ratio_on_long_segments_and_the_cpu_on_short(
     assert "% of a core" in check_view_cost(result(2.5, 1.0, 80.0))[0]  # a busy view
     assert len(check_view_cost(result(2.5, 1.0, 9.0, lost=1))) == 1
     assert len(check_view_cost(result(2.5, 1.0, 9.0, pictures=0.0))) == 1
+
+
+def test_the_bench_runs_from_the_installed_package_alone(tmp_path):
+    """`lhtstream bench` needs nothing from a source checkout: with only the package
+    (no tools/, no bench/) on the path, its bare-hop measurement runs."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import lhtstream
+
+    shutil.copytree(Path(lhtstream.__file__).parent, tmp_path / "lhtstream",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    code = ("import lhtstream, sys; from lhtstream.cli.bench import run_zmq_floor; "
+            "print(lhtstream.__file__); print(run_zmq_floor('ipc', 0.5).size)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    where, size = out.stdout.split()
+    assert where.startswith(str(tmp_path))  # the copy, not the checkout
+    assert 400 <= int(size) <= 500  # every message of 0.5 s at 1 kHz, give or take the start

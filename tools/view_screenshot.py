@@ -18,8 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from lhtstream.cli.children import Child, short_tempdir
 from lhtstream.cli.demo import default_cache, prepare
+from lhtstream.service.harness import Child, short_tempdir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [

@@ -1,14 +1,17 @@
-"""Benchmarks that show the 1 ms budget: end-to-end latency, throughput, micro-benchmarks.
+"""Benchmarks that show the 1 ms budget: end-to-end latency and throughput.
 
-``lhtstream bench`` runs, in this order:
+``lhtstream bench`` runs, in this order, with nothing but the installed package:
 
-1. the micro-benchmarks in ``bench/`` (pytest-benchmark, in a subprocess);
-2. end-to-end latency: replay, monitor and a subscriber as separate processes at
+1. end-to-end latency: replay, monitor and a subscriber as separate processes at
    1000 frames/s over ``ipc://`` and ``tcp://127.0.0.1``, and four streams into one
    monitor (`run_endtoend`), each alternating with the bare ZeroMQ hop
-   (``tools/zmq_floor.py``) it is compared with;
+   (`lhtstream.service.zmq_floor`) it is compared with;
+2. the view's cost (`run_view_cost`);
 3. throughput: the monitor fed ``--rate max`` (`run_max_rate`) and the offline
    pipeline over files (`run_batch_throughput`), projected to the full real data set.
+
+The per-frame micro-benchmarks (pytest-benchmark) are for developers, in a source
+checkout: ``pytest bench``.
 
 Per-frame handling latency is the monitor's own measure (done minus the frame's
 ``t_ns``, both ``CLOCK_MONOTONIC``). The monitor only publishes per-interval
@@ -28,7 +31,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +42,10 @@ import numpy as np
 import zmq
 
 from lhtstream.base.stats import percentiles
-from lhtstream.cli.children import (
+from lhtstream.cli.demo import default_cache, prepare
+from lhtstream.io.dataset import Dataset, read_labels
+from lhtstream.model.normality import NormalityModel
+from lhtstream.service.harness import (
     DELIVERY_QS,
     LAT_QS,
     Child,
@@ -50,9 +55,6 @@ from lhtstream.cli.children import (
     read_replay_summary,
     short_tempdir,
 )
-from lhtstream.cli.demo import default_cache, prepare
-from lhtstream.io.dataset import Dataset, read_labels
-from lhtstream.model.normality import NormalityModel
 from lhtstream.service.parallel import ordered_map, resolve_workers
 from lhtstream.service.pipeline import StreamPipeline
 
@@ -349,9 +351,8 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
     hops, lats, delivery, jitters = [], [], [], []
     sent = processed = lost = alarms = alarm_messages = verdicts = 0
     for _ in range(segments):
-        hop = run_zmq_floor(transport, piece) if hop_segments else None
-        if hop is not None:
-            hops.append(hop[warmup:])
+        if hop_segments:
+            hops.append(run_zmq_floor(transport, piece)[warmup:])
         with Run(transport, model, echo=echo) as run:
             run.start(data, "1000", streams=streams, loop=True,
                       videos=faulty_video_names(data) or None)
@@ -389,24 +390,22 @@ def run_endtoend(transport: str = "ipc", seconds: float = 60.0, streams: int = 1
         "replay_jitter_us": max(jitters, key=lambda j: j["p99"]) if jitters else None,
         "verdicts": verdicts,
     }
-    if hops:  # none outside a source checkout
+    if hops:
         result["over_floor"] = over_floor(result, np.concatenate(hops))
     return result
 
 
-def run_zmq_floor(transport: str = "ipc", seconds: float = 60.0) -> np.ndarray | None:
+def run_zmq_floor(transport: str = "ipc", seconds: float = 60.0) -> np.ndarray:
     """Every message's latency (us) of this host's bare ZeroMQ hop at 1 kHz
-    (``tools/zmq_floor.py``: the replay's pacing, a subscriber that only receives), over
-    `transport`; None outside a source checkout."""
-    tool = Path(__file__).resolve().parents[2] / "tools" / "zmq_floor.py"
-    if not tool.is_file():
-        return None
+    (`lhtstream.service.zmq_floor`: the replay's pacing, a subscriber that only
+    receives, in a process of its own), over `transport`."""
     folder = short_tempdir("lht-floor-")
     try:
         frames_ep, _ = endpoints(transport, folder)
         saved = folder / "hop.npy"
-        proc = subprocess.run([sys.executable, str(tool), "--seconds", str(seconds),
-                               "--endpoint", frames_ep, "--save", str(saved)],
+        proc = subprocess.run([sys.executable, "-m", "lhtstream.service.zmq_floor",
+                               "--seconds", str(seconds), "--endpoint", frames_ep,
+                               "--save", str(saved)],
                               capture_output=True, text=True, timeout=seconds + 60)
         if proc.returncode != 0 or not saved.is_file():
             raise BenchError(f"zmq_floor failed ({proc.returncode}): {proc.stdout[-500:]}"
@@ -729,31 +728,6 @@ def run_batch_throughput(data: Path | None = None, model: Path | None = None,
     }
 
 
-# ---------------------------------------------------------------- micro-benchmarks
-
-
-def run_micro(quick: bool, json_out: Path) -> dict[str, Any]:
-    """Run ``bench/bench_*.py`` (not the end-to-end one) under pytest-benchmark; p50/p99 µs."""
-    bench_dir = Path(__file__).resolve().parents[2] / "bench"
-    if not bench_dir.is_dir():
-        raise BenchError(f"{bench_dir}: micro-benchmarks not found (run from a source checkout)")
-    files = sorted(str(p) for p in bench_dir.glob("bench_*.py") if p.name != "bench_endtoend.py")
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
-           f"--benchmark-json={json_out}"]
-    env = dict(os.environ, LHTSTREAM_BENCH_QUICK="1" if quick else "0")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BenchError(f"micro-benchmarks failed (pytest exit {proc.returncode}):\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-1000:]}")
-    report = json.loads(json_out.read_text())
-    out = {}
-    for b in report.get("benchmarks", []):
-        extra = b.get("extra_info", {})
-        out[b["name"]] = {**extra, "p50_us": extra.get("p50_us"), "p99_us": extra.get("p99_us"),
-                          "cpu_p99_us": extra.get("cpu_p99_us"), "rounds": b["stats"]["rounds"]}
-    return out
-
-
 # ---------------------------------------------------------------- the bench command
 
 
@@ -778,27 +752,6 @@ def _fmt(v: Any) -> str:
 def summary_table(results: dict[str, Any]) -> str:
     """A plain-text table of a ``run_bench`` result."""
     lines = []
-    micro = results.get("micro") or {}
-    if micro:
-        lines.append("micro-benchmarks (per frame)           p50 us     p99 us  CPU p99 us")
-        for name, r in micro.items():
-            lines.append(f"  {name:<36} {_fmt(r['p50_us']):>8} {_fmt(r['p99_us']):>10}"
-                         f" {_fmt(r.get('cpu_p99_us')):>11}")
-        pub = results.get("kdeamd_published")
-        if pub:
-            lines.append(f"  KDE-AMD as published, real training size: {pub['hit_fraction']:.0%} "
-                         f"of frames evaluate a KDE, {pub['hit_p50_us']:.1f} us each (p50, "
-                         f"{pub['hit_ratio']:.0f}x our whole monitor step); mean "
-                         f"{pub['mean_us']:.1f} us/frame")
-        if results.get("kdeamd_ratio"):
-            lines.append("  KDE-AMD paper-faithful at real training size / our whole monitor step "
-                         f"(p50): {results['kdeamd_ratio']:.0f}x")
-        batch = micro.get("test_batch_analysis_vs_kdeamd") or {}
-        if batch.get("kdeamd_ratio"):
-            lines.append(f"  KDE-AMD at real training size ({batch['kdeamd_us']:.1f} us) / our "
-                         "per-frame analysis in batch (side by side): "
-                         f"{batch['kdeamd_ratio']:.0f}x (goal {batch['kdeamd_goal']:.0f}x: "
-                         f"{'met' if batch['kdeamd_goal_met'] else 'NOT met'})")
     e2e = results.get("endtoend") or []
     if e2e:
         lines.append("end-to-end at 1 kHz/stream     frames  lost >1ms  p50    p99    p99.9  max"
@@ -869,28 +822,11 @@ def run_bench(args: Any) -> int:
     t0 = time.monotonic()
     say("preparing the data set and model (cached after the first run)")
     data, model = bench_data()
-    with tempfile.TemporaryDirectory() as tmp:
-        say("micro-benchmarks (pytest-benchmark)")
-        try:
-            results["micro"] = run_micro(quick, Path(tmp) / "micro.json")
-        except BenchError as exc:
-            results["problems"].append(str(exc).splitlines()[0])
-            say(str(exc))
-    micro = results.get("micro") or {}
-    ours = (micro.get("test_monitor_step") or {}).get("p50_us")
-    theirs = (micro.get("test_kdeamd_frame_realsize") or {}).get("p50_us")
-    if ours and theirs:
-        results["kdeamd_ratio"] = theirs / ours
-    pub = (micro.get("test_kdeamd_published_frame_realsize") or {})
-    if ours and pub.get("hit_p50_us"):
-        results["kdeamd_published"] = {k: pub[k] for k in ("hit_fraction", "hit_p50_us",
-                                                            "mean_us", "p50_us", "p99_us")}
-        results["kdeamd_published"]["hit_ratio"] = pub["hit_p50_us"] / ours
     results["endtoend"] = []
     segments = 1 if quick else E2E_HOP_SEGMENTS
     for transport, streams in (("ipc", 1), ("tcp", 1), ("ipc", 4)):
         say(f"end to end: {transport}, {streams} stream(s), {seconds:g} s at 1 kHz each, "
-            f"alternating with the bare ZeroMQ hop (tools/zmq_floor.py) in {segments} "
+            f"alternating with the bare ZeroMQ hop (service/zmq_floor.py) in {segments} "
             f"segment(s) each")
         r = run_endtoend(transport, seconds, streams, data, model, hop_segments=segments)
         results["endtoend"].append(r)

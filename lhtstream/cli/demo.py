@@ -36,17 +36,17 @@ import zmq
 import lhtstream
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.stats import percentiles
-from lhtstream.cli.children import (
+from lhtstream.io.dataset import read_labels
+from lhtstream.io.simulate import anomalies, params, synthesize
+from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
+from lhtstream.model.normality import NormalityModel
+from lhtstream.service.harness import (
     LAT_QS,
     Child,
     monitor_args,
     read_replay_summary,
     short_tempdir,
 )
-from lhtstream.io.dataset import read_labels
-from lhtstream.io.simulate import anomalies, params, synthesize
-from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY
-from lhtstream.model.normality import NormalityModel
 from lhtstream.service.training import fit_dataset
 
 # The demo set. The cache is keyed on these, the lhtstream version and a fingerprint

@@ -499,7 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workers(p, "processes scoring the videos on the monitor path")
     p.set_defaults(command="evaluate")
 
-    p = sub.add_parser("bench", help="run the benchmark suites and print a summary")
+    p = sub.add_parser(
+        "bench",
+        help="measure end-to-end latency, the view's cost and throughput; print a summary",
+        epilog="Needs only the installed package. The per-frame micro-benchmarks "
+        "(pytest-benchmark) are for developers: `pytest bench` in a source checkout.",
+    )
     p.add_argument("--quick", action="store_true", help="short runs (what CI runs)")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument(
