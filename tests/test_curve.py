@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 
@@ -63,3 +64,45 @@ def test_bad_curve_options_are_one_line_errors(tmp_path, argv, reason):
     done = run_cli(*argv, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and reason in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_curve_handshake_failures_are_named_by_the_monitor(procs, tmp_path):
+    """Issue 20 item 6: with the wrong server key nothing was said, and a monitor not
+    admitted logged "part above the size bound?; reconnecting". Now the handshake events
+    name each: the publisher did not admit the key, or closed the handshake (wrong key)."""
+    import zmq
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    keys, admitted, monitor_clients = tmp_path / "keys", tmp_path / "admitted", tmp_path / "mc"
+    for folder in (keys, admitted, monitor_clients):
+        folder.mkdir()
+    for name in ("camera", "monitor", "someone", "operator"):
+        zmq.auth.create_certificates(str(keys), name)
+    shutil.copy(keys / "someone.key", admitted)  # the camera admits someone, not the monitor
+    shutil.copy(keys / "operator.key", monitor_clients)
+    ctx = zmq.Context.instance()
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(admitted))
+    camera = ctx.socket(zmq.PUB)
+    camera.setsockopt(zmq.LINGER, 0)
+    public, secret = zmq.auth.load_certificate(str(keys / "camera.key_secret"))
+    camera.curve_secretkey, camera.curve_publickey, camera.curve_server = secret, public, True
+    frames_ep = tcp_endpoint()
+    camera.bind(frames_ep)
+    try:
+        for server_key, expected in (("camera.key", "did not admit this monitor's CURVE key"),
+                                     ("someone.key", "closed the handshake")):
+            mon = procs.cli("monitor", "--frames", frames_ep, "--publish", tcp_endpoint(),
+                            "--journal", tmp_path / f"{server_key}.sqlite",
+                            "--curve-secret", keys / "monitor.key_secret",
+                            "--curve-server-key", keys / server_key,
+                            "--curve-clients", monitor_clients, cwd=tmp_path)
+            mon.wait_for_stderr(expected, timeout=120)
+            mon.signal(signal.SIGTERM)
+            assert mon.wait(timeout=30) == 0, mon.stderr
+            assert "size bound" not in mon.stderr
+    finally:
+        camera.close(0)
+        auth.stop()

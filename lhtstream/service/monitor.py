@@ -470,6 +470,10 @@ class Monitor:
         # workstations joining at once made their first ~60 frames up to 13 ms late.
         self._spares = [make_pipeline("spare") for _ in range(min(SPARE_PIPELINES, max_streams))]
         self.reconnects = 0
+        self.handshake_failures = 0  # frame connections refused at the ZMTP/CURVE handshake
+        self.handshake_error: str | None = None  # the last one, named
+        self._failed_handshake: dict[str, str] = {}  # endpoint -> its last failure
+        self._handshakes = RateLimitedLog(10.0)
         self.events: Any = None  # PAIR socket of zmq_socket_monitor on `sub`, if watched
         # endpoint -> monotonic ns by which libzmq must have shown it reconnects by itself
         self._dropped_at: dict[str, int] = {}
@@ -483,7 +487,7 @@ class Monitor:
         self.frame_endpoints = set(endpoints)
         self.events = self.sub.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED
-            | zmq.EVENT_CONNECTED
+            | zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
         )
 
     # ------------------------------------------------------------ loop
@@ -627,7 +631,19 @@ class Monitor:
             endpoint = raw.decode() if isinstance(raw, bytes) else str(raw)
             if endpoint not in self.frame_endpoints:
                 continue
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            kind = int(event["event"])
+            if kind & _HANDSHAKE_FAILED:
+                reason = _handshake_failure(kind, int(event["value"]))
+                self.handshake_failures += 1
+                self.handshake_error = f"{endpoint}: {reason}"[:200]
+                self._failed_handshake[endpoint] = reason
+                self._handshakes(f"frames from {endpoint}: {reason}")
+                continue
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._failed_handshake.pop(endpoint, None) is not None:
+                    log(f"frames from {endpoint}: handshake succeeded")
+                continue
+            if kind == zmq.EVENT_DISCONNECTED:
                 self._dropped_at[endpoint] = time.monotonic_ns() + int(RECONNECT_GRACE_S * 1e9)
             else:  # libzmq is reconnecting (or has): leave it alone
                 self._dropped_at.pop(endpoint, None)
@@ -647,9 +663,11 @@ class Monitor:
                 continue
             del self._dropped_at[endpoint]
             self.reconnects += 1
-            self._gaps(f"connection to {endpoint} dropped and libzmq did not reconnect "
-                       "(the publisher sent a message part above the size bound?); "
-                       "reconnecting")
+            refused = self._failed_handshake.get(endpoint)
+            self._gaps(f"connection to {endpoint} dropped and libzmq did not reconnect ("
+                       + (f"refused at the handshake: {refused}" if refused else
+                          "after a protocol error: a message part above the size bound?")
+                       + "); reconnecting")
             try:
                 self.sub.disconnect(endpoint)
             except zmq.ZMQError:
@@ -1075,6 +1093,8 @@ class Monitor:
             "bad_time": self.bad_time,
             "errors": self.errors,
             "reconnects": self.reconnects,
+            "handshake_failures": self.handshake_failures,
+            "handshake_error": self.handshake_error,
             "alarms": self.alarms,
             "verdicts": self.verdicts,
             "latency_us": percentile_summary(total, top),
@@ -1181,6 +1201,23 @@ class Monitor:
         out.mkdir(parents=True, exist_ok=True)
         for name, rows in self._feature_rows.items():
             np.save(out / f"{name}.npy", np.vstack(rows) if rows else np.zeros((0, 0)))
+
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _handshake_failure(kind: int, value: int) -> str:
+    """What a failed handshake (a ZeroMQ socket-monitor event and its value) means for the
+    operator of a monitor whose frame SUB is the CURVE client."""
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the publisher did not admit this monitor's CURVE key (ZAP status {value}): "
+                "its --curve-clients folder lacks this monitor's public key")
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (f"handshake protocol error (ZMQ_PROTOCOL_ERROR 0x{value:x}): CURVE on one "
+                "side only, or another protocol on that port")
+    return ("the publisher closed the handshake: with CURVE, --curve-server-key is not the "
+            "publisher's public key (or the publisher does not use CURVE)")
 
 
 def _clamp(count: Any) -> int:
