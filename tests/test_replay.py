@@ -235,36 +235,51 @@ def test_summary_json_is_the_summary_the_replay_prints(procs, dataset, tmp_path)
     assert s["stopped"] is True and s["frames_sent"] == sent > 300
 
 
-def test_sigterm_ends_a_replay_blocked_loading_its_data_set(tmp_path, dataset):
-    """A load that never ends (here metadata.pkl is a FIFO whose writer sends nothing;
-    in the field a hostile pickle or a stalled mount): SIGTERM still ends the replay at
-    once, exit 0, with a line saying what it was loading."""
-    import os
-    import shutil
+BLOCKED_LOAD = """
+import sys, threading
+import lhtstream.service.replay as r
+from lhtstream.cli.parser import main
+
+def never(what):
+    print("loading", what, file=sys.stderr, flush=True)
+    threading.Event().wait()
+
+if sys.argv.pop(1) == "data set":
+    real = r.Dataset
+    class Dataset(real):  # reading the data set's metadata never ends
+        def __init__(self, *args, **kwargs):
+            never("data set")
+    r.Dataset = Dataset
+else:
+    r._load = lambda video, stream, first_seq: never(video.name)  # nor one video's load
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("blocked, what", [("data set", "the data set {root}"),
+                                           ("video", "Type3 video 0001")])
+def test_sigterm_ends_a_replay_whatever_it_is_loading(procs, dataset, tmp_path, blocked,
+                                                      what):
+    """A load that never ends (in the field: a hostile pickle, a stalled mount; here the
+    data set's reader or the video loader, replaced in-process by one that blocks for
+    good): SIGTERM still ends the replay at once, exit 0, naming what it was loading.
+    The data set is read in the main thread, a video on a worker thread."""
     import subprocess
     import sys
 
     from tests.processes import _child_env
 
-    root = tmp_path / "data"
-    shutil.copytree(dataset[0], root)
-    fifo = root / "Type3" / "metadata.pkl"
-    fifo.unlink()
-    os.mkfifo(fifo)
+    root, _ = dataset
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lhtstream.cli", "replay", str(root), "--endpoint",
+        [sys.executable, "-c", BLOCKED_LOAD, blocked, "replay", str(root), "--endpoint",
          ipc_endpoint(tmp_path), "--wait-subscribers", "0"], env=_child_env(),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    writer = None
     try:
-        deadline = time.monotonic() + 60
-        while writer is None:  # opens once the replay has opened it to read, and waits
-            try:
-                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
-                time.sleep(0.05)
-        time.sleep(0.3)  # the replay is inside its read now
+        line = ""
+        while not line.startswith("loading"):
+            line = proc.stderr.readline()
+            assert line, "the replay ended before it began loading"
+        time.sleep(0.3)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=10)
@@ -273,11 +288,9 @@ def test_sigterm_ends_a_replay_blocked_loading_its_data_set(tmp_path, dataset):
     finally:
         if proc.poll() is None:
             proc.kill()
-        if writer is not None:
-            os.close(writer)
     assert code == 0 and elapsed < 2.0, (code, elapsed, err)
+    assert f"replay: stopped by SIGTERM while loading {what.format(root=root)}" in err
     assert "Traceback" not in err
-    assert f"replay: stopped by SIGTERM while loading the data set {root}" in err
 
 
 def test_a_zero_frame_video_is_a_one_line_error(tmp_path, dataset):
