@@ -149,6 +149,7 @@ PICKLE_BOMBS = {
     "set": lambda: pickle.dumps({"0001": _entry(Index=frozenset({1}))}),
     "huge_string": lambda: pickle.dumps({"0001": _entry(Index="x" * 10_000_000)}),
     "huge_int_key": lambda: pickle.dumps({"0001": {10**5000: 1}}),
+    "two_line_name": lambda: pickle.dumps({"0001\nfake: OK": _entry()}),
 }
 
 
@@ -414,3 +415,14 @@ def test_labels_that_are_not_utf8_are_one_line_errors(hostile):
     path.write_bytes(b"type,video,kind,onset_frame,end_frame,magnitude\n3,\xff\xfe,normal,,,\n")
     with pytest.raises(DatasetError, match="labels.csv: line .*codec"):
         read_labels(hostile)
+
+
+def test_file_names_with_newlines_cannot_split_a_problem_line(hostile):
+    folder = hostile / "Type3"
+    shutil.copy(folder / "0001.npz", folder / "0003.npz\n0004.npz")
+    (folder / "x\ny.npz").write_bytes(b"")
+    (hostile / "Type3\n").mkdir()  # not a type folder: ignored
+    result = run_capped("validate", hostile)
+    assert_reported(result, "npz name is not digits", r"x\ny.npz")
+    assert_reported(result, "npz name is not digits", r"0003.npz\n0004.npz")
+    assert result.stdout.count("\n") == 2, result.stdout

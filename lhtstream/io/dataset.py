@@ -67,8 +67,8 @@ MAX_FRAMES = 1_000_000  # SizeInFrames: 1000 s at 1 kHz (real videos average ~15
 LABEL_COLUMNS = ("type", "video", "kind", "onset_frame", "end_frame", "magnitude")
 RAMP_COLUMN = "ramp_frames"  # optional: written only when some fault ramps (synth --ramp-frames)
 
-_TYPE_DIR = re.compile(r"^Type(\d+)$")
-_VIDEO_FILE = re.compile(r"^(\d+)\.npz$")
+_TYPE_DIR = re.compile(r"Type([0-9]+)")  # fullmatch: no trailing newline, ASCII digits
+_VIDEO_FILE = re.compile(r"([0-9]+)\.npz")
 
 
 class DatasetError(LhtstreamError, ValueError):
@@ -100,6 +100,11 @@ def _show(value: Any) -> str:
     return f"<{type(value).__name__}>"
 
 
+def _is_name(value: Any) -> bool:
+    """A video or field name: a short printable string (it is printed in one-line messages)."""
+    return isinstance(value, str) and len(value) <= MAX_NAME_CHARS and value.isprintable()
+
+
 def _plain_metadata(raw: Any, path: Path) -> dict[str, dict[str, Any]]:
     """``raw`` as fresh flat dicts of scalars, or DatasetError; never more than
     MAX_METADATA_ITEMS videos plus fields, a shared entry counted each time it is used."""
@@ -108,7 +113,7 @@ def _plain_metadata(raw: Any, path: Path) -> dict[str, dict[str, Any]]:
     budget = MAX_METADATA_ITEMS - len(raw)
     out: dict[str, dict[str, Any]] = {}
     for name, entry in raw.items():
-        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+        if not _is_name(name):
             raise DatasetError(f"{path}: metadata key {_show(name)} is not a video name string")
         if not isinstance(entry, dict):
             raise DatasetError(
@@ -126,7 +131,7 @@ def _plain_metadata(raw: Any, path: Path) -> dict[str, dict[str, Any]]:
             )
         fields = {}
         for key, value in entry.items():
-            if not isinstance(key, str) or len(key) > MAX_NAME_CHARS:
+            if not _is_name(key):
                 raise DatasetError(f"{path}: video {name}: field name {_show(key)} is not a string")
             value = _plain_value(value)
             if not isinstance(value, (int, float, type(None), str, bytes)) or (
@@ -435,10 +440,10 @@ class Video:
 def _type_dirs(path: Path) -> list[tuple[int, Path]]:
     """(type, folder) of ``path`` itself or of its TypeN children; DatasetError for a TypeN
     folder outside Type1..Type36 (or spelt Type03), which no model or reader can use."""
-    candidates = [path] if _TYPE_DIR.match(path.name) else sorted(path.iterdir())
+    candidates = [path] if _TYPE_DIR.fullmatch(path.name) else sorted(path.iterdir())
     found = []
     for child in candidates:
-        m = _TYPE_DIR.match(child.name)
+        m = _TYPE_DIR.fullmatch(child.name)
         if not (m and child.is_dir()):
             continue
         type_id = int(m.group(1))
@@ -451,7 +456,7 @@ def _type_dirs(path: Path) -> list[tuple[int, Path]]:
 def _video_files(folder: Path) -> list[tuple[str, Path]]:
     out = []
     for child in folder.iterdir():
-        m = _VIDEO_FILE.match(child.name)
+        m = _VIDEO_FILE.fullmatch(child.name)
         if m and child.is_file():
             out.append((m.group(1), child))
     return sorted(out, key=lambda item: (int(item[0]), item[0]))
@@ -585,7 +590,7 @@ def read_labels(root: str | os.PathLike) -> dict[tuple[int, str], Label]:
     DatasetError naming the file and line for anything malformed or out of range, and
     for a file over MAX_LABELS_BYTES."""
     root = Path(root)
-    if _TYPE_DIR.match(root.name) and not (root / "labels.csv").exists():
+    if _TYPE_DIR.fullmatch(root.name) and not (root / "labels.csv").exists():
         root = root.parent
     path = root / "labels.csv"
     if not path.is_file():
@@ -710,8 +715,9 @@ def validate(path: str | os.PathLike) -> list[str]:
             meta = None
         files = _video_files(folder)
         for child in sorted(folder.iterdir()):
-            if child.suffix == ".npz" and not _VIDEO_FILE.match(child.name):
-                problems.append(f"{child}: npz name is not digits (expected NNNN.npz)")
+            if child.suffix == ".npz" and not _VIDEO_FILE.fullmatch(child.name):
+                shown = str(child) if child.name.isprintable() else repr(str(child))
+                problems.append(f"{shown}: npz name is not digits (expected NNNN.npz)")
         names = {name for name, _ in files}
         if meta is not None:
             for name in sorted(set(meta) - names):
