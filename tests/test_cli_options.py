@@ -87,3 +87,27 @@ def test_bad_option_as_a_real_process():
         "lhtstream monitor: error: argument --calibration-seconds: 0 is out of range "
         "(allowed: 0.2..120) (see lhtstream monitor --help)"
     ]
+
+
+@pytest.mark.parametrize("command, delay", [("monitor", 0.3), ("monitor", 0.8), ("view", 0.3)])
+def test_sigterm_during_start_up_exits_0_with_a_line(tmp_path, command, delay):
+    """`python -m lhtstream.cli` stops on SIGTERM at any moment of its start-up (imports of
+    numpy, ZeroMQ, Numba: before a service has its own handler) with exit 0 and a line,
+    not killed without a word (issue 20 item 6)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.processes import _child_env, ipc_endpoint
+
+    args = {"monitor": ["monitor", "--frames", ipc_endpoint(tmp_path), "--publish",
+                        ipc_endpoint(tmp_path, "pub"), "--journal", str(tmp_path / "j.sqlite")],
+            "view": ["view", "--monitor", ipc_endpoint(tmp_path, "pub"), "--port", "0"]}
+    child = subprocess.Popen([sys.executable, "-m", "lhtstream.cli", *args[command]],
+                             cwd=tmp_path, env=_child_env(), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert "stop" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from lhtstream.io.protocol import (
     DEFAULT_PUBLISH_ENDPOINT,
     StreamSelection,
 )
+from lhtstream.service.startup import exit_on_stop_signals
 
 # ---------------------------------------------------------------- option values
 
@@ -517,13 +519,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVICES = frozenset({"monitor", "view", "replay"})
+"""Commands that install their own SIGINT/SIGTERM handlers once they run."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `lhtstream` command; ``argv`` None: this process's own arguments."""
+    if argv is None:  # this process's command, not a call from Python (tests)
+        # SIGINT/SIGTERM during the imports below exit 0 with a line, not silently
+        exit_on_stop_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     from lhtstream.cli import commands  # local import: start-up time (numba, ~0.5 s)
+
+    if argv is None and args.command not in SERVICES:
+        # the rest stop as before: Ctrl-C is KeyboardInterrupt (130), SIGTERM the default
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     handler = getattr(commands, f"cmd_{args.command}")
     try:
