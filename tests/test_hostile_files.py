@@ -340,6 +340,23 @@ def test_npz_with_a_huge_zip_directory_is_refused_before_zipfile_parses_it(tmp_p
         read_image(path)
 
 
+def test_npz_whose_zip64_record_declares_a_huge_directory_is_refused(tmp_path):
+    # zipfile takes the counts of a ZIP64 record that precedes the end record, whatever the
+    # end record says: so must the check. (A real 16 GB directory is not needed to test it.)
+    import struct
+
+    path = tmp_path / "0001.npz"
+    np.savez(path, image=np.zeros((3, 2, 2), np.uint16))
+    data = path.read_bytes()
+    at = data.rfind(b"PK\x05\x06")
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0,
+                         10**7, 10**7, 16 << 30, 0)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, at, 1)
+    path.write_bytes(data[:at] + record + locator + data[at:])
+    with pytest.raises(DatasetError, match="10000000 members"):
+        read_image(path)
+
+
 def test_npz_of_other_shapes_and_dtypes_still_read(tmp_path):
     # what np.load reads, read_image reads: uncompressed and compressed, any numeric dtype
     image = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4)

@@ -325,8 +325,12 @@ def _zip_directory(fh: BinaryIO, where: str) -> None:
     if at < 0 or len(tail) < at + 22:
         return  # not a zip: zipfile says so
     entries, dir_bytes = struct.unpack_from("<HI", tail, at + 10)
-    z64 = tail.rfind(b"PK\x06\x06", 0, at)
-    if (entries == 0xFFFF or dir_bytes == 0xFFFFFFFF) and z64 >= 0 and len(tail) >= z64 + 48:
+    # As zipfile does: a ZIP64 locator right before the end record, and the ZIP64 record
+    # right before that, override the end record's counts whatever those say.
+    z64 = at - 20 - 56
+    if z64 >= 0 and tail[at - 20 : at - 16] == b"PK\x06\x07" and tail[z64 : z64 + 4] == (
+        b"PK\x06\x06"
+    ):
         entries, dir_bytes = struct.unpack_from("<QQ", tail, z64 + 32)
     if entries > MAX_NPZ_MEMBERS or dir_bytes > MAX_NPZ_DIRECTORY_BYTES:
         raise DatasetError(
