@@ -357,6 +357,28 @@ def test_npz_whose_zip64_record_declares_a_huge_directory_is_refused(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_npz_compressed_other_than_numpy_does_is_refused_before_inflating(tmp_path, method):
+    # zipfile inflates a whole bzip2/lzma chunk at once: a few KB could be GBs (not built here)
+    path = tmp_path / "0001.npz"
+    with zipfile.ZipFile(path, "w", method) as zf, zf.open("image.npy", "w") as fh:
+        np.save(fh, np.zeros((3, 2, 2), np.uint16))
+    with pytest.raises(DatasetError, match=f"compression method {method};"):
+        read_image(path)
+
+
+def test_encrypted_npz_is_a_one_line_error(tmp_path):
+    path = tmp_path / "0001.npz"
+    np.savez(path, image=np.zeros((3, 2, 2), np.uint16))
+    data = bytearray(path.read_bytes())
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # set the "encrypted" flag bit in both headers
+        at = data.find(sig)
+        data[at + (6 if sig == b"PK\x03\x04" else 8)] |= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="corrupt or truncated npz.*encrypted"):
+        read_image(path)
+
+
 def test_npz_of_other_shapes_and_dtypes_still_read(tmp_path):
     # what np.load reads, read_image reads: uncompressed and compressed, any numeric dtype
     image = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4)

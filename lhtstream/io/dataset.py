@@ -19,7 +19,6 @@ hostile pickle cannot run code. Nothing here loads more than one video at a time
 from __future__ import annotations
 
 import csv
-import lzma
 import math
 import os
 import pickle
@@ -350,6 +349,11 @@ def _image_header(
         has = sorted(n.removesuffix(".npy") for n in names[:10])
         raise DatasetError(f"{where}: no 'image' array in npz (has {has})")
     info = zf.getinfo(member)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # what numpy writes; zipfile inflates bzip2 and lzma chunks without a length bound,
+        # so 4 KB of bzip2 can become GBs before the first header byte is returned
+        raise DatasetError(f"{where}: npz member {member} uses zip compression method "
+                           f"{info.compress_type}; numpy writes only 0 (stored) or 8 (deflated)")
     with zf.open(info) as fh:
         version = npformat.read_magic(fh)
         read_header = (npformat.read_array_header_1_0 if version == (1, 0)
@@ -406,8 +410,7 @@ def read_image(
     except FileNotFoundError:
         raise DatasetError(f"{where}: file missing") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError,
-            zlib.error, lzma.LZMAError, RuntimeError, NotImplementedError) as exc:
-        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
+            zlib.error, RuntimeError) as exc:  # RuntimeError: an encrypted member
         raise DatasetError(
             f"{where}: corrupt or truncated npz ({type(exc).__name__}: {str(exc):.200})"
         ) from None
