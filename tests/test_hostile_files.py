@@ -153,7 +153,11 @@ PICKLE_BOMBS = {
 }
 
 
-@pytest.mark.parametrize("bomb", sorted(PICKLE_BOMBS))
+# Those a regressed reader would hang on, or allocate tens of GB for, run only in a capped child.
+CHILD_ONLY = {"tuple_key", "memo_index"}
+
+
+@pytest.mark.parametrize("bomb", sorted(set(PICKLE_BOMBS) - CHILD_ONLY))
 def test_pickle_bombs_are_refused_at_once(tmp_path, bomb):
     path = tmp_path / "metadata.pkl"
     path.write_bytes(PICKLE_BOMBS[bomb]())
