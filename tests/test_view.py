@@ -106,6 +106,15 @@ def test_state_shows_the_stream_its_path_evidence_and_the_faults_alarm(live):
     assert "alarm" in verdict_or_alarm
 
 
+def test_responses_name_files_not_paths_on_the_views_host(live):
+    """The model and the journal are named by file name only (no directory of the host)."""
+    s = state(live["base"])
+    assert s["model"] == live["model"].rsplit("/", 1)[1] and "/" not in s["model"]
+    history = json.loads(get(live["base"] + "/api/history"))
+    assert history["journal"] == "journal.sqlite"
+    assert live["model"].rsplit("/", 1)[0] not in json.dumps(history)
+
+
 def test_metrics_are_prometheus_text_with_the_monitors_own_counts(live):
     wait_for_alarm(live["base"], FAULT_ALARM)
     text = None

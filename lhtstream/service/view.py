@@ -451,7 +451,9 @@ class ViewState:
             })
         return {
             "monitors": monitors, "streams": streams, "kinds": list(ALARM_KINDS),
-            "run": self.run, "model": self.model_path, "streams_ignored": self.streams_ignored,
+            # file names only: a response names no path on the view's host
+            "run": self.run, "model": Path(self.model_path).name if self.model_path else None,
+            "streams_ignored": self.streams_ignored,
             "malformed": self.malformed,
         }
 
@@ -673,7 +675,7 @@ def journal_history(path: str) -> dict[str, Any]:
         bucket_s, rows = journal.raise_counts()
         verdicts = journal.verdict_counts(bucket_s)
     return {
-        "journal": path, "bucket_s": bucket_s,
+        "journal": Path(path).name, "bucket_s": bucket_s,
         "alarms": [{"t": t, "stream": s, "kind": k, "n": n} for t, s, k, n in rows],
         "verdicts": [{"t": t, "stream": s, "anomalous": a, "n": n} for t, s, a, n in verdicts],
     }
@@ -889,7 +891,9 @@ class ViewServer:
             history = await asyncio.get_running_loop().run_in_executor(
                 None, journal_history, self.journal)
         except JournalError as exc:
-            return web.json_response({"journal": self.journal, "error": str(exc)})
+            name = Path(self.journal).name  # no path on the view's host in a response
+            return web.json_response({"journal": name,
+                                      "error": str(exc).replace(self.journal, name)})
         return web.json_response(history)
 
     # ---- WebSocket
