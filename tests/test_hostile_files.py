@@ -31,7 +31,7 @@ from lhtstream.io.dataset import (
 )
 from tests.processes import REPO_ROOT, ipc_endpoint
 
-ADDRESS_SPACE = 1536 << 20  # the child's RLIMIT_AS: Python + numpy + numba fit in ~1 GB
+ADDRESS_SPACE = 1536 << 20  # the child's RLIMIT_AS (a refusing CLI peaks at ~110 MB resident)
 SECONDS = 60  # every refusal below takes well under a second on a quiet machine
 
 
