@@ -11,9 +11,12 @@ Shapes follow the seed's formulas: rows = InfBordPx - SupBordPx + 1,
 cols = RightBordPx - LeftBordPx + 1, frames = SizeInFrames (the seed calls the
 right/bottom borders "exclusive" yet gives these formulas; we follow the formulas).
 
-``metadata.pkl`` is read with a restricted unpickler that only admits plain
-containers, strings, numbers, booleans, None and numpy numeric scalars, so a
-hostile pickle cannot run code. Nothing here loads more than one video at a time.
+``metadata.pkl`` is read with a restricted, counted unpickler (`lhtstream.io.safe_pickle`)
+that only admits plain containers, strings, numbers, booleans, None and numpy numeric
+scalars, so a hostile pickle cannot run code or grow without bound. Every reader is
+bounded before it allocates: metadata fields are checked against FIELD_RANGES before a
+shape is used, and an npz's zip directory and .npy header before anything is inflated.
+Nothing here loads more than one video at a time.
 """
 
 from __future__ import annotations
