@@ -1134,7 +1134,7 @@ def test_a_second_monitor_on_a_live_ipc_endpoint_is_refused_and_a_stale_one_is_t
 
 _EARLY_STOP_MAIN = """
 import sys
-from lhtstream.service.startup import exit_on_stop_signals
+from lhtstream.service.signals import exit_on_stop_signals
 exit_on_stop_signals()  # what lhtstream/cli/__init__.py is to do before its imports
 from lhtstream.cli import main
 sys.exit(main(sys.argv[1:]))

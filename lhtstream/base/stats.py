@@ -128,14 +128,25 @@ def roc_curve(neg: Sequence[float], pos: Sequence[float]) -> tuple[np.ndarray, n
     return fpr, tpr
 
 
-def percentiles(values: np.ndarray, qs: Sequence[tuple[str, float]]) -> dict[str, float | None]:
-    """Named percentiles (and max) of ``values`` in the same unit, rounded to 0.1."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {**{name: None for name, _ in qs}, "max": None}
-    out: dict[str, float | None] = {
-        name: round(float(np.percentile(v, q)), 1) for name, q in qs
-    }
-    out["max"] = round(float(v.max()), 1)
-    return out
+def percentiles(values: np.ndarray, qs: Sequence[tuple[str, float]],
+                top: float | None = None) -> dict[str, float | None]:
+    """Named percentiles of ``values`` (``qs``: (name, q in %) pairs) and ``max``, in the
+    values' unit, rounded to 0.1; all None when ``values`` is empty.
 
+    Linear between ranks, numpy's default method, by a sort and the interpolation by hand:
+    np.percentile costs ~25 µs per call on a few hundred values, this a few (the monitor
+    calls it in the gap between two frames). ``top``: the exact maximum when ``values``
+    may no longer hold it (a ring that wrapped around).
+    """
+    ranked = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    n = ranked.shape[0]
+    if n == 0:
+        return {**{name: None for name, _ in qs}, "max": None}
+    out: dict[str, float | None] = {}
+    for name, q in qs:
+        pos = q / 100.0 * (n - 1)
+        lo = int(pos)
+        hi = min(lo + 1, n - 1)
+        out[name] = round(float(ranked[lo] + (ranked[hi] - ranked[lo]) * (pos - lo)), 1)
+    out["max"] = round(float(ranked[-1] if top is None else top), 1)
+    return out

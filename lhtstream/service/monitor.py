@@ -26,11 +26,7 @@ array; percentiles are computed once per status interval, not per frame.
 from __future__ import annotations
 
 import dataclasses
-import gc
-import logging
 import math
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -43,26 +39,15 @@ from zmq.utils.monitor import recv_monitor_message
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io import protocol
-from lhtstream.io.curve import Curve
-from lhtstream.io.curve import client as curve_client
-from lhtstream.io.curve import server as curve_server
-from lhtstream.io.journal import DEFAULT_JOURNAL, Journal
-from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
-from lhtstream.io.simulate import simulate_video
-from lhtstream.kernels import features
-from lhtstream.model.normality import NormalityModel
-from lhtstream.service.pipeline import DEFAULT_CALIBRATION_FRAMES, StreamPipeline
-from lhtstream.service.training import cancel_background_fits
+from lhtstream.service.latency import LatencyRecorder, percentile_summary
+from lhtstream.service.oplog import RateLimitedLog, log
+from lhtstream.service.streams import FrameBlock, StreamState, TokenBucket, model_state
 
-STREAM_LATENCY_CAPACITY = 1 << 16
-"""Latency samples kept per stream and status interval (65 k: > 1 min at 1 kHz); older
-ones are overwritten when a burst exceeds it, but ``max`` is tracked exactly."""
+__all__ = ["FrameBlock", "LatencyRecorder", "Monitor", "MonitorError", "RateLimitedLog",
+           "StreamState", "log", "percentile_summary"]
+
 DRAIN_BUDGET = 2_000
 """Messages handled per wake-up before the loop looks at the clock again (status, signals)."""
-BLOCK_FRAMES = 64
-"""Most frames of one stream stepped in one call (`StreamPipeline.process_block`) when
-they arrive queued; a frame that finds the queue empty behind it is never held back."""
-_MAX_FRAME_PIXELS = protocol.MAX_FRAME_SIDE ** 2
 DEFAULT_MAX_STREAMS = 64
 """Streams one monitor serves at once (each holds a pipeline of ~1-2 MB); more are refused."""
 DEFAULT_IDLE_SECONDS = 300.0
@@ -120,281 +105,12 @@ class MonitorError(LhtstreamError):
     """The monitor cannot start: bad model, endpoint in use, journal locked."""
 
 
-def log(message: str) -> None:
-    """One line on stderr with a wall-clock stamp (the monitor's operator log)."""
-    print(f"{time.strftime('%H:%M:%S')} monitor: {message}", file=sys.stderr, flush=True)
-
-
-class RateLimitedLog:
-    """Logs a problem at most once per ``interval`` seconds, with a count of the suppressed."""
-
-    def __init__(self, interval: float = 1.0, sink: Callable[[str], None] = log) -> None:
-        self.interval = interval
-        self.sink = sink
-        self._last = -math.inf
-        self._suppressed = 0
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return
-        extra = f" (+{self._suppressed} more since last report)" if self._suppressed else ""
-        self._suppressed = 0
-        self._last = now
-        self.sink(message + extra)
-
-
-def _interpolate(ranked: np.ndarray, q: float) -> float:
-    """Quantile ``q`` of sorted values, linear between ranks (numpy's default method)."""
-    pos = q * (ranked.shape[0] - 1)
-    lo = int(pos)
-    hi = min(lo + 1, ranked.shape[0] - 1)
-    return float(ranked[lo] + (ranked[hi] - ranked[lo]) * (pos - lo))
-
-
-class LatencyRecorder:
-    """Per-frame times in µs in a preallocated ring; summarised per status interval.
-
-    One ``record`` per frame stores both times the monitor reports: ``total`` (done minus
-    the frame's ``t_ns``: transport, queueing and handling) and ``service`` (message
-    received -> done). ``summary`` gives ``{p50, p99, p999, max}`` of each.
-    """
-
-    def __init__(self, capacity: int = STREAM_LATENCY_CAPACITY) -> None:
-        self._total = np.zeros(capacity, dtype=np.float64)
-        self._service = np.zeros(capacity, dtype=np.float64)
-        self._n = 0  # samples since the last summary (may exceed capacity: wrap around)
-        self._max = 0.0
-        self._service_max = 0.0
-
-    def record(self, total_us: float, service_us: float) -> None:
-        i = self._n % self._total.shape[0]
-        self._total[i] = total_us
-        self._service[i] = service_us
-        self._n += 1
-        if total_us > self._max:
-            self._max = total_us
-        if service_us > self._service_max:
-            self._service_max = service_us
-
-    def record_block(self, total_us: np.ndarray, service_us: np.ndarray) -> None:
-        """``record`` for each element, in order (a block of frames, one record each)."""
-        n = total_us.shape[0]
-        if n == 0:
-            return
-        cap = self._total.shape[0]
-        if n > cap:  # only the last `cap` survive a wrap-around anyway
-            self._n += n - cap
-            self._max = max(self._max, float(total_us.max()))
-            self._service_max = max(self._service_max, float(service_us.max()))
-            total_us, service_us, n = total_us[-cap:], service_us[-cap:], cap
-        i = self._n % cap
-        head = min(n, cap - i)
-        self._total[i:i + head] = total_us[:head]
-        self._service[i:i + head] = service_us[:head]
-        self._total[:n - head] = total_us[head:]
-        self._service[:n - head] = service_us[head:]
-        self._n += n
-        self._max = max(self._max, float(total_us.max()))
-        self._service_max = max(self._service_max, float(service_us.max()))
-
-    def window(self) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """(total, service, max total, max service) of the current interval (views)."""
-        n = min(self._n, self._total.shape[0])
-        return self._total[:n], self._service[:n], self._max, self._service_max
-
-    def reset(self) -> None:
-        self._n = 0
-        self._max = 0.0
-        self._service_max = 0.0
-
-    def take(self) -> LatencyRecorder:
-        """The current interval as a recorder of its own (a copy), and a new one here."""
-        total, service, top, service_top = self.window()
-        taken = LatencyRecorder(0)
-        taken._total, taken._service = total.copy(), service.copy()
-        taken._n, taken._max, taken._service_max = total.shape[0], top, service_top
-        self.reset()
-        return taken
-
-    def summary(self, reset: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(total, service) summaries over the interval, then (by default) a new interval."""
-        total, service, top, service_top = self.window()
-        out = percentile_summary(total, top), percentile_summary(service, service_top)
-        if reset:
-            self.reset()
-        return out
-
-
-def percentile_summary(values: np.ndarray, top: float) -> dict[str, float | None]:
-    """``{p50, p99, p999, max}`` of ``values`` (µs, rounded to 0.1); all None when empty.
-
-    ``top`` is the exact maximum, which a wrapped-around ring may no longer hold.
-    """
-    if values.shape[0] == 0:
-        return {"p50": None, "p99": None, "p999": None, "max": None}
-    # np.percentile costs ~25 µs per call on a few hundred values; a sort and the same
-    # linear interpolation by hand costs a few, and this runs inside the gap between frames.
-    ranked = np.sort(values)
-    return {
-        "p50": round(_interpolate(ranked, 0.5), 1),
-        "p99": round(_interpolate(ranked, 0.99), 1),
-        "p999": round(_interpolate(ranked, 0.999), 1),
-        "max": round(float(top), 1),
-    }
-
-
-class TokenBucket:
-    """At most ``burst`` takes at once, refilled at ``rate`` per second (monotonic clock)."""
-
-    def __init__(self, burst: float, rate: float) -> None:
-        self.burst = burst
-        self.rate = rate
-        self._tokens = burst
-        self._t = time.monotonic()
-
-    def take(self) -> bool:
-        """Take one token: True when there was one."""
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
-        self._t = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-    def give(self) -> None:
-        """Return a token taken before (its use proved legitimate)."""
-        self._tokens = min(self.burst, self._tokens + 1.0)
-
-
-class FrameBlock:
-    """Frames of one stream that arrived queued behind each other, consecutive in ``seq``
-    and in one video, waiting to be stepped in one call: their pixels are copied into a
-    preallocated buffer, and of their headers only what differs from the first frame's
-    (``obstacle``, ``t_ns``) and the receive time are kept."""
-
-    def __init__(self, capacity: int = BLOCK_FRAMES) -> None:
-        self.capacity = capacity
-        self._pixels = np.zeros(capacity * _MAX_FRAME_PIXELS, dtype=np.uint16)
-        self._bytes = memoryview(self._pixels).cast("B")
-        self.n = 0
-        self.header: dict[str, Any] = {}  # the first frame's
-        self.obstacles: list[int] = []
-        self.t_ns: list[int] = []
-        self.t_recv: list[int] = []
-        self._size = 0  # payload bytes per frame
-
-    def start(self, header: dict[str, Any], payload: Any, t_recv: int) -> None:
-        self.header = header
-        self._size = len(payload)
-        self.n = 0
-        self.obstacles.clear()
-        self.t_ns.clear()
-        self.t_recv.clear()
-        self.append(header, payload, t_recv)
-
-    def continues(self, header: dict[str, Any]) -> bool:
-        """True when ``header`` is the next frame of the block's video (its seq is the
-        caller's to check) with the same frame shape."""
-        first = self.header
-        return (header["frame"] == first["frame"] + self.n and header["video"] == first["video"]
-                and header["type"] == first["type"] and header["shape"] == first["shape"])
-
-    def append(self, header: dict[str, Any], payload: Any, t_recv: int) -> None:
-        at = self.n * self._size
-        # via memoryview(): assigning a zmq.Frame itself to a memoryview slice segfaults
-        # (pyzmq 27)
-        self._bytes[at:at + self._size] = memoryview(payload)
-        self.obstacles.append(header["obstacle"])
-        self.t_ns.append(header["t_ns"])
-        self.t_recv.append(t_recv)
-        self.n += 1
-
-    def frames(self) -> np.ndarray:
-        """The block's pixels, (n, rows, cols) uint16 (a view of the buffer)."""
-        rows, cols = self.header["shape"]
-        return self._pixels[:self.n * rows * cols].reshape(self.n, rows, cols)
-
-    def step(self, pipeline: Any) -> Any:
-        """Run the block through ``pipeline`` (one `process_block` call, or `process` for a
-        single frame) and empty it; the events."""
-        n, frames = self.n, self.frames()
-        self.n = 0  # taken, whatever happens below
-        if n == 1:
-            return pipeline.process(frames[0], self.header)
-        return pipeline.process_block(frames, self.obstacles, self.header, self.t_ns)
-
-
-class StreamState:
-    """What the monitor knows about one stream: its pipeline, counters and position."""
-
-    def __init__(self, name: str, pipeline: Any, now_ns: int) -> None:
-        self.name = name
-        self.pipeline = pipeline
-        self.frames = 0
-        self.dropped = 0
-        self.malformed = 0
-        self.bad_time = 0  # frames whose t_ns was implausible (replaced by the receipt time)
-        self.last_seq: int | None = None
-        self.video: str | None = None  # the video the pipeline is in, None between videos
-        self.type = 0
-        self.frame = -1
-        self.t_ns = 0  # the last handled frame's t_ns: stamps events that carry no frame time
-        self.seen_ns = now_ns  # monotonic ns of the last message: idle streams are evicted
-        self.videos = 0
-        self.video_frames = 0  # frames of the open video handled
-        self.workpiece = False  # the open video reached MIN_WORKPIECE_FRAMES
-        self.established = False  # some video of this stream was a workpiece
-        # The open video took a token of the short-video budget (its start and events are
-        # journaled as they come); False: they are held back in `held` until it proves a
-        # workpiece (`opened`: its journal start row, waiting too).
-        self.recorded = True
-        self.held: list[Any] = []
-        self.held_open: dict[str, Any] | None = None
-        self.short_videos = 0  # held-back videos that ended before MIN_WORKPIECE_FRAMES
-        self.suppressed = 0  # their events, dropped (or beyond MAX_HELD_EVENTS)
-        # True while the open video did not begin with its `video start` (joined mid-video,
-        # or the start was lost): its verdict covers part of the video only.
-        self.partial = False
-        self.latency = LatencyRecorder()
-        # the latency interval the last monitor status covered, until this stream's own
-        self.interval: LatencyRecorder | None = None
-        self.block = FrameBlock()
-        self.pixels = protocol.FrameBuffer()  # a lone frame's pixels, off the wire
-        self.frame_topic = protocol.topic_bytes("frame", name)
-        # A run of consecutive frames off the stream's line (seq backwards or far ahead,
-        # or another video without its `video start`) means the publisher restarted or
-        # its `video start` was lost: after RESTART_RUN of them the stream follows them.
-        self.restart_next: int | None = None
-        self.restart_key: tuple[str, int] | None = None  # (video, type) of the run
-        self.restart_run = 0
-        # A publisher (re)starting sends `video start`, then seq 0: that pair re-bases at once.
-        self.video_start_seen = False
-
-
 def _event_fields(event: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(event):
         return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
     if isinstance(event, dict):
         return dict(event)
     return dict(vars(event))
-
-
-def _model_state(pipeline: Any, st: dict[str, Any]) -> str:
-    """A human-readable model state for status ("self-calibrating (3.2 s left)", ...).
-
-    ``st`` is ``pipeline.status()``, passed in because the caller publishes it too.
-    """
-    if st.get("mode") == "calibrating":
-        left = (1.0 - float(st.get("calibration_progress", 0.0))) * pipeline.calibration_frames
-        return f"self-calibrating Type{st.get('type')} ({left / 1000:.1f} s of footage left)"
-    if st.get("model") == "self-calibrated":
-        return f"self-calibrated ({st.get('mode')})"
-    if st.get("model") == "file":
-        return f"model file ({st.get('mode')})"
-    return str(st.get("mode"))
 
 
 class Monitor:
@@ -776,7 +492,7 @@ class Monitor:
         state = StreamState(name, pipeline, self._t_recv or time.monotonic_ns())
         self.streams[name] = state
         log(f"stream {name!r}: new, pipeline state: "
-            f"{_model_state(state.pipeline, state.pipeline.status())}")
+            f"{model_state(state.pipeline, state.pipeline.status())}")
         return state
 
     def _start(self, st: StreamState, video: str, type_id: int, metadata: dict,
@@ -1142,7 +858,7 @@ class Monitor:
             "suppressed": st.suppressed,
             "idle_s": round(max(0, now_ns - st.seen_ns) / 1e9, 3),
             "evicted": evicted,
-            "model": _model_state(st.pipeline, pipeline_status),
+            "model": model_state(st.pipeline, pipeline_status),
             "pipeline": pipeline_status,
         }
 
@@ -1264,251 +980,11 @@ def _verdict_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-# ---------------------------------------------------------------- start-up
+def __getattr__(name: str) -> Any:
+    """``serve`` and ``_warm_up`` live in `lhtstream.service.startup` (which imports this
+    module); here on first use, so ``from lhtstream.service.monitor import serve`` works."""
+    if name in ("serve", "_warm_up", "_pipeline_factory"):
+        from lhtstream.service import startup  # local import: startup imports this module
 
-LATENCY_LOG_CAPACITY = 4_000_000
-"""Frames a ``latency_log`` holds (66 min at 1 kHz, 16 min at 4 kHz; 32 MB)."""
-MIN_CALIBRATION_SECONDS = 0.2
-"""Shortest self-calibration: the fit needs a few hundred frames of one type."""
-MAX_CALIBRATION_SECONDS = 120.0
-"""Longest self-calibration (its buffer holds every feature row: 2 min is ~20 MB per stream)."""
-
-
-def _pipeline_factory(
-    model_path: str | None, calibration_seconds: float | None
-) -> tuple[Callable[[str], Any], str, Any]:
-    """A function making one pipeline per stream, a note on the model, and the model."""
-
-    model = None
-    if model_path:
-
-        try:
-            model = NormalityModel.load(model_path)
-        except LhtstreamError:
-            raise
-        except Exception as exc:  # a corrupt file must give one line, not a traceback
-            raise MonitorError(
-                f"cannot load model {model_path}: {type(exc).__name__}: {exc}"
-            ) from None
-        note = f"model {model_path}"
-        calibration_frames = 0
-    else:
-
-        seconds = calibration_seconds
-        if seconds is None:
-            seconds = DEFAULT_CALIBRATION_FRAMES / 1000.0
-        if not MIN_CALIBRATION_SECONDS <= seconds <= MAX_CALIBRATION_SECONDS:
-            raise MonitorError(
-                f"calibration of {seconds:g} s: need {MIN_CALIBRATION_SECONDS:g}.."
-                f"{MAX_CALIBRATION_SECONDS:g} s of footage"
-            )
-        calibration_frames = int(round(seconds * 1000))
-        note = f"NO MODEL: self-calibrating each stream on its first {seconds:g} s"
-        log(
-            "WARNING: started without --model: every stream SELF-CALIBRATES on its first "
-            f"{seconds:g} s of footage ({calibration_frames} frames) and raises no process "
-            "alarm before that; if a stream is already faulty then, the fault becomes 'normal'"
-        )
-
-    def make(stream: str) -> Any:
-        if model is not None:
-            return StreamPipeline(stream, model=model)
-        return StreamPipeline(stream, model=None, calibration_frames=calibration_frames)
-
-    return make, note, model
-
-
-def _warm_up(model: Any) -> None:
-    """Compile (or load from cache) every kernel of the frame path before subscribing.
-
-    Runs a short simulated video through throw-away pipelines: features, model fit and
-    scoring, detector — with the loaded model when there is one (for one of its types),
-    and through a tiny self-calibration; once frame by frame off the wire, once in
-    `FrameBlock`s as a burst arrives. A failure here is logged, not fatal: the
-    kernels then compile on the first live frames instead.
-    """
-
-    features.warm_up()
-    logger = logging.getLogger("lhtstream.service.pipeline")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the throw-away pipeline's calibration notices are noise
-    try:
-        type_id = 1
-        if model is not None and len(model.types):
-            type_id = int(model.types[0])
-        sim = simulate_video(type_id, 0, 700)
-        frames = np.ascontiguousarray(sim.image, dtype=np.uint16)
-        wire = [[bytes(p) for p in protocol.encode_frame(
-            frames[i], stream="warm-up", video="warm-up", type=type_id, seq=i, index=i,
-            obstacle=0)] for i in range(frames.shape[0])]
-        pipes = [StreamPipeline("warm-up", calibration_frames=500)]
-        if model is not None:
-            pipes.append(StreamPipeline("warm-up", model=model))
-        for pipe in pipes:
-            # frame by frame off the wire (into a FrameBuffer, as `_on_frame`), then (a
-            # fresh pipeline, so self-calibration runs in blocks too) as frames queued in a
-            # burst arrive
-            pipe.start_video("warm-up", type_id, sim.metadata)
-            pixels = protocol.FrameBuffer()
-            for parts in wire:
-                message = protocol.decode(parts)
-                pipe.process(pixels.load(message), message.header)
-            pipe.note_lost(3, message.header)
-            pipe.end_video_events()
-        block = FrameBlock()
-        pipes.append(StreamPipeline("warm-up", calibration_frames=500))
-        for pipe in pipes[-1:] + pipes[1:-1]:
-            pipe.start_video("warm-up", type_id, sim.metadata)
-            at, size = 0, 50
-            while at < len(wire):
-                size = 51 - size  # blocks of 50 and of 1 (a `process` of a block's frame)
-                for parts in wire[at:at + size]:
-                    message = protocol.decode(parts)
-                    if block.n:
-                        block.append(message.header, message.payload, 0)
-                    else:
-                        block.start(message.header, message.payload, 0)
-                at += block.n
-                block.step(pipe)
-            pipe.end_video_events()
-        for pipe in pipes:
-            pipe.close()  # a refit started by a video's end would outlive the warm-up
-    except Exception as exc:
-        log(f"warm-up incomplete ({type(exc).__name__}: {exc}); first frames may be late")
-    finally:
-        logger.setLevel(level)
-
-
-def serve(
-    *,
-    frames: Sequence[str],
-    publish: str,
-    model: str | None = None,
-    journal: str | None = None,
-    status_interval: float = 1.0,
-    calibration_seconds: float | None = None,
-    dump_features: str | None = None,
-    streams: str | None = None,
-    max_streams: int = DEFAULT_MAX_STREAMS,
-    idle_seconds: float = DEFAULT_IDLE_SECONDS,
-    latency_log: str | None = None,
-    journal_max_pages: int | None = None,
-    curve: Curve | None = None,
-) -> int:
-    """Run the monitor until SIGINT/SIGTERM (then 0): warm up, bind, subscribe, serve.
-
-    ``frames``: endpoints to connect for frames; ``publish``: the PUB endpoint to bind;
-    ``model``: a model file (None: self-calibrate each stream on ``calibration_seconds``
-    of footage); ``journal``: the SQLite journal path; ``streams``: names and shell-style
-    patterns of the streams to serve (None: all); ``latency_log``: write every frame's
-    latency (µs, float64 ``.npy``) to this file at exit (benchmarks);
-    ``journal_max_pages``: cap the journal's size in SQLite pages (tests: a full disk);
-    ``curve``: CURVE keys (io.curve) for the frame SUB (client) and the PUB (server).
-    """
-    frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
-    selection = protocol.StreamSelection(streams)  # a bad pattern fails before the warm-up
-
-    t0 = time.monotonic()
-    monitor: Monitor | None = None
-    stop = {"flag": False}
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        stop["flag"] = True
-        if monitor is not None:
-            monitor.stop_requested = True
-
-    # Installed first, so a SIGTERM during the warm-up also ends in a clean exit 0.
-    old_int = signal.signal(signal.SIGINT, _on_signal)
-    old_term = signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        logging.basicConfig(
-            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-        )
-        make_pipeline, note, model = _pipeline_factory(model, calibration_seconds)
-        _warm_up(model)
-        # Everything alive now (modules, compiled kernels, the model) lives as long as
-        # the process: move it out of the collector's reach, so the occasional full
-        # collection walks only what the stream allocates, not ~10^5 start-up objects.
-        gc.collect()
-        gc.freeze()
-        t_warm = time.monotonic() - t0
-        journal_db = None if stop["flag"] else Journal(journal or DEFAULT_JOURNAL,
-                                                       max_pages=journal_max_pages)
-    except BaseException:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        raise
-    if journal_db is None:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        log("stopped during start-up")
-        return 0
-    ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 1000)  # give the last status a second to leave at exit
-    sub = ctx.socket(zmq.SUB)
-    curve_server(curve, ctx, pub)
-    curve_client(curve, sub)
-    try:
-        try:
-            protocol.claim_ipc(publish)
-            pub.bind(publish)
-        except protocol.ProtocolError as exc:
-            raise MonitorError(f"cannot bind --publish: {exc}") from None
-        except zmq.ZMQError as exc:
-            raise MonitorError(f"cannot bind --publish {publish}: {exc}") from None
-        monitor = Monitor(
-            make_pipeline=make_pipeline,
-            journal=journal_db,
-            publish=pub,
-            subscribe=sub,
-            status_interval=status_interval,
-            model_note=note,
-            dump_features=dump_features,
-            streams=selection,
-            max_streams=max_streams,
-            idle_seconds=idle_seconds,
-            latency_log=None if latency_log is None else np.zeros(LATENCY_LOG_CAPACITY),
-        )
-        # Subscribe only after the kernels are warm: nothing queues while we compile.
-        protocol.configure_subscriber(sub, ["frame", "video"], selection)
-        for endpoint in frames:
-            try:
-                sub.connect(endpoint)
-            except zmq.ZMQError as exc:
-                raise MonitorError(f"cannot connect --frames {endpoint}: {exc}") from None
-        monitor.stop_requested = stop["flag"]
-        monitor.watch_connections(frames)
-        monitor.report_interrupted()
-        log(
-            f"ready in {time.monotonic() - t0:.2f} s (kernels warm after {t_warm:.2f} s); "
-            f"frames of {selection} from {', '.join(frames)}, publishing on "
-            f"{publish}, journal {journal_db.path} (next alarm seq {journal_db.next_seq()}); {note}"
-        )
-        monitor.run()
-        s = monitor.status(time.monotonic_ns())
-        log(
-            f"stopped: frames={s['frames']} dropped={s['dropped']} malformed={s['malformed']} "
-            f"errors={s['errors']} alarms={s['alarms']} verdicts={s['verdicts']} "
-            f"journal={s['journal']}"
-        )
-        if journal_db.pending:
-            log(f"WARNING: {len(journal_db.pending)} journal row(s) could not be written to "
-                f"{journal_db.path} ({journal_db.last_error}); they were published only")
-        monitor.write_feature_dump()
-        if latency_log is not None:
-            n = min(monitor.latency_logged, LATENCY_LOG_CAPACITY)
-            np.save(latency_log, monitor.latency_log[:n])
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        if monitor is not None and monitor.events is not None:
-            monitor.sub.disable_monitor()
-            monitor.events.close(0)
-        sub.close(0)
-        pub.close()
-        if curve is not None:
-            curve.close()
-        journal_db.close()
-        cancel_background_fits()
-    return 0
+        return getattr(startup, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
