@@ -420,3 +420,55 @@ def test_stream_selection_rejects_what_no_topic_can_carry(text, reason):
 
     with pytest.raises(ProtocolError, match=reason):
         StreamSelection(text)
+
+
+def test_events_go_to_the_wire_and_back_by_their_fields():
+    """One mapping of events to the wire (issue 21): the model's Alarm and Verdict (or any
+    dataclass or mapping with their fields) -> (topic, header) that encodes; back with
+    `from_wire`. A verdict is told by its fields, never by its class name."""
+    import dataclasses
+    import math
+
+    from lhtstream.io.protocol import (
+        ALARM_FIELDS,
+        VERDICT_FIELDS,
+        decode,
+        encode,
+        from_wire,
+        to_wire,
+    )
+    from lhtstream.model.detector import Alarm, Verdict
+
+    alarm = Alarm("ws1", "0001", 3, 17, 1_000, "stall", "raise", 4.5, float("nan"),
+                  {"x": 1.5, "y": float("inf")})
+    topic, header = to_wire(alarm, seq=7)
+    assert topic == "alarm" and tuple(header) == ALARM_FIELDS
+    assert header["features"] == {"x": 1.5, "y": None} and math.isnan(header["threshold"])
+    assert header["t_alarm_ns"] > 0 and header["v"] == 2
+    back = from_wire(decode(encode(topic, header)))
+    assert back[0] == "alarm" and back[1]["kind"] == "stall" and back[1]["seq"] == 7
+
+    @dataclasses.dataclass
+    class Judgement:  # another class with a verdict's fields: still a verdict
+        stream: str
+        video: str
+        type: int
+        frames: int
+        score: float
+        anomalous: bool
+        alarms: list
+        internal: str = "not for the wire"
+
+    for verdict in (Verdict("ws1", "0001", 3, 900, 2.5, True, 2, ["stall"]),
+                    Judgement("ws1", "0001", 3, 900, 2.5, True, ["a", "b"])):
+        topic, header = to_wire(verdict)
+        assert topic == "verdict" and set(header) <= set(VERDICT_FIELDS)
+        assert header["alarms"] == 2 and header["partial"] is False and "internal" not in header
+        topic, fields = from_wire(decode(encode(topic, header)))
+        assert (topic, fields["anomalous"], fields["frames"]) == ("verdict", True, 900)
+    minimal = decode(encode("verdict", {"stream": "ws1", "video": "v", "type": 1, "frames": 1,
+                                        "score": 0.0, "anomalous": False, "alarms": 0}))
+    assert from_wire(minimal)[1]["kinds"] == [] and from_wire(minimal)[1]["partial"] is False
+    with pytest.raises(ProtocolError, match="no event"):
+        from_wire(decode(encode("video", {"stream": "ws1", "video": "v", "type": 1,
+                                          "event": "start", "metadata": {}})))

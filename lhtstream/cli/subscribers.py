@@ -30,6 +30,7 @@ from lhtstream.io.protocol import (
     configure_subscriber,
     decode,
     frame_array,
+    from_wire,
 )
 
 
@@ -253,13 +254,16 @@ def _run_live(args: argparse.Namespace, streams: StreamSelection | None) -> int:
                     print(f"lhtstream alarms: malformed message skipped: {exc}",
                           file=sys.stderr, flush=True)
                 continue
-            topic, header = message.topic, message.header
-            if streams is not None and not streams.matches(header["stream"]):
+            try:
+                topic, event = from_wire(message)
+            except ProtocolError:  # a raw prefix let another topic through: not ours
                 continue
-            if args.json:
-                _print(_json_line({"topic": topic, **header}))
+            if streams is not None and not streams.matches(event["stream"]):
+                continue
+            if args.json:  # every header field, also those this version does not know
+                _print(_json_line({"topic": topic, **message.header}))
             else:
-                _print(format_alarm(header) if topic == "alarm" else format_verdict(header))
+                _print(format_alarm(event) if topic == "alarm" else format_verdict(event))
             if topic == "alarm":
                 seen += 1
     except KeyboardInterrupt:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.protocol import ALARM_FIELDS
 
 DEFAULT_JOURNAL = "lhtstream-journal.sqlite"
 JOURNAL_VERSION = 2
@@ -586,22 +587,16 @@ class Journal:
         if stream is not None:
             where.append("stream = ?")
             params.append(stream)
-        sql = (
-            "SELECT seq, wall_time, v, stream, video, type, frame, t_frame_ns, t_alarm_ns, kind,"
-            " state, score, threshold, features FROM alarms"
-        )
+        # the columns are the wire's alarm fields, by name
+        sql = f"SELECT {', '.join(ALARM_FIELDS)}, wall_time FROM alarms"
         if where:
             sql += " WHERE " + " AND ".join(where)
         out = []
         for row in self._db.execute(sql + " ORDER BY seq", params):
-            (seq, wall, v, stream_, video, type_, frame, t_frame, t_alarm, kind, state, score,
-             threshold, features) = row  # fmt: skip
-            out.append({
-                "v": v, "stream": stream_, "video": video, "type": type_, "frame": frame,
-                "seq": seq, "t_frame_ns": t_frame, "t_alarm_ns": t_alarm, "kind": kind,
-                "state": state, "score": score, "threshold": threshold,
-                "features": json.loads(features), "time": _iso(wall),
-            })  # fmt: skip
+            alarm = dict(zip(ALARM_FIELDS, row[:-1], strict=True))
+            alarm["features"] = json.loads(alarm["features"])
+            alarm["time"] = _iso(row[-1])
+            out.append(alarm)
         return out
 
     def verdicts(self, stream: str | None = None) -> list[dict[str, Any]]:

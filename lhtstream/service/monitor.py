@@ -25,8 +25,6 @@ array; percentiles are computed once per status interval, not per frame.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -103,14 +101,6 @@ monitor concludes it gave up (a protocol error) and reconnects explicitly."""
 
 class MonitorError(LhtstreamError):
     """The monitor cannot start: bad model, endpoint in use, journal locked."""
-
-
-def _event_fields(event: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(event):
-        return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
-    if isinstance(event, dict):
-        return dict(event)
-    return dict(vars(event))
 
 
 class Monitor:
@@ -746,17 +736,15 @@ class Monitor:
             return
         outgoing: list[tuple[str, dict[str, Any]]] = []
         for event in events or ():
-            fields = _event_fields(event)
-            if type(event).__name__ == "Verdict" or "anomalous" in fields:
+            fields = protocol.event_fields(event)
+            if "anomalous" in fields:  # a verdict
                 fields.setdefault("partial", bool(st is not None and st.partial))
-                outgoing.append(("verdict", _verdict_fields(fields)))
-            else:
-                if not fields.get("t_frame_ns") and st is not None and st.t_ns:
-                    # it refers to the last frame handled (whose index the pipeline,
-                    # which counts frames received, does not know after lost frames)
-                    fields["t_frame_ns"] = st.t_ns
-                    fields["frame"] = st.frame
-                outgoing.append(("alarm", _alarm_fields(fields)))
+            elif not fields.get("t_frame_ns") and st is not None and st.t_ns:
+                # it refers to the last frame handled (whose index the pipeline, which
+                # counts frames received, does not know after lost frames)
+                fields["t_frame_ns"] = st.t_ns
+                fields["frame"] = st.frame
+            outgoing.append(protocol.to_wire(fields))
         alarms = [h for topic, h in outgoing if topic == "alarm"]
         verdicts = [h for topic, h in outgoing if topic == "verdict"]
         seqs, committed = self.journal.record(alarms, verdicts, opened)
@@ -767,9 +755,7 @@ class Monitor:
             self._journal_log(f"journal {self.journal.path} not written ({health['last_error']});"
                               f" {health['pending']} row(s) pending, published anyway")
         for topic, header in outgoing:
-            wire = _ALARM_WIRE if topic == "alarm" else _VERDICT_WIRE
-            self.pub.send_multipart(protocol.encode(topic, {k: header[k] for k in wire
-                                                            if k in header}))
+            self.pub.send_multipart(protocol.encode(topic, header))
             if topic == "alarm":
                 self.alarms += 1
             else:
@@ -942,42 +928,6 @@ def _clamp(count: Any) -> int:
         return min(max(int(count), 0), protocol.INT64_MAX)
     except (TypeError, ValueError, OverflowError):
         return 0
-
-
-_ALARM_WIRE = (
-    "v", "stream", "video", "type", "frame", "seq", "t_frame_ns", "t_alarm_ns", "kind",
-    "state", "score", "threshold", "features",
-)  # fmt: skip
-_VERDICT_WIRE = (
-    "v", "stream", "video", "type", "frames", "score", "anomalous", "alarms", "kinds", "t_ns",
-    "partial",
-)  # fmt: skip
-
-
-def _alarm_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """An alarm's fields completed for the journal and the wire (all but ``seq``)."""
-    fields["v"] = protocol.SCHEMA_VERSION
-    fields.setdefault("t_alarm_ns", time.monotonic_ns())
-    features = fields.get("features")
-    fields["features"] = {
-        str(k): (float(v) if np.isfinite(v) else None) for k, v in dict(features or {}).items()
-    }
-    for key in ("score", "threshold"):
-        value = float(fields.get(key) if fields.get(key) is not None else math.nan)
-        fields[key] = value
-    return fields
-
-
-def _verdict_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """A verdict's fields completed for the journal and the wire."""
-    fields["v"] = protocol.SCHEMA_VERSION
-    alarms = fields.get("alarms", 0)
-    fields["alarms"] = len(alarms) if isinstance(alarms, (list, tuple)) else int(alarms)
-    fields["anomalous"] = bool(fields["anomalous"])
-    fields["score"] = float(fields["score"])
-    fields["kinds"] = [str(k) for k in fields.get("kinds") or []]
-    fields.setdefault("t_ns", time.monotonic_ns())
-    return fields
 
 
 def __getattr__(name: str) -> Any:
