@@ -1132,25 +1132,17 @@ def test_a_second_monitor_on_a_live_ipc_endpoint_is_refused_and_a_stale_one_is_t
         final_status(third, sub)
 
 
-_EARLY_STOP_MAIN = """
-import sys
-from lhtstream.service.signals import exit_on_stop_signals
-exit_on_stop_signals()  # what lhtstream/cli/__init__.py is to do before its imports
-from lhtstream.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("delay", [0.2, 0.5, 1.0])
 def test_sigterm_during_start_up_exits_0_with_a_word(tmp_path, delay):
     """Issue 20 item 6: SIGTERM in the first ~0.3 s (imports, before `serve` installs its
-    handler) killed the monitor silently. With `exit_on_stop_signals` first, a SIGTERM at
-    any moment after the interpreter's own start exits 0 and says so."""
+    handler) killed the monitor silently. The CLI calls `exit_on_stop_signals` first
+    (service/startup.py), so a SIGTERM at any moment after the interpreter's own start
+    exits 0 and says so: during the imports, the warm-up, or after "ready"."""
     import subprocess
     import sys
 
     child = subprocess.Popen(
-        [sys.executable, "-c", _EARLY_STOP_MAIN, "monitor", "--frames", ipc_endpoint(tmp_path),
+        [sys.executable, "-m", "lhtstream.cli", "monitor", "--frames", ipc_endpoint(tmp_path),
          "--publish", ipc_endpoint(tmp_path, "pub"), "--journal", tmp_path / "j.sqlite"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)

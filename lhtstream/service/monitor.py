@@ -931,10 +931,10 @@ def _clamp(count: Any) -> int:
 
 
 def __getattr__(name: str) -> Any:
-    """``serve`` and ``_warm_up`` live in `lhtstream.service.startup` (which imports this
+    """``serve`` and ``_warm_up`` live in `lhtstream.service.launch` (which imports this
     module); here on first use, so ``from lhtstream.service.monitor import serve`` works."""
     if name in ("serve", "_warm_up", "_pipeline_factory"):
-        from lhtstream.service import startup  # local import: startup imports this module
+        from lhtstream.service import launch  # local import: launch imports this module
 
-        return getattr(startup, name)
+        return getattr(launch, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,283 +1,30 @@
-"""Starting the monitor: the model or self-calibration (`_pipeline_factory`), the kernels
-compiled before the first frame (`_warm_up`), then sockets, journal and the loop
-(`serve`, what ``lhtstream monitor`` runs)."""
+"""A clean exit on SIGINT/SIGTERM from a process's first instant, before any service runs.
+
+Python's default SIGTERM kills a process without a word, and a service installs its own
+handler only once its imports (numpy, ZeroMQ, Numba: ~0.3-1 s) are done: a SIGTERM in
+that window ended the monitor with no message (issue 20 item 6). `exit_on_stop_signals`,
+called before those imports (it imports only the standard library), makes such a signal
+print one line and exit 0; a service then replaces the handler with its own (`serve`
+stops its loop, publishes a last status and closes the journal).
+"""
 
 from __future__ import annotations
 
-import gc
-import logging
+import os
 import signal
-import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-import zmq
-
-from lhtstream.base.errors import LhtstreamError
-from lhtstream.io import protocol
-from lhtstream.io.curve import Curve
-from lhtstream.io.curve import client as curve_client
-from lhtstream.io.curve import server as curve_server
-from lhtstream.io.journal import DEFAULT_JOURNAL, Journal
-from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
-from lhtstream.io.simulate import simulate_video
-from lhtstream.kernels import features
-from lhtstream.model.normality import NormalityModel
-from lhtstream.service.monitor import (
-    DEFAULT_IDLE_SECONDS,
-    DEFAULT_MAX_STREAMS,
-    Monitor,
-    MonitorError,
-)
-from lhtstream.service.oplog import log
-from lhtstream.service.pipeline import DEFAULT_CALIBRATION_FRAMES, StreamPipeline
-from lhtstream.service.streams import FrameBlock
-from lhtstream.service.training import cancel_background_fits
-
-LATENCY_LOG_CAPACITY = 4_000_000
-"""Frames a ``latency_log`` holds (66 min at 1 kHz, 16 min at 4 kHz; 32 MB)."""
-MIN_CALIBRATION_SECONDS = 0.2
-"""Shortest self-calibration: the fit needs a few hundred frames of one type."""
-MAX_CALIBRATION_SECONDS = 120.0
-"""Longest self-calibration (its buffer holds every feature row: 2 min is ~20 MB per stream)."""
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _pipeline_factory(
-    model_path: str | None, calibration_seconds: float | None
-) -> tuple[Callable[[str], Any], str, Any]:
-    """A function making one pipeline per stream, a note on the model, and the model."""
-
-    model = None
-    if model_path:
-
-        try:
-            model = NormalityModel.load(model_path)
-        except LhtstreamError:
-            raise
-        except Exception as exc:  # a corrupt file must give one line, not a traceback
-            raise MonitorError(
-                f"cannot load model {model_path}: {type(exc).__name__}: {exc}"
-            ) from None
-        note = f"model {model_path}"
-        calibration_frames = 0
-    else:
-
-        seconds = calibration_seconds
-        if seconds is None:
-            seconds = DEFAULT_CALIBRATION_FRAMES / 1000.0
-        if not MIN_CALIBRATION_SECONDS <= seconds <= MAX_CALIBRATION_SECONDS:
-            raise MonitorError(
-                f"calibration of {seconds:g} s: need {MIN_CALIBRATION_SECONDS:g}.."
-                f"{MAX_CALIBRATION_SECONDS:g} s of footage"
-            )
-        calibration_frames = int(round(seconds * 1000))
-        note = f"NO MODEL: self-calibrating each stream on its first {seconds:g} s"
-        log(
-            "WARNING: started without --model: every stream SELF-CALIBRATES on its first "
-            f"{seconds:g} s of footage ({calibration_frames} frames) and raises no process "
-            "alarm before that; if a stream is already faulty then, the fault becomes 'normal'"
-        )
-
-    def make(stream: str) -> Any:
-        if model is not None:
-            return StreamPipeline(stream, model=model)
-        return StreamPipeline(stream, model=None, calibration_frames=calibration_frames)
-
-    return make, note, model
+def _exit_now(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    os.write(2, f"lhtstream: {name} during start-up: stopped\n".encode())
+    raise SystemExit(0)
 
 
-def _warm_up(model: Any) -> None:
-    """Compile (or load from cache) every kernel of the frame path before subscribing.
-
-    Runs a short simulated video through throw-away pipelines: features, model fit and
-    scoring, detector — with the loaded model when there is one (for one of its types),
-    and through a tiny self-calibration; once frame by frame off the wire, once in
-    `FrameBlock`s as a burst arrives. A failure here is logged, not fatal: the
-    kernels then compile on the first live frames instead.
-    """
-
-    features.warm_up()
-    logger = logging.getLogger("lhtstream.service.pipeline")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the throw-away pipeline's calibration notices are noise
-    try:
-        type_id = 1
-        if model is not None and len(model.types):
-            type_id = int(model.types[0])
-        sim = simulate_video(type_id, 0, 700)
-        frames = np.ascontiguousarray(sim.image, dtype=np.uint16)
-        wire = [[bytes(p) for p in protocol.encode_frame(
-            frames[i], stream="warm-up", video="warm-up", type=type_id, seq=i, index=i,
-            obstacle=0)] for i in range(frames.shape[0])]
-        pipes = [StreamPipeline("warm-up", calibration_frames=500)]
-        if model is not None:
-            pipes.append(StreamPipeline("warm-up", model=model))
-        for pipe in pipes:
-            # frame by frame off the wire (into a FrameBuffer, as `_on_frame`), then (a
-            # fresh pipeline, so self-calibration runs in blocks too) as frames queued in a
-            # burst arrive
-            pipe.start_video("warm-up", type_id, sim.metadata)
-            pixels = protocol.FrameBuffer()
-            for parts in wire:
-                message = protocol.decode(parts)
-                pipe.process(pixels.load(message), message.header)
-            pipe.note_lost(3, message.header)
-            pipe.end_video_events()
-        block = FrameBlock()
-        pipes.append(StreamPipeline("warm-up", calibration_frames=500))
-        for pipe in pipes[-1:] + pipes[1:-1]:
-            pipe.start_video("warm-up", type_id, sim.metadata)
-            at, size = 0, 50
-            while at < len(wire):
-                size = 51 - size  # blocks of 50 and of 1 (a `process` of a block's frame)
-                for parts in wire[at:at + size]:
-                    message = protocol.decode(parts)
-                    if block.n:
-                        block.append(message.header, message.payload, 0)
-                    else:
-                        block.start(message.header, message.payload, 0)
-                at += block.n
-                block.step(pipe)
-            pipe.end_video_events()
-        for pipe in pipes:
-            pipe.close()  # a refit started by a video's end would outlive the warm-up
-    except Exception as exc:
-        log(f"warm-up incomplete ({type(exc).__name__}: {exc}); first frames may be late")
-    finally:
-        logger.setLevel(level)
-
-
-def serve(
-    *,
-    frames: Sequence[str],
-    publish: str,
-    model: str | None = None,
-    journal: str | None = None,
-    status_interval: float = 1.0,
-    calibration_seconds: float | None = None,
-    dump_features: str | None = None,
-    streams: str | None = None,
-    max_streams: int = DEFAULT_MAX_STREAMS,
-    idle_seconds: float = DEFAULT_IDLE_SECONDS,
-    latency_log: str | None = None,
-    journal_max_pages: int | None = None,
-    curve: Curve | None = None,
-) -> int:
-    """Run the monitor until SIGINT/SIGTERM (then 0): warm up, bind, subscribe, serve.
-
-    ``frames``: endpoints to connect for frames; ``publish``: the PUB endpoint to bind;
-    ``model``: a model file (None: self-calibrate each stream on ``calibration_seconds``
-    of footage); ``journal``: the SQLite journal path; ``streams``: names and shell-style
-    patterns of the streams to serve (None: all); ``latency_log``: write every frame's
-    latency (µs, float64 ``.npy``) to this file at exit (benchmarks);
-    ``journal_max_pages``: cap the journal's size in SQLite pages (tests: a full disk);
-    ``curve``: CURVE keys (io.curve) for the frame SUB (client) and the PUB (server).
-    """
-    frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
-    selection = protocol.StreamSelection(streams)  # a bad pattern fails before the warm-up
-
-    t0 = time.monotonic()
-    monitor: Monitor | None = None
-    stop = {"flag": False}
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        stop["flag"] = True
-        if monitor is not None:
-            monitor.stop_requested = True
-
-    # Installed first, so a SIGTERM during the warm-up also ends in a clean exit 0.
-    old_int = signal.signal(signal.SIGINT, _on_signal)
-    old_term = signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        logging.basicConfig(
-            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-        )
-        make_pipeline, note, model = _pipeline_factory(model, calibration_seconds)
-        _warm_up(model)
-        # Everything alive now (modules, compiled kernels, the model) lives as long as
-        # the process: move it out of the collector's reach, so the occasional full
-        # collection walks only what the stream allocates, not ~10^5 start-up objects.
-        gc.collect()
-        gc.freeze()
-        t_warm = time.monotonic() - t0
-        journal_db = None if stop["flag"] else Journal(journal or DEFAULT_JOURNAL,
-                                                       max_pages=journal_max_pages)
-    except BaseException:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        raise
-    if journal_db is None:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        log("stopped during start-up")
-        return 0
-    ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 1000)  # give the last status a second to leave at exit
-    sub = ctx.socket(zmq.SUB)
-    curve_server(curve, ctx, pub)
-    curve_client(curve, sub)
-    try:
-        try:
-            protocol.claim_ipc(publish)
-            pub.bind(publish)
-        except protocol.ProtocolError as exc:
-            raise MonitorError(f"cannot bind --publish: {exc}") from None
-        except zmq.ZMQError as exc:
-            raise MonitorError(f"cannot bind --publish {publish}: {exc}") from None
-        monitor = Monitor(
-            make_pipeline=make_pipeline,
-            journal=journal_db,
-            publish=pub,
-            subscribe=sub,
-            status_interval=status_interval,
-            model_note=note,
-            dump_features=dump_features,
-            streams=selection,
-            max_streams=max_streams,
-            idle_seconds=idle_seconds,
-            latency_log=None if latency_log is None else np.zeros(LATENCY_LOG_CAPACITY),
-        )
-        # Subscribe only after the kernels are warm: nothing queues while we compile.
-        protocol.configure_subscriber(sub, ["frame", "video"], selection)
-        for endpoint in frames:
-            try:
-                sub.connect(endpoint)
-            except zmq.ZMQError as exc:
-                raise MonitorError(f"cannot connect --frames {endpoint}: {exc}") from None
-        monitor.stop_requested = stop["flag"]
-        monitor.watch_connections(frames)
-        monitor.report_interrupted()
-        log(
-            f"ready in {time.monotonic() - t0:.2f} s (kernels warm after {t_warm:.2f} s); "
-            f"frames of {selection} from {', '.join(frames)}, publishing on "
-            f"{publish}, journal {journal_db.path} (next alarm seq {journal_db.next_seq()}); {note}"
-        )
-        monitor.run()
-        s = monitor.status(time.monotonic_ns())
-        log(
-            f"stopped: frames={s['frames']} dropped={s['dropped']} malformed={s['malformed']} "
-            f"errors={s['errors']} alarms={s['alarms']} verdicts={s['verdicts']} "
-            f"journal={s['journal']}"
-        )
-        if journal_db.pending:
-            log(f"WARNING: {len(journal_db.pending)} journal row(s) could not be written to "
-                f"{journal_db.path} ({journal_db.last_error}); they were published only")
-        monitor.write_feature_dump()
-        if latency_log is not None:
-            n = min(monitor.latency_logged, LATENCY_LOG_CAPACITY)
-            np.save(latency_log, monitor.latency_log[:n])
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        if monitor is not None and monitor.events is not None:
-            monitor.sub.disable_monitor()
-            monitor.events.close(0)
-        sub.close(0)
-        pub.close()
-        if curve is not None:
-            curve.close()
-        journal_db.close()
-        cancel_background_fits()
-    return 0
+def exit_on_stop_signals() -> None:
+    """From now on until a service installs its own handler, SIGINT or SIGTERM print one
+    line on stderr and exit 0 (SystemExit, so ``finally`` blocks still run)."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _exit_now)
