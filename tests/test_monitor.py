@@ -715,8 +715,7 @@ def model_file(tmp_path_factory) -> Path:
 _LIVE_PATH = """
     # what the monitor does with each frame off the wire, for a stream with the model (if
     # any) and a self-calibrating one: decode, into the stream's FrameBuffer, process; a
-    # seq gap; the video's end
-    sim = simulate_video(1, 77, 900)
+    # seq gap; the video's end (`sim`: made in the setup, the simulator is no part of it)
     pipes = [StreamPipeline("ws2", model=None, calibration_frames=400)]
     if model is not None:
         pipes.append(StreamPipeline("ws1", model=model))
@@ -763,6 +762,7 @@ def test_warm_up_leaves_nothing_to_compile_on_the_live_frame_path(model_file, wi
             from lhtstream.service.pipeline import StreamPipeline
             model = NormalityModel.load(sys.argv[1]) if len(sys.argv) > 1 else None
             monitor._warm_up(model)
+            sim = simulate_video(1, 77, 900)  # the test's data: compiles the simulator
     """
     new = new_specialisations(setup, _LIVE_PATH, *([str(model_file)] if with_model else []))
     assert new == {}

@@ -21,7 +21,6 @@ from lhtstream.io.curve import client as curve_client
 from lhtstream.io.curve import server as curve_server
 from lhtstream.io.journal import DEFAULT_JOURNAL, Journal
 from lhtstream.io.protocol import DEFAULT_FRAME_ENDPOINT
-from lhtstream.io.simulate import simulate_video
 from lhtstream.kernels import features
 from lhtstream.model.normality import NormalityModel
 from lhtstream.service.monitor import (
@@ -87,13 +86,34 @@ def _pipeline_factory(
     return make, note, model
 
 
+WARM_UP_FRAMES = 700
+"""Frames of the synthetic video the warm-up runs (more than a 500-frame calibration)."""
+
+
+def _synthetic_frames(n: int, rows: int = 16, cols: int = 22) -> np.ndarray:
+    """``n`` difference frames (uint16, 0..1023) of a noisy Gaussian spot sweeping to and
+    fro: what the kernels need to take every branch of the frame path (a spot to
+    measure, motion, a fit with spread in every feature), without the data simulator."""
+    rng = np.random.default_rng(0)
+    t = np.arange(n, dtype=np.float64)
+    x = (cols - 1) / 2 + (cols / 3) * np.sin(2 * np.pi * t / 97) + rng.normal(0, 0.3, n)
+    y = (rows - 1) / 2 + (rows / 5) * np.cos(2 * np.pi * t / 61) + rng.normal(0, 0.3, n)
+    peak = 600 + 150 * np.sin(2 * np.pi * t / 37) + rng.normal(0, 20, n)
+    sigma = 1.8 + 0.3 * np.sin(2 * np.pi * t / 53)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    d2 = (xx[None] - x[:, None, None]) ** 2 + (yy[None] - y[:, None, None]) ** 2
+    spot = peak[:, None, None] * np.exp(-d2 / (2 * sigma[:, None, None] ** 2))
+    noise = rng.normal(0, 4, (n, rows, cols))
+    return np.clip(np.rint(spot + noise), 0, 1023).astype(np.uint16)
+
+
 def _warm_up(model: Any) -> None:
     """Compile (or load from cache) every kernel of the frame path before subscribing.
 
-    Runs a short simulated video through throw-away pipelines: features, model fit and
-    scoring, detector — with the loaded model when there is one (for one of its types),
-    and through a tiny self-calibration; once frame by frame off the wire, once in
-    `FrameBlock`s as a burst arrives. A failure here is logged, not fatal: the
+    Runs a short synthetic video (`_synthetic_frames`) through throw-away pipelines:
+    features, model fit and scoring, detector — with the loaded model when there is one
+    (for one of its types), and through a tiny self-calibration; once frame by frame off
+    the wire, once in `FrameBlock`s as a burst arrives. A failure here is logged, not fatal: the
     kernels then compile on the first live frames instead.
     """
 
@@ -105,8 +125,7 @@ def _warm_up(model: Any) -> None:
         type_id = 1
         if model is not None and len(model.types):
             type_id = int(model.types[0])
-        sim = simulate_video(type_id, 0, 700)
-        frames = np.ascontiguousarray(sim.image, dtype=np.uint16)
+        frames = _synthetic_frames(WARM_UP_FRAMES)
         wire = [[bytes(p) for p in protocol.encode_frame(
             frames[i], stream="warm-up", video="warm-up", type=type_id, seq=i, index=i,
             obstacle=0)] for i in range(frames.shape[0])]
@@ -117,7 +136,7 @@ def _warm_up(model: Any) -> None:
             # frame by frame off the wire (into a FrameBuffer, as `_on_frame`), then (a
             # fresh pipeline, so self-calibration runs in blocks too) as frames queued in a
             # burst arrive
-            pipe.start_video("warm-up", type_id, sim.metadata)
+            pipe.start_video("warm-up", type_id, {})
             pixels = protocol.FrameBuffer()
             for parts in wire:
                 message = protocol.decode(parts)
@@ -127,7 +146,7 @@ def _warm_up(model: Any) -> None:
         block = FrameBlock()
         pipes.append(StreamPipeline("warm-up", calibration_frames=500))
         for pipe in pipes[-1:] + pipes[1:-1]:
-            pipe.start_video("warm-up", type_id, sim.metadata)
+            pipe.start_video("warm-up", type_id, {})
             at, size = 0, 50
             while at < len(wire):
                 size = 51 - size  # blocks of 50 and of 1 (a `process` of a block's frame)
