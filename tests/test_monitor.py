@@ -919,8 +919,7 @@ def test_a_status_that_cannot_be_encoded_is_replaced_by_a_minimal_one(tmp_path):
     with Journal(tmp_path / "journal.sqlite") as journal:
         monitor, pub = _in_process_monitor(journal)
         _feed(monitor, "ws1", range(5))
-        monitor.dropped = 2**64  # what no message can do any more: force it
-        monitor.streams["ws1"].dropped = 2**64
+        monitor.streams["ws1"].dropped = 2**64  # what no message can do any more: force it
         statuses = _flush_status(monitor, pub)
     whole, stream = statuses
     assert whole["stream"] == "*" and stream["stream"] == "ws1"

@@ -39,7 +39,13 @@ from lhtstream.base.errors import LhtstreamError
 from lhtstream.io import protocol
 from lhtstream.service.latency import LatencyRecorder, percentile_summary
 from lhtstream.service.oplog import RateLimitedLog, log
-from lhtstream.service.streams import FrameBlock, StreamState, TokenBucket, model_state
+from lhtstream.service.streams import (
+    COUNTED,
+    FrameBlock,
+    StreamState,
+    TokenBucket,
+    model_state,
+)
 
 __all__ = ["FrameBlock", "LatencyRecorder", "Monitor", "MonitorError", "RateLimitedLog",
            "StreamState", "log", "percentile_summary"]
@@ -142,10 +148,10 @@ class Monitor:
         self.latency_log = latency_log
         self.latency_logged = 0
         self.streams: dict[str, StreamState] = {}
-        self.frames = 0
-        self.dropped = 0
-        self.malformed = 0
-        self.bad_time = 0  # frames whose t_ns was implausible (see `_check_time`)
+        # Counts live per stream (`StreamState`, `COUNTED`); the monitor's are their sums
+        # (`total`), plus what evicted streams had counted and undecodable messages.
+        self._retired = dict.fromkeys(COUNTED, 0)
+        self._undecodable = 0
         self.errors = 0
         self.alarms = 0
         self.verdicts = 0
@@ -154,8 +160,6 @@ class Monitor:
         self.refusal: str | None = None  # why the last new stream was refused
         self.evicted = 0  # streams evicted for silence
         self.reclaimed = 0  # streams evicted to make room for a new one (never established)
-        self.short_videos = 0
-        self.suppressed = 0
         self._short_budget = TokenBucket(SHORT_VIDEO_BURST, SHORT_VIDEOS_PER_S)
         self._churn = RateLimitedLog(10.0)
         self._t_recv = 0
@@ -187,6 +191,25 @@ class Monitor:
         # Streams whose per-stream status of this interval is still to be sent: one per
         # loop turn, so a status round never delays a frame by more than one message.
         self._status_due: deque[str] = deque()
+
+    def total(self, count: str) -> int:
+        """The monitor's ``count`` (one of `COUNTED`): its streams' and evicted streams'
+        sum (``malformed`` also counts messages that named no stream it could decode)."""
+        extra = self._undecodable if count == "malformed" else 0
+        return self._retired[count] + extra + sum(getattr(st, count)
+                                                  for st in self.streams.values())
+
+    @property
+    def frames(self) -> int:
+        return self.total("frames")
+
+    @property
+    def dropped(self) -> int:
+        return self.total("dropped")
+
+    @property
+    def malformed(self) -> int:
+        return self.total("malformed")
 
     def watch_connections(self, endpoints: Iterable[str]) -> None:
         """Watch these frame endpoints; reconnect one only when libzmq has given up on it."""
@@ -399,6 +422,8 @@ class Monitor:
             st.partial = True
             self._end(st)
         self._publish_stream_status(st.name, now_ns, evicted=True)
+        for name in COUNTED:  # the monitor's totals keep what it counted
+            self._retired[name] += getattr(st, name)
         self.streams.pop(st.name).pipeline.close()
 
     # ------------------------------------------------------------ messages
@@ -411,7 +436,7 @@ class Monitor:
         try:
             message = protocol.decode(parts)
         except protocol.ProtocolError as exc:
-            self.malformed += 1
+            self._undecodable += 1
             self._bad_input(f"malformed message ignored: {exc}")
             return
         try:
@@ -519,10 +544,8 @@ class Monitor:
         st.video = None
         if not st.recorded:  # held back and never a workpiece: counted, not journaled
             st.short_videos += 1
-            self.short_videos += 1
             dropped = len(st.held) + len(events)
             st.suppressed += dropped
-            self.suppressed += dropped
             st.held, st.held_open, st.recorded = [], None, True
             self._churn(f"stream {st.name!r}: video of {st.video_frames} frame(s) ended "
                         f"before {MIN_WORKPIECE_FRAMES} with the short-video budget spent "
@@ -573,7 +596,6 @@ class Monitor:
             if last < seq <= last + MAX_SEQ_GAP and not other_video:
                 lost = seq - last - 1
                 st.dropped += lost
-                self.dropped += lost
                 self._gaps(f"stream {st.name!r}: {lost} frame(s) lost before seq {seq}")
                 if st.video is not None:
                     self._emit(st.pipeline.note_lost(lost, header), st)
@@ -615,7 +637,6 @@ class Monitor:
             self.latency_logged += 1
         st.frames += 1
         st.frame = header["frame"]
-        self.frames += 1
 
     def _flush(self, st: StreamState) -> None:
         """Step the frames waiting in ``st``'s block: one `process_block` call (stopping
@@ -645,7 +666,6 @@ class Monitor:
         st.seen_ns = block.t_recv[-1]
         st.frames += n
         st.frame = header["frame"] + n - 1
-        self.frames += n
 
     def _follows(self, st: StreamState, header: dict[str, Any]) -> bool:
         """True when a frame off the stream's line is to be followed: seq 0 of the video
@@ -674,7 +694,6 @@ class Monitor:
     def _reject(self, st: StreamState, header: dict[str, Any]) -> None:
         """Count and report a frame off the stream's line that is not followed."""
         st.malformed += 1
-        self.malformed += 1
         seq, last = header["seq"], st.last_seq
         if last is not None and seq <= last:
             why = f"frame seq {seq} after {last} (out of order or duplicate)"
@@ -697,7 +716,6 @@ class Monitor:
         if t_recv - MAX_FRAME_AGE_NS <= t_ns <= max(t_recv, now) + CLOCK_SLACK_NS:
             return
         st.bad_time += 1
-        self.bad_time += 1
         self._bad_input(f"stream {st.name!r}: frame seq {header['seq']} has t_ns {t_ns}, "
                         f"{(t_recv - t_ns) / 1e9:.3g} s before its receipt: not this host's "
                         "CLOCK_MONOTONIC; its latency is taken from receipt")
@@ -732,7 +750,6 @@ class Monitor:
             over = len(events) - max(room, 0)
             if over > 0:
                 st.suppressed += over
-                self.suppressed += over
             return
         outgoing: list[tuple[str, dict[str, Any]]] = []
         for event in events or ():
@@ -789,10 +806,10 @@ class Monitor:
             "v": protocol.SCHEMA_VERSION,
             "stream": protocol.ALL_STREAMS,
             "t_ns": now_ns,
-            "frames": self.frames,
-            "dropped": self.dropped,
-            "malformed": self.malformed,
-            "bad_time": self.bad_time,
+            "frames": self.total("frames"),
+            "dropped": self.total("dropped"),
+            "malformed": self.total("malformed"),
+            "bad_time": self.total("bad_time"),
             "errors": self.errors,
             "reconnects": self.reconnects,
             "handshake_failures": self.handshake_failures,
@@ -811,8 +828,8 @@ class Monitor:
             "refusal": self.refusal,
             "evicted": self.evicted,
             "reclaimed": self.reclaimed,
-            "short_videos": self.short_videos,
-            "suppressed": self.suppressed,
+            "short_videos": self.total("short_videos"),
+            "suppressed": self.total("suppressed"),
             "journal": self.journal.health(),
             "final": final,
         }

@@ -16,7 +16,8 @@ BLOCK_FRAMES = 64
 """Most frames of one stream stepped in one call (`StreamPipeline.process_block`) when
 they arrive queued; a frame that finds the queue empty behind it is never held back."""
 _MAX_FRAME_PIXELS = protocol.MAX_FRAME_SIDE ** 2
-_MAX_FRAME_PIXELS = protocol.MAX_FRAME_SIDE ** 2
+COUNTED = ("frames", "dropped", "malformed", "bad_time", "short_videos", "suppressed")
+"""What a stream counts (`StreamState` attributes); the monitor's totals are their sums."""
 
 
 class TokenBucket:
