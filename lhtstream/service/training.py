@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lhtstream.io.dataset import Dataset, read_labels
+from lhtstream.io.dataset import Dataset, Video, read_labels
 from lhtstream.kernels.features import video_features
 from lhtstream.model.detector import calibrate
 from lhtstream.model.normality import DEFAULT_PHASE_BINS, ModelError, NormalityModel
@@ -32,7 +32,7 @@ def normal_videos(root: str | Path, types: list[int] | None = None) -> Iterator:
             yield video
 
 
-def video_rows(video) -> np.ndarray:
+def video_rows(video: Video) -> np.ndarray:
     """Feature rows of one data-set video (the batch form of the streaming path)."""
 
     return video_features(video.load(), video.obstacle_states())
@@ -55,11 +55,6 @@ def split_holdout(videos: list, every: int = 4) -> tuple[list, list]:
     return train, held
 
 
-def _video_rows(item: tuple[str, int, str]) -> np.ndarray:
-    root, type_id, name = item
-    return video_rows(Dataset(root).video(type_id, name))
-
-
 def fit_dataset(root: str | Path, types: list[int] | None = None, holdout_every: int = 4,
                 phase_bins: int = DEFAULT_PHASE_BINS, fa_per_hour: float = 1.0,
                 progress: Callable[[str], None] | None = None,
@@ -74,8 +69,9 @@ def fit_dataset(root: str | Path, types: list[int] | None = None, holdout_every:
     vids = list(normal_videos(root, types))
     if not vids:
         raise ModelError(f"{root}: no normal videos to train on")
-    items = [(str(root), v.type, v.name) for v in vids]
-    for i, rows in enumerate(ordered_map(_video_rows, items, workers)):
+    # the videos themselves go to the workers: their metadata was read and checked once,
+    # here, not again per video
+    for i, rows in enumerate(ordered_map(video_rows, vids, workers)):
         video = vids[i]
         loaded.append((video.type, rows))
         if progress:
