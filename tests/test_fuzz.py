@@ -189,11 +189,13 @@ def test_monitor_counts_every_rejected_message_and_never_raises(monitor, batch):
     assert monitor.malformed - malformed >= rejected  # (+ seqs going backwards)
     st_ = monitor.streams.get("ws1")
     seq = 0 if st_ is None or st_.last_seq is None else st_.last_seq + 1
-    if seq > protocol.INT64_MAX:  # a fuzzed frame took the stream to the last valid seq:
-        # only a publisher restart can follow it (its `video start`, then seq 0)
+    other = st_ is not None and st_.video is not None and (st_.video, st_.type) != ("0001", 1)
+    if seq > protocol.INT64_MAX or other:
+        # a fuzzed frame opened another video (or took the stream to the last valid seq):
+        # only a `video start` begins another video mid-video (then seq 0: a restart)
         monitor.handle(protocol.encode("video", {"stream": "ws1", "video": "0001", "type": 1,
                                                  "event": "start", "metadata": {}}))
-        seq = 0
+        seq = 0 if seq > protocol.INT64_MAX else seq
     monitor.handle([b"frame/ws1/", msgpack.packb(good_header(seq)), PIXELS])
     assert monitor.streams["ws1"].last_seq == seq  # the good frame was handled
     monitor.publish_status(time.monotonic_ns())  # and status still encodes
@@ -255,3 +257,76 @@ def test_live_monitor_survives_a_fuzzed_stream(tmp_path):
             sub.close(0)
     assert "Traceback" not in mon.stderr
     assert rejected > 100  # the corpus really was hostile
+
+
+class _NullPipeline:
+    """Stands in for StreamPipeline where only the monitor's bookkeeping is under test."""
+
+    stream = "ws1"
+
+    def start_video(self, video, type_id, metadata=None):
+        return []
+
+    def process(self, frame, header):
+        return ()
+
+    def process_block(self, frames, obstacles, header, t_ns=None):
+        return []
+
+    def note_lost(self, n, header):
+        return ()
+
+    def end_video_events(self):
+        return []
+
+    def status(self):
+        return {"mode": "scoring"}
+
+    def close(self):
+        pass
+
+
+forgeries = st.tuples(
+    st.integers(min_value=1, max_value=400),  # after which real frame (the first sets the line)
+    st.one_of(st.integers(min_value=-50, max_value=0),  # seq relative to the line: behind
+              st.integers(min_value=10_001, max_value=2**62)),  # or beyond MAX_SEQ_GAP
+    st.sampled_from(["0001", "evil", "x" * 64]),
+    st.sampled_from([1, 1, 2, 36]),
+)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(forgeries, max_size=40))
+def test_forged_frames_off_the_line_never_displace_the_real_stream(tmp_path, forged):
+    """Issue 20 items 1 and 4 as a property: whatever frames a forger interleaves that
+    are off the stream's line (seq behind, or beyond MAX_SEQ_GAP ahead, or another video
+    or type), every real frame is handled, nothing counts as lost, each forgery counts
+    as malformed, and the status encodes. (The first frame of a stream sets its line: a
+    forgery before it is followed until RESTART_RUN real frames show the real line.)"""
+    from lhtstream.service.monitor import MAX_SEQ_GAP, Monitor
+
+    assert MAX_SEQ_GAP < 10_001
+    with Journal(tmp_path / f"j{time.monotonic_ns()}.sqlite") as journal:
+        mon = Monitor(make_pipeline=lambda name: _NullPipeline(), journal=journal,
+                      publish=_CapturePub(), subscribe=None)
+        at: dict[int, list] = {}
+        for where, offset, video, type_ in forged:
+            at.setdefault(where, []).append((offset, video, type_))
+        frames = 401
+        for k in range(frames):
+            for offset, video, type_ in at.get(k, ()):
+                seq = max(0, k - 1 + offset)  # the line's last seq is k - 1
+                if offset <= 0 and (video, type_) == ("0001", 1):
+                    video = "evil"  # behind the line and of the open video: a duplicate
+                mon._t_recv = time.monotonic_ns()
+                mon.handle([b"frame/ws1/", msgpack.packb(dict(
+                    good_header(seq), video=video, type=type_)), PIXELS])
+            mon._t_recv = time.monotonic_ns()
+            mon.handle([b"frame/ws1/", msgpack.packb(good_header(k)), PIXELS])
+        status = mon.status(time.monotonic_ns())
+    st_ = mon.streams["ws1"]
+    assert mon.errors == 0 and status["dropped"] == 0
+    assert (st_.last_seq, st_.video, status["frames"]) == (frames - 1, "0001", frames)
+    assert status["malformed"] == len(forged)
+    protocol.encode("status", status)
