@@ -714,19 +714,21 @@ def model_file(tmp_path_factory) -> Path:
 
 _LIVE_PATH = """
     # what the monitor does with each frame off the wire, for a stream with the model (if
-    # any) and a self-calibrating one: decode, into the stream's FrameBuffer, process; a
-    # seq gap; the video's end (`sim`: made in the setup, the simulator is no part of it)
+    # any) and a self-calibrating one: decode, into the stream's FrameBlock as a block of
+    # one, process; a seq gap; the video's end (`sim`: made in the setup, the simulator is
+    # no part of it)
     pipes = [StreamPipeline("ws2", model=None, calibration_frames=400)]
     if model is not None:
         pipes.append(StreamPipeline("ws1", model=model))
+    one = monitor.FrameBlock()
     for pipe in pipes:
         pipe.start_video("0001", 1, sim.metadata)
-        pixels = protocol.FrameBuffer()
         for i in range(len(sim.image)):
             parts = [bytes(p) for p in protocol.encode_frame(
                 sim.image[i], stream=pipe.stream, video="0001", type=1, seq=i, index=i)]
             message = protocol.decode(parts)
-            pipe.process(pixels.load(message), message.header)
+            one.start(message.header, message.payload, 0)
+            one.step(pipe)
         pipe.note_lost(3, message.header)
         pipe.end_video_events()
     # frames that arrive queued behind each other: stepped from the stream's FrameBlock

@@ -132,18 +132,18 @@ def _warm_up(model: Any) -> None:
         pipes = [StreamPipeline("warm-up", calibration_frames=500)]
         if model is not None:
             pipes.append(StreamPipeline("warm-up", model=model))
+        block = FrameBlock()
         for pipe in pipes:
-            # frame by frame off the wire (into a FrameBuffer, as `_on_frame`), then (a
+            # frame by frame off the wire (each a block of one, as `_on_frame`), then (a
             # fresh pipeline, so self-calibration runs in blocks too) as frames queued in a
             # burst arrive
             pipe.start_video("warm-up", type_id, {})
-            pixels = protocol.FrameBuffer()
             for parts in wire:
                 message = protocol.decode(parts)
-                pipe.process(pixels.load(message), message.header)
+                block.start(message.header, message.payload, 0)
+                block.step(pipe)
             pipe.note_lost(3, message.header)
             pipe.end_video_events()
-        block = FrameBlock()
         pipes.append(StreamPipeline("warm-up", calibration_frames=500))
         for pipe in pipes[-1:] + pipes[1:-1]:
             pipe.start_video("warm-up", type_id, {})
