@@ -5,11 +5,12 @@ One process serves any number of streams (the header's ``stream``). The loop:
 1. poll the SUB socket with a timeout, so ``status`` goes out on time without frames;
 2. on wake-up drain every queued message (``--rate max`` queues many per wake-up; at
    1 kHz there is usually one);
-3. per frame: ``protocol.decode`` -> seq check -> ``StreamPipeline.process`` -> events;
-   every alarm/verdict is committed to the journal, then published. Frames of a stream
-   that arrive queued behind each other are stepped in blocks (``process_block``, one
-   compiled call over up to ``BLOCK_FRAMES``) as soon as the queue is empty; a frame
-   with nothing behind it is handled at once, never held back to form a block.
+3. per frame: ``protocol.decode`` -> the stream's line (seq and video, `_on_frame`) ->
+   the stream's `FrameBlock` -> ``StreamPipeline`` -> events; every alarm/verdict is
+   mapped to the wire (``protocol.to_wire``), committed to the journal, then published.
+   Frames of a stream that arrive queued behind each other are stepped in blocks
+   (``process_block``, one compiled call over up to ``BLOCK_FRAMES``) as soon as the
+   queue is empty; a frame with nothing behind it is a block of one, handled at once.
 
 A plant splits its streams over monitors with ``streams`` (``--streams ws1,line2-*``):
 the SUB socket subscribes only to those streams' topics, so ZeroMQ drops the others
@@ -18,9 +19,16 @@ before they reach Python (docs/operations.md). Every size is bounded: at most
 status goes out as one small message for the monitor plus one per stream.
 
 Bad input never stops the loop: it is counted (``malformed``, or ``dropped`` for seq
-gaps) and reported on stderr at most once per second per class of problem.
-Per-frame handling latency (done minus the frame's ``t_ns``) goes into a preallocated
-array; percentiles are computed once per status interval, not per frame.
+gaps) and reported on stderr at most once per second per class of problem, and what one
+message can make the monitor count, journal or forget is bounded (``MAX_SEQ_GAP``,
+``RESTART_RUN``, the short-video budget, slots reclaimed from streams that never had a
+workpiece: docs/operations.md, "Hostile or broken peers"). Per-frame handling latency
+(done minus the frame's ``t_ns``) goes into a preallocated array; percentiles are
+computed once per status interval, not per frame.
+
+Modules: this one is the loop and the per-stream rules; `streams` holds what is kept per
+stream, `latency` the latency rings, `oplog` the operator log, `launch` the start-up
+(model, warm-up, sockets: `serve`), `startup` the early signal handler.
 """
 
 from __future__ import annotations
