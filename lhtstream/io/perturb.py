@@ -473,6 +473,7 @@ def perturb_dataset(src: str | os.PathLike, out: str | os.PathLike,
                 write_npz(tdir / f"{name}.npz", {"image": img})
                 meta = dict(v.metadata)
                 meta["SizeInFrames"] = int(img.shape[0])
+                assert obs is not None  # given obstacle states, perturb_video returns them
                 wins = windows_from_states(obs)
                 for k in (1, 2):
                     ini, end = wins[k - 1] if len(wins) >= k else (-1, -1)

@@ -185,7 +185,7 @@ KERNEL_SOURCES = _sources_digest()
 
 
 def _stamped(locator: type) -> type:
-    class Stamped(locator):  # type: ignore[misc, valid-type]
+    class Stamped(locator):
         def get_source_stamp(self) -> Any:
             return (super().get_source_stamp(), KERNEL_SOURCES)
 

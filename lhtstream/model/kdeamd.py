@@ -351,7 +351,7 @@ class KdeAmd:
         that cell's training points.
         """
         self._require_fit()
-        c = int(self._cell(np.float64(x0), np.float64(y0)))
+        c = int(self._cell(np.asarray(x0, dtype=np.float64), np.asarray(y0, dtype=np.float64)))
         kde = self._kde_for(int(window), c)
         qw = np.array([x1, y1]) @ kde.w
         d = kde.white - qw

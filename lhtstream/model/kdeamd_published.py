@@ -374,7 +374,8 @@ class PublishedKdeAmd:
                               f"{self.windows}")
         pos = np.ascontiguousarray(positions, dtype=np.float64)
         out = np.empty(len(pos) - 1)
-        _move_probabilities(pos, scoring_windows(obstacles), self.edges, *tables, out)
+        _move_probabilities(pos, scoring_windows(obstacles), self.edges, *tables,  # type: ignore[call-arg]
+                            out)
         return out
 
     def score_move(self, x0: float, y0: float, x1: float, y1: float, window: int) -> float:

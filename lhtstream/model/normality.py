@@ -222,11 +222,11 @@ class NormalityModel:
         self.cov4 = np.eye(4)
         self.prec4 = np.eye(4)
         self.prec2 = np.eye(2)
-        self.svar = 1.0
+        self.svar = np.array(1.0)
         self.cprec = np.eye(2)
         self.chol = _IDENTITY_CHOL
-        self.rate = (1.0, 1e-4)
-        self.slip = (0.0, 1.0)
+        self.rate = np.array((1.0, 1e-4))
+        self.slip = np.array((0.0, 1.0))
         self.count = np.zeros((T, N_OBSTACLE, B))
         self.raise_thr = np.full((T, N_GROUPS), np.inf)
         self.clear_thr = np.full((T, N_GROUPS), np.inf)
@@ -387,23 +387,23 @@ class NormalityModel:
         R = X - mi
         cell = base + near
         n = np.bincount(cell, minlength=ncell).astype(np.float64)
-        C = np.zeros((ncell, 4, 4))
+        C: np.ndarray = np.zeros((ncell, 4, 4))
         for i in range(4):
             for j in range(i, 4):
                 C[:, i, j] = C[:, j, i] = np.bincount(cell, R[:, i] * R[:, j], ncell)
-        V = np.zeros((ncell, N_SCALAR))
-        for k in range(N_SCALAR):
-            V[:, k] = np.bincount(cell, R[:, 4 + k] ** 2, ncell)
+        V: np.ndarray = np.zeros((ncell, N_SCALAR))
+        for q in range(N_SCALAR):
+            V[:, q] = np.bincount(cell, R[:, 4 + q] ** 2, ncell)
         n3 = n.reshape(T, N_OBSTACLE, B)
         C = C.reshape(T, N_OBSTACLE, B, 4, 4)
         V = V.reshape(T, N_OBSTACLE, B, N_SCALAR)
         ntot = n3.sum(axis=2)
         pooledC = C.sum(axis=2) / np.maximum(ntot, 1.0)[:, :, None, None]
         pooledV = V.sum(axis=2) / np.maximum(ntot, 1.0)[:, :, None]
-        k = PRIOR_WEIGHT
-        cov = (C + k * pooledC[:, :, None]) / (n3 + k)[..., None, None]
+        prior = PRIOR_WEIGHT
+        cov = (C + prior * pooledC[:, :, None]) / (n3 + prior)[..., None, None]
         cov = cov + COV_FLOOR * np.eye(4)
-        svar = (V + k * pooledV[:, :, None]) / (n3 + k)[..., None] + SCALAR_FLOOR
+        svar = (V + prior * pooledV[:, :, None]) / (n3 + prior)[..., None] + SCALAR_FLOOR
         vid = np.concatenate([np.full(len(p[1]), i) for i, p in enumerate(prepared)])
         vid_type = np.array([p[0] for p in prepared])
         svar = svar + self._between_scalars(R, vid, vid_type, ob)
@@ -658,7 +658,9 @@ class NormalityModel:
         arrays = self._arrays()
         header = json.dumps(self.header(), sort_keys=True)
         with open(path, "wb") as fh:
-            np.savez(fh, header=np.frombuffer(header.encode(), dtype=np.uint8), **arrays)
+            payload: dict[str, Any] = {"header": np.frombuffer(header.encode(), dtype=np.uint8),
+                                       **arrays}
+            np.savez(fh, **payload)
         return path
 
     @classmethod
