@@ -77,6 +77,7 @@ class Curve:
                                  "(this process's own key pair)")
             return None
         public, private = _load(secret, True)
+        assert private is not None  # _load(..., secret=True) raised otherwise
         peer = None if server_key is None else _load(server_key, False)[0]
         folder = None
         if clients is not None:

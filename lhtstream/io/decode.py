@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -183,9 +183,9 @@ class FrameBuffer:
         shape = message.header["shape"]
         if shape != self._shape:  # a new ROI: at a video boundary, off the hot path
             self._array = np.zeros((shape[0], shape[1]), dtype=_DTYPE)
-            self._bytes = memoryview(self._array).cast("B")
+            self._bytes = self._array.data.cast("B")
             self._shape = list(shape)
         # via memoryview(): assigning a zmq.Frame itself to a memoryview slice segfaults
         # (pyzmq 27)
-        self._bytes[:] = memoryview(message.payload)
+        self._bytes[:] = memoryview(cast(bytes, message.payload))
         return self._array

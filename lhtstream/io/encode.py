@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -58,7 +58,7 @@ def encode(topic: str, header: dict[str, Any], payload: Any = None) -> list[byte
         packed = _packer.pack(header)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"header cannot be encoded: {exc}", topic) from None
-    parts: list[bytes] = [topic_bytes(topic, stream), packed]
+    parts: list[bytes] = [topic_bytes(topic, cast(str, stream)), packed]
     if payload is not None:
         parts.append(bytes(payload))
     decode(parts)
@@ -119,8 +119,8 @@ class FrameEncoder:
             )
         key = (video, type, frame.shape)
         if key != self._key:
-            self._template, at = _header_template(self._stream, video, type, *frame.shape)
-            self._slots = (at["seq"], at["frame"], at["t_ns"], at["obstacle"])
+            self._template, offsets = _header_template(self._stream, video, type, *frame.shape)
+            self._slots = (offsets["seq"], offsets["frame"], offsets["t_ns"], offsets["obstacle"])
             self._key = key
         header = bytearray(self._template)
         pack_into = _INT64.pack_into
@@ -166,7 +166,7 @@ class EncodedFrames:
         self.headers = bytearray(table.tobytes())
         self._headers = memoryview(self.headers)
         self.payload_size = rows * cols * 2
-        self.payloads = memoryview(np.ascontiguousarray(frames)).cast("B")
+        self.payloads = np.ascontiguousarray(frames).data.cast("B")
         self._stamp = _INT64.pack_into
         for i in {0, n - 1} if n else ():
             decode(self.parts(i, 0))

@@ -51,7 +51,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -267,19 +267,19 @@ class Journal:
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             if writer:
                 self._writer_pragmas(self._db)
-                has_meta = self._db.execute(
+                has_meta = self.db.execute(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
                 ).fetchone()
-                old = has_meta and self._db.execute(
+                old = has_meta and self.db.execute(
                     "SELECT value FROM meta WHERE key = 'version'").fetchone()
                 if old and old[0] == "1":
-                    self._db.executescript(_UPGRADE_1_TO_2)
-                self._db.executescript(_SCHEMA)
-                self._db.execute(
+                    self.db.executescript(_UPGRADE_1_TO_2)
+                self.db.executescript(_SCHEMA)
+                self.db.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('version', ?)",
                     (str(JOURNAL_VERSION),),
                 )
-            row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+            row = self.db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise JournalError(
@@ -325,7 +325,7 @@ class Journal:
 
     def _file_identity(self) -> tuple[tuple[int, int] | None, ...]:
         """(device, inode) of the database file and of its WAL (None: missing)."""
-        out = []
+        out: list[tuple[int, int] | None] = []
         for path in (self.path, Path(f"{self.path}-wal")):
             try:
                 st = os.stat(path)
@@ -335,13 +335,20 @@ class Journal:
                 out.append((st.st_dev, st.st_ino))
         return tuple(out)
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The open connection (JournalError once closed)."""
+        if self._db is None:
+            raise JournalError(f"journal {self.path} is closed")
+        return self._db
+
     # ------------------------------------------------------------ writing
 
     def next_seq(self) -> int:
         """The seq the next alarm will get (max(seq) + 1, 1 for an empty journal)."""
         if getattr(self, "_seq", None) is not None:
             return self._seq
-        (top,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM alarms").fetchone()
+        (top,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM alarms").fetchone()
         return int(top) + 1
 
     def _checkpoint_loop(self, uri: str, interval: float, stop: threading.Event) -> None:
@@ -379,7 +386,8 @@ class Journal:
         self.last_error = f"{what}: {type(exc).__name__}: {exc}"
 
     def record(
-        self, alarms: list[Mapping[str, Any]] = (), verdicts: list[Mapping[str, Any]] = (),
+        self, alarms: Sequence[Mapping[str, Any]] = (),
+        verdicts: Sequence[Mapping[str, Any]] = (),
         opened: Mapping[str, Any] | None = None,
     ) -> tuple[list[int], bool]:
         """Journal alarms (each gets its seq), verdicts (each closes its open video) and a
@@ -412,7 +420,7 @@ class Journal:
         """Commit the pending rows in one transaction; False (rows kept) when it fails."""
         if not self.pending:
             return True
-        db = self._db
+        db = self.db
         try:
             db.execute("BEGIN")
             for sql, params in self.pending:
@@ -489,14 +497,14 @@ class Journal:
                 os.unlink(f"{fresh}{suffix}")
         copy = sqlite3.connect(fresh, isolation_level=None)
         try:
-            self._db.backup(copy)
+            self.db.backup(copy)
         finally:
             copy.close()
         os.replace(fresh, self.path)
         for suffix in ("-wal", "-shm"):  # the old file's (or a stranger's): not ours now
             if os.path.exists(f"{self.path}{suffix}"):
                 os.unlink(f"{self.path}{suffix}")
-        old, self._db = self._db, None
+        old, self._db = self.db, None
         old.close()
         self._db = sqlite3.connect(self._uri, uri=True, isolation_level=None,
                                    check_same_thread=False)
@@ -529,7 +537,7 @@ class Journal:
     def open_videos(self) -> list[dict[str, Any]]:
         """Videos started and never judged (the monitor stopped without their verdict),
         each with ``alarms``: how many alarms it raised before."""
-        rows = self._db.execute(
+        rows = self.db.execute(
             "SELECT o.stream, o.video, o.type, o.wall_time, (SELECT COUNT(*) FROM alarms a"
             " WHERE a.stream = o.stream AND a.video = o.video AND a.state = 'raise'"
             " AND a.seq >= o.first_seq) FROM open_videos o ORDER BY o.wall_time"
@@ -541,13 +549,13 @@ class Journal:
     def batch(self) -> Iterator[None]:  # for scripts and tests; the monitor uses `record`
         """One transaction for the appends inside: one commit (~0.2 ms) instead of one per
         row, for the several events a single frame or video end can raise."""
-        self._db.execute("BEGIN")
+        self.db.execute("BEGIN")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self.db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        self.db.execute("COMMIT")
 
     def append_alarm(self, fields: Mapping[str, Any]) -> int:
         """Commit one alarm and return its ``seq``; call this before publishing the alarm.
@@ -556,15 +564,15 @@ class Journal:
         stored as JSON text.
         """
         seq = self._seq
-        self._db.execute(_INSERT_ALARM, _alarm_row(seq, time.time(), fields))
+        self.db.execute(_INSERT_ALARM, _alarm_row(seq, time.time(), fields))
         # Autocommit mode (outside `batch`): the INSERT is committed when execute returns.
         self._seq += 1
         return seq
 
     def append_verdict(self, fields: Mapping[str, Any]) -> int:
         """Commit one verdict (before publishing it); returns its journal id."""
-        cur = self._db.execute(_INSERT_VERDICT, _verdict_row(time.time(), fields))
-        return int(cur.lastrowid)
+        cur = self.db.execute(_INSERT_VERDICT, _verdict_row(time.time(), fields))
+        return int(cur.lastrowid or 0)
 
     # ------------------------------------------------------------ reading
 
@@ -577,7 +585,8 @@ class Journal:
         (integer seq or ISO time, keeping alarms journaled at or after it).
         """
         since_seq, since_time = parse_since(since) if isinstance(since, str) else (since, None)
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if since_seq is not None:
             where.append("seq > ?")
             params.append(since_seq)
@@ -592,7 +601,7 @@ class Journal:
         if where:
             sql += " WHERE " + " AND ".join(where)
         out = []
-        for row in self._db.execute(sql + " ORDER BY seq", params):
+        for row in self.db.execute(sql + " ORDER BY seq", params):
             alarm = dict(zip(ALARM_FIELDS, row[:-1], strict=True))
             alarm["features"] = json.loads(alarm["features"])
             alarm["time"] = _iso(row[-1])
@@ -611,7 +620,7 @@ class Journal:
             sql += " WHERE stream = ?"
             params.append(stream)
         out = []
-        for row in self._db.execute(sql + " ORDER BY id", params):
+        for row in self.db.execute(sql + " ORDER BY id", params):
             (id_, wall, v, stream_, video, type_, frames, score, anomalous, alarms, t_ns,
              partial, kinds) = row  # fmt: skip
             out.append({
@@ -631,13 +640,13 @@ class Journal:
         giving at most ``max_buckets`` buckets over the journal's span, and rows of
         (bucket start as Unix time, stream, kind, count), at most `HISTORY_MAX_ROWS`.
         """
-        lo, hi = self._db.execute(
+        lo, hi = self.db.execute(
             "SELECT MIN(wall_time), MAX(wall_time) FROM alarms WHERE state = 'raise'"
         ).fetchone()
         span = 0.0 if lo is None else hi - lo
         bucket = next((b for b in HISTORY_BUCKETS_S if span / b <= max_buckets),
                       HISTORY_BUCKETS_S[-1])
-        rows = self._db.execute(
+        rows = self.db.execute(
             "SELECT CAST(wall_time / ? AS INTEGER) * ?, stream, kind, COUNT(*) FROM alarms"
             " WHERE state = 'raise' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT ?",
             (bucket, bucket, HISTORY_MAX_ROWS),
@@ -647,7 +656,7 @@ class Journal:
     def verdict_counts(self, bucket_s: float) -> list[tuple[float, str, bool, int]]:
         """Verdicts per time bucket (``bucket_s`` wide), stream and outcome: rows of
         (bucket start as Unix time, stream, anomalous, count), at most `HISTORY_MAX_ROWS`."""
-        rows = self._db.execute(
+        rows = self.db.execute(
             "SELECT CAST(wall_time / ? AS INTEGER) * ?, stream, anomalous, COUNT(*)"
             " FROM verdicts GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 LIMIT ?",
             (bucket_s, bucket_s, HISTORY_MAX_ROWS),
