@@ -86,7 +86,7 @@ def _pipeline_factory(
     return make, note, model
 
 
-WARM_UP_FRAMES = 700
+_SYNTHETIC_VIDEO_FRAMES = 700
 """Frames of the synthetic video the warm-up runs (more than a 500-frame calibration)."""
 
 
@@ -125,7 +125,7 @@ def _warm_up(model: Any) -> None:
         type_id = 1
         if model is not None and len(model.types):
             type_id = int(model.types[0])
-        frames = _synthetic_frames(WARM_UP_FRAMES)
+        frames = _synthetic_frames(_SYNTHETIC_VIDEO_FRAMES)
         wire = [[bytes(p) for p in protocol.encode_frame(
             frames[i], stream="warm-up", video="warm-up", type=type_id, seq=i, index=i,
             obstacle=0)] for i in range(frames.shape[0])]
