@@ -83,8 +83,9 @@ RESTART_RUN = 100
 """Consecutive frames (each ``seq`` +1 from the last, one video and type) that a stream
 must receive off its line (``seq`` backwards or beyond ``MAX_SEQ_GAP``, or another video
 without a ``video start``) before the monitor follows them: a publisher that restarted
-without its ``video start``, or whose ``video start`` was lost. Forged frames interleaved
-with the real ones never make such a run."""
+without its ``video start``, or whose ``video start`` was lost. Frames interleaved with
+the real ones never make such a run (each real frame breaks it); a peer sending 100 of
+its own in a row is followed (without CURVE, a trusted peer)."""
 MAX_FRAME_AGE_NS = 60_000_000_000
 """A frame's ``t_ns`` older than this at receipt (60 s; the SUB queue holds 10 s at
 1 kHz) is implausible: counted (``bad_time``) and replaced by the receipt time."""
