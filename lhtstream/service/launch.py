@@ -290,9 +290,8 @@ def serve(
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
-        if monitor is not None and monitor.events is not None:
-            monitor.sub.disable_monitor()
-            monitor.events.close(0)
+        if monitor is not None and monitor.connections is not None:
+            monitor.connections.close()
         sub.close(0)
         pub.close()
         if curve is not None:

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io import protocol
+from lhtstream.service.connections import FrameConnections
 from lhtstream.service.latency import LatencyRecorder, percentile_summary
 from lhtstream.service.oplog import RateLimitedLog, log
 from lhtstream.service.streams import (
@@ -108,12 +108,6 @@ MIN_WORKPIECE_FRAMES; if it ends before, they are dropped and counted (``short_v
 rows' worth of videos per second, and none per frame."""
 MAX_HELD_EVENTS = 64
 """Events kept for a held-back video until it proves a workpiece; more are counted."""
-RECONNECT_GRACE_S = 0.5
-"""After a frame connection drops, how long libzmq gets to show it is reconnecting by
-itself (it emits CONNECT_RETRIED/DELAYED/CONNECTED at once when it does) before the
-monitor concludes it gave up (a protocol error) and reconnects explicitly."""
-
-
 class MonitorError(LhtstreamError):
     """The monitor cannot start: bad model, endpoint in use, journal locked."""
 
@@ -184,18 +178,10 @@ class Monitor:
         self._refusals = RateLimitedLog()
         self._journal_log = RateLimitedLog(10.0)
         self._feature_rows: dict[str, list[np.ndarray]] = {}
-        self.frame_endpoints: set[str] = set()
         # Pipelines made ahead of need: one costs 1-2 ms (a private model copy), and four
         # workstations joining at once made their first ~60 frames up to 13 ms late.
         self._spares = [make_pipeline("spare") for _ in range(min(SPARE_PIPELINES, max_streams))]
-        self.reconnects = 0
-        self.handshake_failures = 0  # frame connections refused at the ZMTP/CURVE handshake
-        self.handshake_error: str | None = None  # the last one, named
-        self._failed_handshake: dict[str, str] = {}  # endpoint -> its last failure
-        self._handshakes = RateLimitedLog(10.0)
-        self.events: Any = None  # PAIR socket of zmq_socket_monitor on `sub`, if watched
-        # endpoint -> monotonic ns by which libzmq must have shown it reconnects by itself
-        self._dropped_at: dict[str, int] = {}
+        self.connections: FrameConnections | None = None  # once `watch_connections`
         self._drained = True  # the last receive found the SUB queue empty
         # Streams whose per-stream status of this interval is still to be sent: one per
         # loop turn, so a status round never delays a frame by more than one message.
@@ -221,12 +207,9 @@ class Monitor:
         return self.total("malformed")
 
     def watch_connections(self, endpoints: Iterable[str]) -> None:
-        """Watch these frame endpoints; reconnect one only when libzmq has given up on it."""
-        self.frame_endpoints = set(endpoints)
-        self.events = self.sub.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED
-            | zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
-        )
+        """Watch these frame endpoints (`FrameConnections`): failed handshakes named,
+        an endpoint reconnected only when libzmq has given up on it."""
+        self.connections = FrameConnections(self.sub, endpoints, self._gaps)
 
     # ------------------------------------------------------------ loop
 
@@ -322,11 +305,13 @@ class Monitor:
                     # so every stream's status comes at least once per interval
                     while self._status_due:
                         self._publish_stream_status(self._status_due.popleft(), now)
-            if self.events is not None and now >= next_events:
-                next_events = now + _POLL_CAP_MS * 1_000_000
-                self._on_socket_events()
-            if self._dropped_at:
-                self._reconnect_abandoned(now)
+            connections = self.connections
+            if connections is not None:
+                if now >= next_events:
+                    next_events = now + _POLL_CAP_MS * 1_000_000
+                    connections.read_events()
+                if connections.dropped and self._drained:
+                    connections.reconnect_abandoned(now)
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_NS
                 self._evict_idle(now)
@@ -350,67 +335,6 @@ class Monitor:
         pending = len(self.journal.pending)
         if self.journal.flush():
             log(f"journal {self.journal.path} written again: {pending} pending row(s) committed")
-
-    def _on_socket_events(self) -> None:
-        """Track which frame connections dropped and whether libzmq is reconnecting them.
-
-        An ordinary disconnect (publisher exited or restarted) needs nothing from us:
-        libzmq retries by itself (CONNECT_RETRIED/DELAYED at once, CONNECTED later) and
-        keeps the pipe, so frames already queued are still delivered. Only after a
-        *protocol* error (e.g. a part above ZMQ_MAXMSGSIZE) does it drop the connection
-        for good, and then no retry event follows the DISCONNECTED one.
-        """
-        while True:
-            try:
-                event = recv_monitor_message(self.events, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            raw = event["endpoint"]
-            endpoint = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if endpoint not in self.frame_endpoints:
-                continue
-            kind = int(event["event"])
-            if kind & _HANDSHAKE_FAILED:
-                reason = _handshake_failure(kind, int(event["value"]))
-                self.handshake_failures += 1
-                self.handshake_error = f"{endpoint}: {reason}"[:200]
-                self._failed_handshake[endpoint] = reason
-                self._handshakes(f"frames from {endpoint}: {reason}")
-                continue
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                if self._failed_handshake.pop(endpoint, None) is not None:
-                    log(f"frames from {endpoint}: handshake succeeded")
-                continue
-            if kind == zmq.EVENT_DISCONNECTED:
-                self._dropped_at[endpoint] = time.monotonic_ns() + int(RECONNECT_GRACE_S * 1e9)
-            else:  # libzmq is reconnecting (or has): leave it alone
-                self._dropped_at.pop(endpoint, None)
-
-    def _reconnect_abandoned(self, now_ns: int) -> None:
-        """Reconnect frame endpoints libzmq gave up on, once the SUB queue is drained.
-
-        Never earlier: an explicit disconnect terminates the endpoint's pipe, discarding
-        frames still queued in it, and a pipe terminated while a multipart message is
-        being read trips libzmq's ``!_more`` assertion in fq.cpp (libzmq #3485/#3663),
-        which aborted the monitor when a ``--rate max`` replay exited.
-        """
-        if not self._drained:
-            return
-        for endpoint, deadline in list(self._dropped_at.items()):
-            if now_ns < deadline:
-                continue
-            del self._dropped_at[endpoint]
-            self.reconnects += 1
-            refused = self._failed_handshake.get(endpoint)
-            self._gaps(f"connection to {endpoint} dropped and libzmq did not reconnect ("
-                       + (f"refused at the handshake: {refused}" if refused else
-                          "after a protocol error: a message part above the size bound?")
-                       + "); reconnecting")
-            try:
-                self.sub.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass
-            self.sub.connect(endpoint)
 
     def _evict_idle(self, now_ns: int) -> None:
         """Forget streams silent for ``idle_seconds``: their open video ends (partial
@@ -808,9 +732,8 @@ class Monitor:
             "malformed": self.total("malformed"),
             "bad_time": self.total("bad_time"),
             "errors": self.errors,
-            "reconnects": self.reconnects,
-            "handshake_failures": self.handshake_failures,
-            "handshake_error": self.handshake_error,
+            **(self.connections.status() if self.connections is not None
+               else FrameConnections.NONE),
             "alarms": self.alarms,
             "verdicts": self.verdicts,
             "latency_us": percentile_summary(total, top),
@@ -917,23 +840,6 @@ class Monitor:
         out.mkdir(parents=True, exist_ok=True)
         for name, rows in self._feature_rows.items():
             np.save(out / f"{name}.npy", np.vstack(rows) if rows else np.zeros((0, 0)))
-
-
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-
-
-def _handshake_failure(kind: int, value: int) -> str:
-    """What a failed handshake (a ZeroMQ socket-monitor event and its value) means for the
-    operator of a monitor whose frame SUB is the CURVE client."""
-    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return (f"the publisher did not admit this monitor's CURVE key (ZAP status {value}): "
-                "its --curve-clients folder lacks this monitor's public key")
-    if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-        return (f"handshake protocol error (ZMQ_PROTOCOL_ERROR 0x{value:x}): CURVE on one "
-                "side only, or another protocol on that port")
-    return ("the publisher closed the handshake: with CURVE, --curve-server-key is not the "
-            "publisher's public key (or the publisher does not use CURVE)")
 
 
 def _clamp(count: Any) -> int:
