@@ -27,8 +27,9 @@ workpiece: docs/operations.md, "Hostile or broken peers"). Per-frame handling la
 computed once per status interval, not per frame.
 
 Modules: this one is the loop and the per-stream rules; `streams` holds what is kept per
-stream, `latency` the latency rings, `oplog` the operator log, `launch` the start-up
-(model, warm-up, sockets: `serve`), `startup` the early signal handler.
+stream, `latency` the latency rings, `connections` the frame connections' watch,
+`oplog` the operator log, `launch` the start-up (model, warm-up, sockets: `serve`),
+`startup` the early signal handler.
 """
 
 from __future__ import annotations
