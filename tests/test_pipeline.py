@@ -205,6 +205,25 @@ def test_self_calibration_keeps_calibrating_over_videos_without_false_alarms(cap
     assert "video(s), 3 whole video(s) held out" in caplog.text
 
 
+def test_videos_too_short_to_be_workpieces_are_not_collected_for_self_calibration():
+    """A flood of one-frame videos between two real ones: the refit after the second real
+    video is of the two workpieces alone. Before, each one-frame video was a collected
+    video, so each refit was a fit of hundreds of tiny videos (seconds) that the next
+    video's first frame waited for: a flood of video names froze the stream."""
+    from lhtstream.service.pipeline import MIN_WORKPIECE_FRAMES
+
+    pipe = StreamPipeline("s", None, calibration_frames=1000)
+    _run(pipe, simulate_video(TYPE, 530, 2000), "0000")
+    blip = simulate_video(TYPE, 531, MIN_WORKPIECE_FRAMES - 1)
+    for k in range(300):
+        _run(pipe, blip, f"blip{k}")
+    _run(pipe, simulate_video(TYPE, 532, 2000), "0001")
+    _run(pipe, simulate_video(TYPE, 533, 1500), "0002")
+    pipe.start_video("0003", TYPE)  # the refit after 0001 is taken here (see `_model_for`)
+    training = pipe.self_calibrated[TYPE].training
+    assert training["videos"] == 2 and training["frames"] == 4000, training
+
+
 def test_blank_frame_is_sensor_but_faint_frame_is_stall(model):
     """All-zero frame: camera fault (sensor). Nothing above threshold but not all zero
     (a stopped spot heats nothing new): judged as a stall, no sensor alarm."""

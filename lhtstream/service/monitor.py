@@ -48,6 +48,7 @@ from lhtstream.io import protocol
 from lhtstream.service.connections import FrameConnections
 from lhtstream.service.latency import LatencyRecorder, percentile_summary
 from lhtstream.service.oplog import RateLimitedLog, log
+from lhtstream.service.pipeline import MIN_WORKPIECE_FRAMES
 from lhtstream.service.streams import (
     COUNTED,
     FrameBlock,
@@ -94,10 +95,6 @@ CLOCK_SLACK_NS = 1_000_000
 """How far in the future (1 ms) a frame's ``t_ns`` may lie at receipt before it is
 implausible: publisher and monitor share CLOCK_MONOTONIC on one host, so a frame is
 always stamped before it is received."""
-MIN_WORKPIECE_FRAMES = 200
-"""A video is a workpiece once it has this many frames (0.2 s at 1 kHz; the data set's
-videos have thousands); a stream that had one is established (never reclaimed for a new
-stream). Shorter videos beyond the short-video budget are counted, not journaled."""
 SHORT_VIDEO_BURST = 20
 """Videos the monitor journals at once before knowing whether they are workpieces (the
 short-video budget, over all streams; a workpiece gives its share back)."""

@@ -87,6 +87,11 @@ held out whole); it goes on while some group cannot be judged yet."""
 COLLECT_LIMIT = 12
 """A type's collection holds at most this many times `calibration_frames` rows (bounded
 memory: 120 s of features, 21 MB, at the default; freed when done)."""
+MIN_WORKPIECE_FRAMES = 200
+"""A video is a workpiece once it has this many frames (0.2 s at 1 kHz; the data set's
+videos have thousands). A shorter one is not collected for self-calibration: a flood of
+one-frame videos would otherwise make every refit one of thousands of tiny videos
+(seconds of fitting that the next video waits for)."""
 MAX_COAST_FRAMES = 1_000
 """Longest seq gap (frames) the tracker and scoring state coast over; after a longer one
 they restart as at a video's start (phase lock, centre and warm-up anew)."""
@@ -450,7 +455,7 @@ class StreamPipeline:
         coll = self._collecting
         coll.add(row[None, :])
         n, t = coll.n, coll.type
-        if n == self.calibration_frames:
+        if n == self.calibration_frames and t not in self._fits:
             # fit on a thread; this video's frames keep coming (their rows go on filling
             # the buffer) and are scored from a fixed number of frames on
             self._fits[t] = BackgroundFit(t, coll.rows[:n], coll.starts, coll.starts[-1])
@@ -588,7 +593,10 @@ class _Collection:
 
     def end_video(self) -> None:
         if self._open and len(self.starts) == self.complete + 1:
-            self.complete += 1
+            if self.n - self.starts[-1] >= MIN_WORKPIECE_FRAMES:
+                self.complete += 1
+            else:  # no workpiece: its rows are forgotten, as if it had never been
+                self.n = self.starts.pop()
         self._open = False
 
     def release(self) -> None:
