@@ -51,12 +51,12 @@ A video is `anomalous` when the score exceeds 1 or any process alarm was raised.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lhtstream.base.stats import gamma_lower, poisson_upper, prediction_upper
+from lhtstream.io.events import Alarm, Verdict
 from lhtstream.kernels.detection import (
     ALARM_KINDS,
     DET,
@@ -178,37 +178,6 @@ VIDEO_THR_FLOOR = 3.0
 # normal videos); the cycle comb measures the trajectory free of geometry.
 VERDICT_PEAK = np.ones(N_GROUPS, dtype=bool)
 VERDICT_PEAK[TRAJ] = VERDICT_PEAK[MOVE] = False
-
-
-@dataclass
-class Alarm:
-    """An alarm raised or cleared at one frame; `score`/`threshold` in smoothed units."""
-
-    stream: str
-    video: str
-    type: int
-    frame: int
-    t_frame_ns: int
-    kind: str
-    state: str  # "raise" or "clear"
-    score: float
-    threshold: float
-    features: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Verdict:
-    """End-of-video judgement: `score` (largest evidence / its threshold, 1.0 = at a
-    threshold; see the module doc), `anomalous`, alarms raised and their kinds."""
-
-    stream: str
-    video: str
-    type: int
-    frames: int
-    score: float
-    anomalous: bool
-    alarms: int
-    kinds: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ detector
