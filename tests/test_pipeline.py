@@ -133,6 +133,30 @@ def test_lost_frames_give_a_sensor_alarm(model):
     assert verdict.anomalous and verdict.score > 1.0 and verdict.kinds == ["sensor"]
 
 
+@pytest.mark.parametrize("path", ["frames", "block"])
+def test_end_of_video_clears_refer_to_the_last_handled_frame(model, path):
+    """An alarm still active at the video's end is cleared at the last frame handled: its
+    index and ``t_ns`` from the header, not the count of frames (frames were lost), frame
+    by frame and in blocks alike."""
+    v = simulate_video(TYPE, 950, 40)
+    obs = obstacle_states(v.metadata)
+    pipe = StreamPipeline("ws1", model)
+    pipe.start_video("x", TYPE)
+    header = {"video": "x", "type": TYPE, "frame": 100, "t_ns": 5_000}
+    assert pipe.note_lost(100, header)  # frames 0..99 lost: the sensor alarm, still active
+    if path == "frames":
+        for i in range(40):
+            pipe.process(v.image[i], dict(header, frame=100 + i, t_ns=5_000 + 7 * i,
+                                          obstacle=int(obs[i])))
+    else:
+        pipe.process_block(v.image, obs, header, t_ns=[5_000 + 7 * i for i in range(40)])
+    *clears, verdict = pipe.end_video_events()
+    assert clears and {a.kind for a in clears} >= {"sensor"}
+    assert all(isinstance(a, Alarm) and a.state == "clear" for a in clears)
+    assert {(a.frame, a.t_frame_ns) for a in clears} == {(139, 5_000 + 7 * 39)}
+    assert isinstance(verdict, Verdict) and verdict.frames == 40
+
+
 def test_self_calibration_without_model_then_judges_what_it_can(caplog):
     """No model: the first 4000 frames calibrate (nothing judged, nothing raised), the rest
     of the same video is judged by what one video can calibrate, and says so: a frozen

@@ -3,8 +3,9 @@
 `StreamPipeline` is plain Python owning all per-stream state: four preallocated
 arrays (`lhtstream.kernels.step`: state, REPEAT reference, ring, the model
 table) that one compiled call per frame, `frame_step`, carries from pixels to
-"did an alarm kind change". Python builds events only when one did; otherwise
-`process` returns the shared empty tuple `NO_EVENTS`. Where frames queue
+"did an alarm kind change". Python builds events (`Alarm`, `Verdict`: typed, with
+frame and time filled in) only when one did; otherwise `process` returns the shared
+empty tuple `NO_EVENTS`. Where frames queue
 (offline files, a burst) `process_block` runs the same kernel over many frames
 in one call, stopping at each frame with a change. The live monitor (frames
 from ZeroMQ) and offline evaluation (frames from files) both drive it, so their
@@ -34,10 +35,12 @@ learned from and what it does not judge yet.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from lhtstream.io.events import Event
 from lhtstream.kernels import features as F
 from lhtstream.kernels.features import (
     DEFAULT_THRESHOLD,
@@ -95,7 +98,8 @@ one-frame videos would otherwise make every refit one of thousands of tiny video
 MAX_COAST_FRAMES = 1_000
 """Longest seq gap (frames) the tracker and scoring state coast over; after a longer one
 they restart as at a video's start (phase lock, centre and warm-up anew)."""
-NO_EVENTS: tuple = ()
+NO_EVENTS: tuple[Event, ...] = ()
+"""What `process` returns when nothing happened (shared: nothing allocated per frame)."""
 _FRAME_PIXELS = 32 * 32  # the camera's frame: the REPEAT reference grows for larger ones
 _U16 = np.dtype(np.uint16)
 _NO_LEVEL = np.zeros(0)  # the unused inputs and outputs of the block kernel
@@ -147,6 +151,10 @@ class StreamPipeline:
         self.type: int | None = None
         self.metadata: dict[str, Any] = {}
         self.frames = 0
+        # the last handled frame's index and t_ns (None: the header had none): an
+        # end-of-video `clear` refers to it (after lost frames, `frames` is not its index)
+        self._last_frame: int | None = None
+        self._last_t_ns = 0
         self.alarms_in_video = 0
         self._fits: dict[int, BackgroundFit] = {}  # self-calibration fits under way
         self._collections: dict[int, _Collection] = {}  # self-calibrating types' footage
@@ -156,13 +164,14 @@ class StreamPipeline:
     # ------------------------------------------------------------ video boundaries
 
     def start_video(self, video: str, type_id: int,
-                    metadata: dict[str, Any] | None = None) -> list:
+                    metadata: dict[str, Any] | None = None) -> list[Event]:
         """Begin a new video; returns the events closing an unfinished previous one."""
         events = self.end_video_events() if self.video is not None else []
         self.video = str(video)
         self.type = int(type_id)
         self.metadata = dict(metadata or {})
         self.frames = 0
+        self._last_frame, self._last_t_ns = None, 0
         self.alarms_in_video = 0
         # a new workpiece after an unknown pause: no phase lock, centre or REPEAT
         # reference carries over, and the ring's history starts again (no memset: the
@@ -211,17 +220,19 @@ class StreamPipeline:
     def end_video(self) -> Verdict | None:
         """Close the current video and return its verdict (None when no video is open)."""
         events = self.end_video_events()
-        return events[-1] if events else None
+        return events[-1] if events and isinstance(events[-1], Verdict) else None
 
-    def end_video_events(self) -> list:
-        """Close the current video: `clear` events for alarms still active, then the verdict."""
+    def end_video_events(self) -> list[Event]:
+        """Close the current video: `clear` events for alarms still active (at the last
+        handled frame: its index and ``t_ns``), then the verdict."""
         if self.video is None:
             return []
-        events: list = []
+        events: list[Event] = []
         det = self.detector
         if det is not None:
+            last = self.frames - 1 if self._last_frame is None else int(self._last_frame)
             for k in np.flatnonzero(det.active):
-                events.append(self._alarm(int(k), "clear", None, self.frames - 1, 0))
+                events.append(self._alarm(int(k), "clear", None, last, int(self._last_t_ns)))
             verdict = Verdict(self.stream, self.video, int(self.type), self.frames,
                               det.video_score, det.anomalous(), self.alarms_in_video,
                               sorted(det.kinds_raised))
@@ -242,7 +253,7 @@ class StreamPipeline:
 
     # ------------------------------------------------------------ per frame
 
-    def _check_video(self, header: dict[str, Any]) -> list | None:
+    def _check_video(self, header: dict[str, Any]) -> list[Event] | None:
         video = str(header["video"])
         type_id = int(header["type"])
         if video != self.video or type_id != self.type:
@@ -261,16 +272,20 @@ class StreamPipeline:
         self._prev[:] = 0
         self._shape = frame.shape
 
-    def process(self, frame: np.ndarray, header: dict[str, Any]) -> tuple | list:
+    def process(self, frame: np.ndarray, header: dict[str, Any]) -> Sequence[Event]:
         """One frame (uint16, rows x cols) with its header (video, type, frame, t_ns,
         obstacle): features -> ring -> score -> detect -> learn in one compiled call;
-        returns the events (alarms raised/cleared, a previous video's verdict) or ()."""
+        returns the events (alarms raised/cleared, a previous video's verdict) in a list,
+        or `NO_EVENTS`."""
         pre = None
         if header["video"] != self.video or header["type"] != self.type:
             pre = self._check_video(header)
         if frame.shape != self._shape or frame.dtype is not _U16:
             self._check_frame(frame)
         self.frames += 1
+        self._last_frame = header.get("frame")
+        self._last_t_ns = header.get("t_ns", 0)
+        events: Sequence[Event]
         if self._table is not None:
             if frame_step(frame, header.get("obstacle", 0), self._prev, self._ring,
                           self.state, self._table, self._trained):
@@ -288,7 +303,8 @@ class StreamPipeline:
         return events
 
     def process_block(self, frames: np.ndarray, obstacles: np.ndarray, header: dict[str, Any],
-                      t_ns: np.ndarray | None = None, level: np.ndarray | None = None) -> list:
+                      t_ns: Sequence[int] | np.ndarray | None = None,
+                      level: np.ndarray | None = None) -> list[Event]:
         """Consecutive frames (n, rows, cols) uint16 of one video with their obstacle states
         (n,): the same step as `process` frame by frame, in as few compiled calls as there
         are frames with an alarm-kind change (plus one). `header` is the first frame's
@@ -302,7 +318,7 @@ class StreamPipeline:
                                f"{getattr(frames, 'shape', '')}")
         n = frames.shape[0]
         obstacles = _block_column(obstacles, n, "obstacle states")
-        events: list = list(self._check_video(header) or [])
+        events: list[Event] = list(self._check_video(header) or [])
         if n == 0:
             return events
         frames = np.ascontiguousarray(frames)
@@ -310,6 +326,8 @@ class StreamPipeline:
             self._check_frame(frames[0])
         first = int(header.get("frame", self.frames))
         t0 = int(header.get("t_ns", 0))
+        self._last_frame = first + n - 1
+        self._last_t_ns = t0 if t_ns is None else int(t_ns[n - 1])
         if level is not None and (not isinstance(level, np.ndarray) or level.dtype != np.float64
                                   or level.shape != (n,) or not level.flags.c_contiguous):
             raise FeatureError(f"level must be a contiguous float64 array of shape ({n},)")
@@ -344,7 +362,7 @@ class StreamPipeline:
         return events
 
     def process_measured(self, measured: np.ndarray, obstacles: np.ndarray,
-                         header: dict[str, Any]) -> list:
+                         header: dict[str, Any]) -> list[Event]:
         """Like `process_block` from measured rows (n, N_FEATURES; the `MEASURED` columns, e.g.
         with perturbed X/Y, as in the KDE-AMD protocol): track -> score -> detect -> learn."""
         rows = np.ascontiguousarray(measured, dtype=np.float64)
@@ -352,11 +370,13 @@ class StreamPipeline:
             raise FeatureError(f"rows must have shape (n, {N_FEATURES}), got {rows.shape}")
         n = rows.shape[0]
         obstacles = _block_column(obstacles, n, "obstacle states")
-        events: list = list(self._check_video(header) or [])
+        events: list[Event] = list(self._check_video(header) or [])
         if self._table is None:
             raise FeatureError("no model for this type yet: rows can only be scored with one")
         first = int(header.get("frame", 0))
         t0 = int(header.get("t_ns", 0))
+        if n:
+            self._last_frame, self._last_t_ns = first + n - 1, t0
         i = 0
         while i < n:
             j = block(MEASURED_ROWS, _NO_FRAMES, rows, obstacles, i, self._prev, self._ring,
@@ -367,7 +387,7 @@ class StreamPipeline:
             i = j + 1
         return events
 
-    def note_lost(self, n: int, header: dict[str, Any]) -> tuple | list:
+    def note_lost(self, n: int, header: dict[str, Any]) -> Sequence[Event]:
         """`n` frames never arrived (a seq gap). The tracker and scoring state advance by
         `n` frames (restart after more than `MAX_COAST_FRAMES`), so the gap is not
         trajectory or frequency evidence; returns a sensor alarm unless one is active."""
@@ -391,11 +411,11 @@ class StreamPipeline:
             return [alarm]
         return NO_EVENTS
 
-    def _events(self, frame: int, t_ns: int) -> list:
+    def _events(self, frame: int, t_ns: int) -> list[Event]:
         """The alarm events of the frame just stepped (its kind changes)."""
         det = self.detector
         row = self.ring.latest(1)[0]
-        events = []
+        events: list[Event] = []
         for k in np.flatnonzero(det.changed):
             state = "raise" if det.changed[k] > 0 else "clear"
             if state == "raise":
@@ -451,7 +471,7 @@ class StreamPipeline:
         coll.begin_video()
         self._collecting = coll
 
-    def _calibration_row(self, row: np.ndarray) -> tuple | list:
+    def _calibration_row(self, row: np.ndarray) -> Sequence[Event]:
         coll = self._collecting
         coll.add(row[None, :])
         n, t = coll.n, coll.type
