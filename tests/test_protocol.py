@@ -422,10 +422,10 @@ def test_stream_selection_rejects_what_no_topic_can_carry(text, reason):
         StreamSelection(text)
 
 
-def test_events_go_to_the_wire_and_back_by_their_fields():
-    """One mapping of events to the wire (issue 21): the model's Alarm and Verdict (or any
-    dataclass or mapping with their fields) -> (topic, header) that encodes; back with
-    `from_wire`. A verdict is told by its fields, never by its class name."""
+def test_events_go_to_the_wire_and_back_typed():
+    """One mapping of events to the wire (issue 21): the typed Alarm and Verdict ->
+    (topic, header) that encodes; back with `from_wire` to the same type. Anything else
+    is refused by type, never mapped by its fields."""
     import dataclasses
     import math
 
@@ -446,29 +446,37 @@ def test_events_go_to_the_wire_and_back_by_their_fields():
     assert header["features"] == {"x": 1.5, "y": None} and math.isnan(header["threshold"])
     assert header["t_alarm_ns"] > 0 and header["v"] == 2
     back = from_wire(decode(encode(topic, header)))
-    assert back[0] == "alarm" and back[1]["kind"] == "stall" and back[1]["seq"] == 7
+    assert isinstance(back, Alarm) and back.kind == "stall" and back.seq == 7
+    assert (back.frame, back.t_frame_ns, back.t_alarm_ns) == (17, 1_000, header["t_alarm_ns"])
+    assert back.features == {"x": 1.5, "y": None}
+
+    verdict = Verdict("ws1", "0001", 3, 900, 2.5, True, 2, ["stall"])
+    topic, header = to_wire(verdict)
+    assert topic == "verdict" and tuple(header) == VERDICT_FIELDS
+    assert header["alarms"] == 2 and header["partial"] is False and header["t_ns"] > 0
+    assert to_wire(verdict, partial=True)[1]["partial"] is True
+    back = from_wire(decode(encode(topic, header)))
+    assert isinstance(back, Verdict)
+    assert (back.anomalous, back.frames, back.kinds, back.t_ns) == (True, 900, ["stall"],
+                                                                    header["t_ns"])
 
     @dataclasses.dataclass
-    class Judgement:  # another class with a verdict's fields: still a verdict
+    class Judgement:  # a verdict's fields, but no Verdict: refused
         stream: str
         video: str
         type: int
         frames: int
         score: float
         anomalous: bool
-        alarms: list
-        internal: str = "not for the wire"
+        alarms: int
 
-    for verdict in (Verdict("ws1", "0001", 3, 900, 2.5, True, 2, ["stall"]),
-                    Judgement("ws1", "0001", 3, 900, 2.5, True, ["a", "b"])):
-        topic, header = to_wire(verdict)
-        assert topic == "verdict" and set(header) <= set(VERDICT_FIELDS)
-        assert header["alarms"] == 2 and header["partial"] is False and "internal" not in header
-        topic, fields = from_wire(decode(encode(topic, header)))
-        assert (topic, fields["anomalous"], fields["frames"]) == ("verdict", True, 900)
-    minimal = decode(encode("verdict", {"stream": "ws1", "video": "v", "type": 1, "frames": 1,
-                                        "score": 0.0, "anomalous": False, "alarms": 0}))
-    assert from_wire(minimal)[1]["kinds"] == [] and from_wire(minimal)[1]["partial"] is False
+    for other in (Judgement("ws1", "0001", 3, 900, 2.5, True, 2), dict(header)):
+        with pytest.raises(TypeError, match="no event"):
+            to_wire(other)  # type: ignore[arg-type]
+    minimal = from_wire(decode(encode("verdict", {"stream": "ws1", "video": "v", "type": 1,
+                                                  "frames": 1, "score": 0.0,
+                                                  "anomalous": False, "alarms": 0})))
+    assert isinstance(minimal, Verdict) and minimal.kinds == [] and minimal.partial is False
     with pytest.raises(ProtocolError, match="no event"):
         from_wire(decode(encode("video", {"stream": "ws1", "video": "v", "type": 1,
                                           "event": "start", "metadata": {}})))

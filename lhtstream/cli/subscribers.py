@@ -21,6 +21,7 @@ import zmq
 
 from lhtstream.io.curve import Curve
 from lhtstream.io.curve import client as curve_client
+from lhtstream.io.events import Alarm
 from lhtstream.io.journal import DEFAULT_JOURNAL, Journal, json_number
 from lhtstream.io.protocol import (
     DEFAULT_PUBLISH_ENDPOINT,
@@ -255,16 +256,17 @@ def _run_live(args: argparse.Namespace, streams: StreamSelection | None) -> int:
                           file=sys.stderr, flush=True)
                 continue
             try:
-                topic, event = from_wire(message)
+                event = from_wire(message)
             except ProtocolError:  # a raw prefix let another topic through: not ours
                 continue
-            if streams is not None and not streams.matches(event["stream"]):
+            if streams is not None and not streams.matches(event.stream):
                 continue
+            is_alarm = isinstance(event, Alarm)
             if args.json:  # every header field, also those this version does not know
-                _print(_json_line({"topic": topic, **message.header}))
-            else:
-                _print(format_alarm(event) if topic == "alarm" else format_verdict(event))
-            if topic == "alarm":
+                _print(_json_line({"topic": message.topic, **message.header}))
+            else:  # the journal's rows and the wire's events print alike, by field
+                _print(format_alarm(vars(event)) if is_alarm else format_verdict(vars(event)))
+            if is_alarm:
                 seen += 1
     except KeyboardInterrupt:
         pass

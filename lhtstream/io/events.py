@@ -1,9 +1,12 @@
 """The monitor's events: an `Alarm` raised or cleared at one frame, and a `Verdict` at a
-video's end. The pipeline makes them (``lhtstream.service.pipeline``); the monitor maps them to the
-wire (`lhtstream.io.protocol.to_wire`).
+video's end. The pipeline makes them (``lhtstream.service.pipeline``, with frame and time
+filled in), `lhtstream.io.protocol.to_wire` maps them to the wire and ``from_wire`` back.
 
 They live in the io layer so that the protocol knows their types; the model layer
-re-exports them (``lhtstream.model.detector``).
+re-exports them (``lhtstream.model.detector``). The fields with defaults after the
+pipeline's are the wire's own: 0 / False until the monitor gives them (``seq``: the
+journal's; ``t_alarm_ns``, ``t_ns``: now, when mapped to the wire; ``partial``: the
+monitor's, a verdict over part of a video).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Alarm:
     score: float
     threshold: float
     features: dict[str, float] = field(default_factory=dict)
+    seq: int = 0  # the journal's, 0 until journaled
+    t_alarm_ns: int = 0  # when it was decided; 0: now, when mapped to the wire
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Verdict:
     anomalous: bool
     alarms: int
     kinds: list[str] = field(default_factory=list)
+    t_ns: int = 0  # monotonic ns when made; 0: now, when mapped to the wire
+    partial: bool = False  # the video was not seen from its start
 
 
 Event = Alarm | Verdict

@@ -16,9 +16,10 @@ already seen are looked up in a bounded set), never a schema library.
 
 The implementation is split by concept, all re-exported here (import from this module):
 ``schema`` (endpoints, bounds, names, routes, field checks, events on the wire:
-`to_wire`, `from_wire`), ``decode`` (with the frame fast path, frame arrays),
-``encode`` (any topic, the frame encoders), ``selection`` (stream selection,
-subscriber sockets, the ``ipc://`` check before binding).
+`to_wire`, `from_wire`, for the typed events of ``lhtstream.io.events``), ``decode``
+(with the frame fast path, frame arrays), ``encode`` (any topic, the frame encoders),
+``selection`` (stream selection, subscriber sockets, the ``ipc://`` check before
+binding).
 """
 
 
@@ -65,7 +66,6 @@ from lhtstream.io.schema import (  # noqa: F401
     _routes,
     _valid_names,
     check_name,
-    event_fields,
     from_wire,
     to_wire,
     topic_bytes,

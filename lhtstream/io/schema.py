@@ -1,15 +1,14 @@
 """The wire protocol's schema: endpoints, bounds, names and routes (topics), the
-required fields per topic and their checks, and the mapping of events (alarms,
-verdicts) to the wire. ``lhtstream.io.protocol`` re-exports all of it."""
+required fields per topic and their checks, and the mapping of events (`Alarm`,
+`Verdict`, from ``lhtstream.io.events``) to the wire and back.
+``lhtstream.io.protocol`` re-exports all of it."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import struct
 import time
-from collections.abc import Mapping
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ import zmq
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.selection import N_TYPES
+from lhtstream.io.events import Alarm, Event, Verdict
 
 DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"  #: replay binds, monitors connect
 DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5556"  #: the monitor binds, subscribers connect
@@ -330,65 +330,55 @@ VERDICT_FIELDS = (
 """A ``verdict`` header's fields, in order (``kinds``, ``t_ns``, ``partial``: the monitor's)."""
 
 
-def event_fields(event: Any) -> dict[str, Any]:
-    """An event's fields as a new dict: a dataclass (the model's ``Alarm``, ``Verdict``),
-    a mapping, or any object with attributes. Events are mapped by their fields, never by
-    their class: this layer sits below the model that defines them."""
-    if dataclasses.is_dataclass(event) and not isinstance(event, type):
-        return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
-    if isinstance(event, Mapping):
-        return dict(event)
-    return dict(vars(event))
-
-
 def _finite_or_none(value: Any) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
 
 
-def to_wire(event: Any, **extra: Any) -> tuple[str, dict[str, Any]]:
-    """(topic, header) of an alarm or a verdict (one with an ``anomalous`` field): its
-    fields, ``extra`` ones set over them, completed and typed for the wire, and only the
-    wire's (`ALARM_FIELDS`, `VERDICT_FIELDS`). ``v`` is set; a time not given (an alarm's
-    ``t_alarm_ns``, a verdict's ``t_ns``) is now; an alarm's ``score`` and ``threshold``
-    are floats (NaN when absent) and its ``features`` values finite floats or None; a
-    verdict's ``alarms`` is a count, ``kinds`` strings, ``anomalous`` and ``partial`` bools.
-    ``encode`` still validates the result."""
-    fields = event_fields(event)
+def to_wire(event: Event, **extra: Any) -> tuple[str, dict[str, Any]]:
+    """(topic, header) of an `Alarm` or a `Verdict` (TypeError for anything else): its
+    fields, ``extra`` wire fields set over them, typed for the wire, and only the wire's
+    (`ALARM_FIELDS`, `VERDICT_FIELDS`, in that order). ``v`` is set; a time left 0 (an
+    alarm's ``t_alarm_ns``, a verdict's ``t_ns``) is now; an alarm's ``score`` and
+    ``threshold`` are floats (NaN when absent) and its ``features`` values finite floats
+    or None. ``encode`` still validates the result."""
+    names: tuple[str, ...]
+    if isinstance(event, Alarm):
+        topic, names = "alarm", ALARM_FIELDS
+    elif isinstance(event, Verdict):
+        topic, names = "verdict", VERDICT_FIELDS
+    else:
+        raise TypeError(f"to_wire: {type(event).__name__} is no event (Alarm or Verdict)")
+    fields = {name: getattr(event, name) for name in names if name != "v"}
     fields.update(extra)
     fields["v"] = SCHEMA_VERSION
-    if "anomalous" in fields:
-        alarms = fields.get("alarms", 0)
-        fields["alarms"] = len(alarms) if isinstance(alarms, (list, tuple)) else int(alarms)
+    if topic == "verdict":
+        fields["alarms"] = int(fields["alarms"])
         fields["anomalous"] = bool(fields["anomalous"])
         fields["score"] = float(fields["score"])
-        fields["kinds"] = [str(k) for k in fields.get("kinds") or []]
-        fields["partial"] = bool(fields.get("partial", False))
-        if not fields.get("t_ns"):
+        fields["kinds"] = [str(k) for k in fields["kinds"] or []]
+        fields["partial"] = bool(fields["partial"])
+        if not fields["t_ns"]:
             fields["t_ns"] = time.monotonic_ns()
-        return "verdict", {k: fields[k] for k in VERDICT_FIELDS if k in fields}
-    if not fields.get("t_alarm_ns"):
-        fields["t_alarm_ns"] = time.monotonic_ns()
-    fields["features"] = {str(k): _finite_or_none(v)
-                          for k, v in dict(fields.get("features") or {}).items()}
-    for key in ("score", "threshold"):
-        value = fields.get(key)
-        fields[key] = math.nan if value is None else float(value)
-    return "alarm", {k: fields[k] for k in ALARM_FIELDS if k in fields}
+    else:
+        if not fields["t_alarm_ns"]:
+            fields["t_alarm_ns"] = time.monotonic_ns()
+        fields["features"] = {str(k): _finite_or_none(v)
+                              for k, v in dict(fields["features"] or {}).items()}
+        for key in ("score", "threshold"):
+            value = fields[key]
+            fields[key] = math.nan if value is None else float(value)
+    return topic, {k: fields[k] for k in names}
 
 
-def from_wire(message: Message) -> tuple[str, dict[str, Any]]:
-    """(topic, fields) of a decoded ``alarm`` or ``verdict`` message: the header's wire
-    fields, with the optional ones a verdict may lack filled in (``kinds`` [],
-    ``partial`` False); fields it does not know are left out. ProtocolError for another
-    topic."""
+def from_wire(message: Message) -> Event:
+    """The `Alarm` or `Verdict` of a decoded ``alarm`` or ``verdict`` message (its wire
+    fields but ``v``; a verdict lacking the optional ``kinds``, ``t_ns``, ``partial`` gets
+    [], 0, False; fields this version does not know are left out). ProtocolError for
+    another topic."""
     header = message.header
     if message.topic == "alarm":
-        return "alarm", {k: header[k] for k in ALARM_FIELDS if k in header}
+        return Alarm(**{k: header[k] for k in ALARM_FIELDS if k != "v"})
     if message.topic == "verdict":
-        fields = {k: header[k] for k in VERDICT_FIELDS if k in header}
-        fields.setdefault("kinds", [])
-        fields.setdefault("partial", False)
-        return "verdict", fields
+        return Verdict(**{k: header[k] for k in VERDICT_FIELDS if k != "v" and k in header})
     raise ProtocolError(f"a {message.topic} message is no event (alarm or verdict)")
-

@@ -42,6 +42,7 @@ import numpy as np
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.base.stats import poisson_upper, roc_auc
 from lhtstream.io.dataset import Dataset, read_labels
+from lhtstream.io.events import Alarm, Event, Verdict
 from lhtstream.io.perturb import PERTURBATIONS, read_manifest
 from lhtstream.model.detector import ALARM_KIND_FOR_ANOMALY, FRAMES_PER_HOUR
 from lhtstream.model.kdeamd import NOISE_VARIANCE
@@ -96,25 +97,25 @@ class VideoResult:
 
 def run_video(pipeline: Any, name: str, type_id: int, frames: np.ndarray,
               obstacles: np.ndarray, metadata: dict | None = None, *,
-              timelines: bool = False, timings: bool = True) -> tuple[Any, list, float | None,
-                                                                       np.ndarray | None]:
+              timelines: bool = False, timings: bool = True,
+              ) -> tuple[Verdict, list[Alarm], float | None, np.ndarray | None]:
     """Drive `pipeline` over one video's frames as the monitor does, in blocks
     (`StreamPipeline.process_block`: the monitor's kernel, one call per alarm change).
 
     Returns (verdict, alarm events, µs per frame or None, per-frame level or None).
     ``frames`` is (n, rows, cols) uint16; ``obstacles`` (n,) of 0/1/2.
     """
-    events: list = list(pipeline.start_video(name, type_id, metadata))
+    events: list[Event] = list(pipeline.start_video(name, type_id, metadata))
     header = offline_header(STREAM, name, type_id)
     n = frames.shape[0]
     level = np.full(n, np.nan) if timelines else None
     t0 = time.perf_counter_ns()
     events.extend(pipeline.process_block(frames, obstacles, header, level=level))
     us = (time.perf_counter_ns() - t0) / 1000.0 / max(n, 1) if timings else None
-    tail = pipeline.end_video_events()
-    verdict = tail[-1]
-    events.extend(tail[:-1])
-    return verdict, [e for e in events if hasattr(e, "state")], us, level
+    events.extend(pipeline.end_video_events())  # clears, then the verdict
+    verdict = events.pop()
+    assert isinstance(verdict, Verdict)  # the video was started above
+    return verdict, [e for e in events if isinstance(e, Alarm)], us, level
 
 
 def score_video(model: Any, video: Any, label: Any = None, *, timelines: bool = False,

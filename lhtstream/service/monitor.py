@@ -45,6 +45,7 @@ import zmq
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io import protocol
+from lhtstream.io.events import Event, Verdict
 from lhtstream.service.connections import FrameConnections
 from lhtstream.service.latency import LatencyRecorder, percentile_summary
 from lhtstream.service.oplog import RateLimitedLog, log
@@ -581,7 +582,6 @@ class Monitor:
                 if at < log.shape[0]:
                     log[at:at + n] = totals[:log.shape[0] - at]
                 self.latency_logged += n
-        st.t_ns = block.t_ns[-1]
         st.seen_ns = block.t_recv[-1]
         st.frames += n
         st.frame = header["frame"] + n - 1
@@ -646,17 +646,15 @@ class Monitor:
 
     # ------------------------------------------------------------ publishing
 
-    def _emit(self, events: Iterable[Any] | None, st: StreamState | None = None,
+    def _emit(self, events: Iterable[Event] | None, st: StreamState | None = None,
               opened: dict[str, Any] | None = None) -> None:
         """Journal the events (and a video start, ``opened``) in one transaction, then
         publish them (never the other way).
 
         When the journal cannot be written (disk full, read-only) the events are published
         all the same, with the seqs they will have once the journal takes them again
-        (``Journal.record`` keeps them pending); the error is counted in status. Events
-        without a frame time (the pipeline's end-of-video ``clear`` alarms carry
-        ``t_frame_ns`` 0) get the ``t_ns`` of the stream's last frame, so a consumer
-        computing delivery latency never sees 0.
+        (``Journal.record`` keeps them pending); the error is counted in status. A verdict
+        of a video not seen from its start (``st.partial``) goes out as ``partial``.
         """
         if not events and opened is None:
             return
@@ -671,16 +669,12 @@ class Monitor:
                 st.suppressed += over
             return
         outgoing: list[tuple[str, dict[str, Any]]] = []
+        partial = st is not None and st.partial
         for event in events or ():
-            fields = protocol.event_fields(event)
-            if "anomalous" in fields:  # a verdict
-                fields.setdefault("partial", bool(st is not None and st.partial))
-            elif not fields.get("t_frame_ns") and st is not None and st.t_ns:
-                # it refers to the last frame handled (whose index the pipeline, which
-                # counts frames received, does not know after lost frames)
-                fields["t_frame_ns"] = st.t_ns
-                fields["frame"] = st.frame
-            outgoing.append(protocol.to_wire(fields))
+            if partial and isinstance(event, Verdict):
+                outgoing.append(protocol.to_wire(event, partial=True))
+            else:
+                outgoing.append(protocol.to_wire(event))
         alarms = [h for topic, h in outgoing if topic == "alarm"]
         verdicts = [h for topic, h in outgoing if topic == "verdict"]
         seqs, committed = self.journal.record(alarms, verdicts, opened)
@@ -706,11 +700,9 @@ class Monitor:
             log(f"stream {row['stream']!r}: video {row['video']!r} (Type{row['type']}) was "
                 f"interrupted: the monitor stopped before its verdict (started {row['time']}, "
                 f"{row['alarms']} alarm(s) raised); reported as a partial verdict")
-            self._emit([{
-                "stream": row["stream"], "video": row["video"], "type": row["type"],
-                "frames": 0, "score": 0.0, "anomalous": row["alarms"] > 0,
-                "alarms": row["alarms"], "kinds": ["interrupted"], "partial": True,
-            }])
+            self._emit([Verdict(row["stream"], row["video"], row["type"], frames=0, score=0.0,
+                                anomalous=row["alarms"] > 0, alarms=row["alarms"],
+                                kinds=["interrupted"], partial=True)])
         return len(rows)
 
     def status(self, now_ns: int, final: bool = False) -> dict[str, Any]:
