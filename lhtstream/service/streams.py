@@ -129,7 +129,6 @@ class StreamState:
         self.video: str | None = None  # the video the pipeline is in, None between videos
         self.type = 0
         self.frame = -1
-        self.t_ns = 0  # the last handled frame's t_ns: stamps events that carry no frame time
         self.seen_ns = now_ns  # monotonic ns of the last message: idle streams are evicted
         self.videos = 0
         self.video_frames = 0  # frames of the open video handled
