@@ -91,7 +91,6 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         journal=args.journal,
         status_interval=args.status_interval,
         calibration_seconds=args.calibration_seconds,
-        dump_features=args.dump_features,
         streams=args.streams,
         max_streams=args.max_streams,
         idle_seconds=args.idle_seconds,

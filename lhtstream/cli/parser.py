@@ -344,9 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 10)",
     )
     p.add_argument(
-        "--dump-features", default=None, help=argparse.SUPPRESS
-    )  # test hook: DIR/<stream>.npy of streamed feature rows at exit
-    p.add_argument(
         "--latency-log", default=None, help=argparse.SUPPRESS
     )  # benchmark hook: every frame's latency (µs) as a float64 .npy at exit
     p.add_argument(

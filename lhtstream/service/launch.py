@@ -175,7 +175,6 @@ def serve(
     journal: str | None = None,
     status_interval: float = 1.0,
     calibration_seconds: float | None = None,
-    dump_features: str | None = None,
     streams: str | None = None,
     max_streams: int = DEFAULT_MAX_STREAMS,
     idle_seconds: float = DEFAULT_IDLE_SECONDS,
@@ -252,7 +251,6 @@ def serve(
             subscribe=sub,
             status_interval=status_interval,
             model_note=note,
-            dump_features=dump_features,
             streams=selection,
             max_streams=max_streams,
             idle_seconds=idle_seconds,
@@ -283,7 +281,6 @@ def serve(
         if journal_db.pending:
             log(f"WARNING: {len(journal_db.pending)} journal row(s) could not be written to "
                 f"{journal_db.path} ({journal_db.last_error}); they were published only")
-        monitor.write_feature_dump()
         if latency_log is not None:
             n = min(monitor.latency_logged, LATENCY_LOG_CAPACITY)
             np.save(latency_log, monitor.latency_log[:n])

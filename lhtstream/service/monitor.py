@@ -37,7 +37,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,7 +130,6 @@ class Monitor:
         subscribe: Any,
         status_interval: float = 1.0,
         model_note: str = "model",
-        dump_features: str | None = None,
         streams: protocol.StreamSelection | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
         idle_seconds: float = DEFAULT_IDLE_SECONDS,
@@ -143,7 +141,6 @@ class Monitor:
         self.sub = subscribe
         self.status_interval = status_interval
         self.model_note = model_note
-        self.dump_features = dump_features
         self.selection = streams or protocol.StreamSelection(None)
         self.max_streams = max_streams
         self.idle_ns = int(idle_seconds * 1e9)
@@ -176,7 +173,6 @@ class Monitor:
         self._internal = RateLimitedLog()
         self._refusals = RateLimitedLog()
         self._journal_log = RateLimitedLog(10.0)
-        self._feature_rows: dict[str, list[np.ndarray]] = {}
         # Pipelines made ahead of need: one costs 1-2 ms (a private model copy), and four
         # workstations joining at once made their first ~60 frames up to 13 ms late.
         self._spares = [make_pipeline("spare") for _ in range(min(SPARE_PIPELINES, max_streams))]
@@ -562,8 +558,6 @@ class Monitor:
             self._workpiece(st)
         if events:
             self._emit(events, st)
-        if self.dump_features is not None:
-            self._keep_features(st, n)
         done = time.monotonic_ns()
         log = self.latency_log
         if n == 1:  # the 1 kHz case: no arrays
@@ -639,10 +633,6 @@ class Monitor:
                         f"{(t_recv - t_ns) / 1e9:.3g} s before its receipt: not this host's "
                         "CLOCK_MONOTONIC; its latency is taken from receipt")
         header["t_ns"] = t_recv
-
-    def _keep_features(self, st: StreamState, n: int) -> None:
-        rows = self._feature_rows.setdefault(st.name, [])
-        rows.extend(np.array(row, dtype=np.float64) for row in st.pipeline.ring.latest(n))
 
     # ------------------------------------------------------------ publishing
 
@@ -821,15 +811,6 @@ class Monitor:
                            f"{type(again).__name__}: {again}")
             return None
         return header
-
-    def write_feature_dump(self) -> None:
-        """Test hook: per-stream streamed feature rows as ``DIR/<stream>.npy``."""
-        if self.dump_features is None:
-            return
-        out = Path(self.dump_features)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, rows in self._feature_rows.items():
-            np.save(out / f"{name}.npy", np.vstack(rows) if rows else np.zeros((0, 0)))
 
 
 def _clamp(count: Any) -> int:
