@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -155,3 +156,101 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LiveMonitor:
+    """The production `Monitor` in this process, wired as `launch.serve` wires it (its
+    pipeline factory, a `Journal`, a bound PUB, a SUB connected to ``frames_ep`` and
+    subscribed by `protocol.configure_subscriber`), its loop on a thread: for tests that
+    inject into it what no command-line option offers (a journal of limited size, a
+    pipeline that records its rows). ``wrap(pipeline)`` may extend each pipeline made.
+    A context manager; `stop` ends the loop as SIGTERM does (a last, final status)."""
+
+    def __init__(self, frames_ep: str, pub_ep: str, journal: Any, *,
+                 calibration_seconds: float | None = None, status_interval: float = 0.2,
+                 wrap: Callable[[Any], Any] | None = None) -> None:
+        from lhtstream.io import protocol
+        from lhtstream.service.launch import _pipeline_factory
+        from lhtstream.service.monitor import Monitor
+
+        make, note, _model = _pipeline_factory(None, calibration_seconds)
+        ctx = zmq.Context.instance()
+        self.journal = journal
+        self.pub = ctx.socket(zmq.PUB)
+        self.sub = ctx.socket(zmq.SUB)
+        protocol.claim_ipc(pub_ep)
+        self.pub.bind(pub_ep)
+        self.monitor = Monitor(
+            make_pipeline=make if wrap is None else (lambda name: wrap(make(name))),
+            journal=journal, publish=self.pub, subscribe=self.sub,
+            status_interval=status_interval, model_note=note)
+        protocol.configure_subscriber(self.sub, ["frame", "video"], self.monitor.selection)
+        self.sub.connect(frames_ep)
+        self.monitor.watch_connections([frames_ep])
+        self.thread = threading.Thread(target=self.monitor.run, name="monitor", daemon=True)
+
+    def __enter__(self) -> LiveMonitor:
+        self.thread.start()
+        return self
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the loop (what SIGTERM does: a last status marked final) and wait for it."""
+        self.monitor.stop_requested = True
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive(), "the monitor loop did not stop"
+
+    def __exit__(self, *exc: object) -> None:
+        from lhtstream.service.training import cancel_background_fits
+
+        self.monitor.stop_requested = True
+        self.thread.join(timeout=15)
+        if self.monitor.connections is not None:
+            self.monitor.connections.close()
+        self.sub.close(0)
+        self.pub.close(0)
+        cancel_background_fits()
+
+
+class ReplayThread:
+    """`lhtstream.service.replay.replay` on a thread of this process, publishing on a real
+    socket: for tests that inject what no command-line option offers (``skip``: seqs not
+    to send, i.e. lost frames). ``wait`` returns its `ReplayStats` or raises its error;
+    `stop` ends it as SIGTERM ends ``lhtstream replay``. A context manager."""
+
+    def __init__(self, data: Any, endpoint: str, **kw: Any) -> None:
+        from lhtstream.service.replay import replay
+
+        self.stop_event = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.result = replay(data, endpoint, stop=self.stop_event, log=None, **kw)
+            except BaseException as exc:  # handed to `wait`
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="replay", daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float) -> Any:
+        self.thread.join(timeout=timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"replay still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self, timeout: float) -> Any:
+        self.stop_event.set()
+        return self.wait(timeout)
+
+    def __enter__(self) -> ReplayThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=15)

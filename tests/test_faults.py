@@ -25,7 +25,7 @@ import zmq
 
 from lhtstream.io import protocol
 from lhtstream.io.journal import Journal
-from tests.processes import Subscriber, ipc_endpoint
+from tests.processes import LiveMonitor, ReplayThread, Subscriber, ipc_endpoint
 
 FRAMES = 2000  # per video, 2 videos: 4 s at 1 kHz
 WAIT = 120.0  # seconds any one condition may take on a loaded machine
@@ -185,34 +185,37 @@ def _schema_pages(tmp_path: Path) -> int:
         db.close()
 
 
-def test_journal_disk_full_alarms_still_published_and_error_in_status(procs, data, tmp_path):
+def test_journal_disk_full_alarms_still_published_and_error_in_status(data, tmp_path):
     """The journal may not grow past its empty schema (SQLite's max_page_count: the same
     SQLITE_FULL a full disk gives). Alarms keep being published with their seqs, the
     failed commits are counted in status with the reason, the rows committed before are
-    intact, and the monitor keeps handling every frame."""
+    intact, and the monitor keeps handling every frame.
+
+    The production monitor and replay run in this process on real sockets (`LiveMonitor`,
+    `ReplayThread`): the capped journal and the lost frames are injected, as no command
+    line option offers them."""
     frames_ep, pub_ep = ipc_endpoint(tmp_path), ipc_endpoint(tmp_path, "pub")
     journal = tmp_path / "journal.sqlite"
     pages = _schema_pages(tmp_path)
-    mon = start_monitor(procs, frames_ep, pub_ep, journal, "--journal-max-pages", pages)
     gaps = [s for start in range(400, 2 * FRAMES, 250) for s in range(start, start + 3)]
-    with Subscriber(pub_ep, ["status", "alarm"]) as sub:
+    with Journal(journal, max_pages=pages) as capped, \
+            LiveMonitor(frames_ep, pub_ep, capped, calibration_seconds=0.3) as mon, \
+            Subscriber(pub_ep, ["status", "alarm"]) as sub:
         collect(sub, lambda s: True)
-        replay = procs.cli("replay", data, "--endpoint", frames_ep,
-                           "--skip", ",".join(map(str, gaps)))
-        assert replay.wait(timeout=WAIT) == 0, replay.stderr
+        with ReplayThread(data, frames_ep, skip=gaps) as replay:
+            replay.wait(timeout=WAIT)
         status, seen = collect(
             sub, lambda s: s["frames"] + s["dropped"] >= 2 * FRAMES and s["journal"]["errors"])
-    published = [m.header for m in seen if m.topic == "alarm"]
-    health = status["journal"]
-    assert health["errors"] >= 1 and health["pending"] >= 1
-    assert "full" in health["last_error"]
-    assert (status["frames"], status["dropped"]) == (2 * FRAMES - len(gaps), len(gaps))
-    assert status["errors"] == 0 and mon.returncode is None
-    seqs = [a["seq"] for a in published]
-    assert len(published) > 10 and seqs == list(range(1, len(seqs) + 1))
-    mon.signal(signal.SIGTERM)
-    assert mon.wait(timeout=WAIT) == 0
-    assert "could not be written" in mon.stderr
+        published = [m.header for m in seen if m.topic == "alarm"]
+        health = status["journal"]
+        assert health["errors"] >= 1 and health["pending"] >= 1
+        assert "full" in health["last_error"]
+        assert (status["frames"], status["dropped"]) == (2 * FRAMES - len(gaps), len(gaps))
+        assert status["errors"] == 0 and mon.alive()
+        seqs = [a["seq"] for a in published]
+        assert len(published) > 10 and seqs == list(range(1, len(seqs) + 1))
+        mon.stop()
+        assert capped.pending  # what `lhtstream monitor` reports as "could not be written"
     with Journal(journal, writer=False) as reader:
         kept = reader.alarms()
     assert 0 < len(kept) < len(published)  # what fitted before the disk was full

@@ -9,7 +9,6 @@ values, since the monitor does not publish features per frame.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,13 @@ import zmq
 from lhtstream.io import protocol
 from lhtstream.io.journal import Journal
 from tests.compiled import new_specialisations
-from tests.processes import ProcessGroup, Subscriber, ipc_endpoint, tcp_endpoint
+from tests.processes import (
+    LiveMonitor,
+    ProcessGroup,
+    Subscriber,
+    ipc_endpoint,
+    tcp_endpoint,
+)
 
 pytest.importorskip("lhtstream.service.pipeline")
 pytest.importorskip("lhtstream.service.replay")
@@ -89,75 +94,35 @@ def final_status(mon, sub: Subscriber) -> dict:
     return status
 
 
-class LiveMonitor:
-    """The production `Monitor` in this process, wired as `launch.serve` wires it (the
-    self-calibrating pipeline factory, a journal, a bound PUB, a SUB connected to
-    ``frames_ep`` and subscribed by `protocol.configure_subscriber`), its loop on a thread.
-    Each stream's `StreamPipeline` also keeps the feature rows it pushed to its ring
-    (`features`). A context manager; `final_status` stops the loop as SIGTERM does."""
+def recording(pipe):
+    """``pipe`` (a `StreamPipeline`) also keeping every feature row it pushes to its ring,
+    in order, in ``pipe.rows``."""
+    rows: list[np.ndarray] = []
+    process, process_block = pipe.process, pipe.process_block
 
-    def __init__(self, frames_ep: str, pub_ep: str, tmp_path: Path) -> None:
-        from lhtstream.service.launch import _pipeline_factory
-        from lhtstream.service.monitor import Monitor
+    def process_one(frame, header):
+        events = process(frame, header)
+        rows.append(np.array(pipe.ring.latest(1), dtype=np.float64))
+        return events
 
-        make, note, _model = _pipeline_factory(None, None)
+    def process_many(frames, obstacles, header, t_ns):
+        events = process_block(frames, obstacles, header, t_ns)
+        rows.append(np.array(pipe.ring.latest(len(frames)), dtype=np.float64))
+        return events
 
-        def make_recording(stream: str):
-            pipe = make(stream)
-            rows: list[np.ndarray] = []
-            process, process_block = pipe.process, pipe.process_block
+    pipe.process, pipe.process_block, pipe.rows = process_one, process_many, rows
+    return pipe
 
-            def process_one(frame, header):
-                events = process(frame, header)
-                rows.append(np.array(pipe.ring.latest(1), dtype=np.float64))
-                return events
 
-            def process_many(frames, obstacles, header, t_ns):
-                events = process_block(frames, obstacles, header, t_ns)
-                rows.append(np.array(pipe.ring.latest(len(frames)), dtype=np.float64))
-                return events
+def streamed_features(mon: LiveMonitor, stream: str) -> np.ndarray:
+    """Every feature row ``stream``'s pipeline computed, in order."""
+    return np.vstack(mon.monitor.streams[stream].pipeline.rows)
 
-            pipe.process, pipe.process_block, pipe.rows = process_one, process_many, rows
-            return pipe
 
-        ctx = zmq.Context.instance()
-        self.journal = Journal(tmp_path / "journal.sqlite")
-        self.pub = ctx.socket(zmq.PUB)
-        protocol.claim_ipc(pub_ep)
-        self.pub.bind(pub_ep)
-        self.sub = ctx.socket(zmq.SUB)
-        self.monitor = Monitor(make_pipeline=make_recording, journal=self.journal,
-                               publish=self.pub, subscribe=self.sub, status_interval=0.2,
-                               model_note=note)
-        protocol.configure_subscriber(self.sub, ["frame", "video"], self.monitor.selection)
-        self.sub.connect(frames_ep)
-        self.monitor.watch_connections([frames_ep])
-        self.thread = threading.Thread(target=self.monitor.run, name="monitor")
-
-    def __enter__(self) -> LiveMonitor:
-        self.thread.start()
-        return self
-
-    def final_status(self, sub: Subscriber) -> dict:
-        """Stop the loop (what SIGTERM does), expect a last status marked final."""
-        self.monitor.stop_requested = True
-        status = wait_status(sub, lambda s: s.get("final"), timeout=15)
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
-        return status
-
-    def features(self, stream: str) -> np.ndarray:
-        """Every feature row ``stream``'s pipeline computed, in order."""
-        return np.vstack(self.monitor.streams[stream].pipeline.rows)
-
-    def __exit__(self, *exc: object) -> None:
-        self.monitor.stop_requested = True
-        self.thread.join(timeout=15)
-        if self.monitor.connections is not None:
-            self.monitor.connections.close()
-        self.sub.close(0)
-        self.pub.close(0)
-        self.journal.close()
+def stop_with_final_status(mon: LiveMonitor, sub: Subscriber) -> dict:
+    """Stop the in-process monitor as SIGTERM does; expect a last status marked final."""
+    mon.stop()
+    return wait_status(sub, lambda s: s.get("final"), timeout=15)
 
 
 def batch_features(data: Path, video_name: str) -> np.ndarray:
@@ -171,7 +136,8 @@ def batch_features(data: Path, video_name: str) -> np.ndarray:
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 def test_every_frame_arrives_and_streamed_features_equal_batch(procs, data, tmp_path, transport):
     frames_ep, pub_ep = endpoints(transport, tmp_path)
-    with LiveMonitor(frames_ep, pub_ep, tmp_path) as mon, \
+    with Journal(tmp_path / "journal.sqlite") as journal, \
+            LiveMonitor(frames_ep, pub_ep, journal, wrap=recording) as mon, \
             Subscriber(pub_ep, ["status", "verdict"]) as sub:
         wait_status(sub, lambda s: s["frames"] == 0)  # we are subscribed
         replay = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001")
@@ -185,14 +151,16 @@ def test_every_frame_arrives_and_streamed_features_equal_batch(procs, data, tmp_
         assert detail["video"] is None and detail["videos"] == 1 and not detail["evicted"]
         lat = status["latency_us"]
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
-        last = mon.final_status(sub)
+        last = stop_with_final_status(mon, sub)
     assert last["frames"] == FRAMES
-    np.testing.assert_array_equal(mon.features(stream), batch_features(data, "0001"))
+    np.testing.assert_array_equal(streamed_features(mon, stream), batch_features(data, "0001"))
 
 
 def test_two_streams_are_kept_apart(procs, data, tmp_path):
     frames_ep, pub_ep = endpoints("tcp", tmp_path)
-    with LiveMonitor(frames_ep, pub_ep, tmp_path) as mon, Subscriber(pub_ep, ["status"]) as sub:
+    with Journal(tmp_path / "journal.sqlite") as journal, \
+            LiveMonitor(frames_ep, pub_ep, journal, wrap=recording) as mon, \
+            Subscriber(pub_ep, ["status"]) as sub:
         wait_status(sub, lambda s: True)
         # two videos, two streams: ws1 plays 0001 then 0002, ws2 plays 0002 then 0001
         replay = procs.cli("replay", data, "--endpoint", frames_ep, "--streams", "2")
@@ -203,11 +171,11 @@ def test_two_streams_are_kept_apart(procs, data, tmp_path):
         for name in ("ws1", "ws2"):
             detail = wait_status(sub, lambda s: s["frames"] == 2 * FRAMES, stream=name)
             assert (detail["dropped"], detail["videos"]) == (0, 2)
-        mon.final_status(sub)
+        stop_with_final_status(mon, sub)
     # interleaving must not mix state: each stream equals its own videos in batch, in order
     a, b = batch_features(data, "0001"), batch_features(data, "0002")
-    np.testing.assert_array_equal(mon.features("ws1"), np.vstack([a, b]))
-    np.testing.assert_array_equal(mon.features("ws2"), np.vstack([b, a]))
+    np.testing.assert_array_equal(streamed_features(mon, "ws1"), np.vstack([a, b]))
+    np.testing.assert_array_equal(streamed_features(mon, "ws2"), np.vstack([b, a]))
 
 
 # ---------------------------------------------------------------- publisher exit

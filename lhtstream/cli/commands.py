@@ -95,7 +95,6 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         max_streams=args.max_streams,
         idle_seconds=args.idle_seconds,
         latency_log=args.latency_log,
-        journal_max_pages=args.journal_max_pages,
         curve=Curve.from_files(args.curve_secret, args.curve_server_key, args.curve_clients),
     )
 

@@ -346,9 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latency-log", default=None, help=argparse.SUPPRESS
     )  # benchmark hook: every frame's latency (µs) as a float64 .npy at exit
-    p.add_argument(
-        "--journal-max-pages", type=_number(int, 1), default=None, help=argparse.SUPPRESS
-    )  # test hook: SQLite max_page_count on the journal, i.e. a disk that fills up
     _curve_options(p, binds=True, connects=True)
     p.set_defaults(command="monitor")
 

@@ -179,7 +179,6 @@ def serve(
     max_streams: int = DEFAULT_MAX_STREAMS,
     idle_seconds: float = DEFAULT_IDLE_SECONDS,
     latency_log: str | None = None,
-    journal_max_pages: int | None = None,
     curve: Curve | None = None,
 ) -> int:
     """Run the monitor until SIGINT/SIGTERM (then 0): warm up, bind, subscribe, serve.
@@ -189,7 +188,6 @@ def serve(
     of footage); ``journal``: the SQLite journal path; ``streams``: names and shell-style
     patterns of the streams to serve (None: all); ``latency_log``: write every frame's
     latency (µs, float64 ``.npy``) to this file at exit (benchmarks);
-    ``journal_max_pages``: cap the journal's size in SQLite pages (tests: a full disk);
     ``curve``: CURVE keys (io.curve) for the frame SUB (client) and the PUB (server).
     """
     frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
@@ -219,8 +217,7 @@ def serve(
         gc.collect()
         gc.freeze()
         t_warm = time.monotonic() - t0
-        journal_db = None if stop["flag"] else Journal(journal or DEFAULT_JOURNAL,
-                                                       max_pages=journal_max_pages)
+        journal_db = None if stop["flag"] else Journal(journal or DEFAULT_JOURNAL)
     except BaseException:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
