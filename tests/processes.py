@@ -88,6 +88,7 @@ class ProcessGroup:
 
     def __init__(self) -> None:
         self.processes: list[CliProcess] = []
+        self.replays: list[ReplayThread] = []
 
     def cli(self, *args: Any, cwd: Path | None = None,
             env: dict[str, str] | None = None) -> CliProcess:
@@ -95,7 +96,15 @@ class ProcessGroup:
         self.processes.append(process)
         return process
 
+    def replay_thread(self, data: Any, endpoint: str, **kw: Any) -> ReplayThread:
+        """A `ReplayThread`, stopped when the block exits."""
+        replay = ReplayThread(data, endpoint, **kw)
+        self.replays.append(replay)
+        return replay
+
     def close(self) -> None:
+        for replay in self.replays:
+            replay.__exit__()
         for process in self.processes:
             try:
                 process.terminate(timeout=5)

@@ -104,8 +104,8 @@ def test_monitor_sigkilled_mid_video_and_restarted(procs, data, tmp_path):
     mon = start_monitor(procs, frames_ep, pub_ep, journal)
     with Subscriber(pub_ep, ["status", "alarm"]) as sub:
         collect(sub, lambda s: True)
-        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--loop", "--rate", "500",
-                           "--skip", ",".join(map(str, gaps)))
+        # the production replay on a thread of this process: it skips seqs (lost frames)
+        replay = procs.replay_thread(data, frames_ep, loop=True, rate=500.0, skip=gaps)
         _, seen = collect(sub, lambda s: s["dropped"] >= 20 and s["alarms"] >= 1)
         mon.signal(signal.SIGKILL)
     before = [m.header for m in seen if m.topic == "alarm"]
@@ -122,7 +122,7 @@ def test_monitor_sigkilled_mid_video_and_restarted(procs, data, tmp_path):
     after = [m.header for m in seen if m.topic == "alarm"]
     judged = [m.header for m in seen if m.topic == "verdict"
               and m.header["kinds"] != ["interrupted"]]
-    assert replay.terminate(timeout=WAIT) == 0
+    replay.stop(timeout=WAIT)  # as SIGTERM stops `lhtstream replay`: it returns, no error
     again.signal(signal.SIGTERM)
     assert again.wait(timeout=WAIT) == 0
     assert f"video {killed_in!r} (Type1) was interrupted" in again.stderr
@@ -252,9 +252,8 @@ def test_journal_disk_full_then_freed_catches_up_gapless(procs, data, tmp_path):
     with Subscriber(pub_ep, ["status", "alarm"]) as sub:
         collect(sub, lambda s: True)
         resource.prlimit(mon.pid, resource.RLIMIT_FSIZE, (4096, hard))  # the disk is full
-        replay = procs.cli("replay", data, "--endpoint", frames_ep, "--videos", "0001",
-                           "--skip", ",".join(map(str, gaps)))
-        assert replay.wait(timeout=WAIT) == 0, replay.stderr
+        with ReplayThread(data, frames_ep, videos=["0001"], skip=gaps) as replay:
+            replay.wait(timeout=WAIT)
         full, seen = collect(
             sub, lambda s: s["frames"] + s["dropped"] >= FRAMES and s["journal"]["errors"])
         published = [m.header for m in seen if m.topic == "alarm"]

@@ -134,16 +134,6 @@ def cmd_alarms(args: argparse.Namespace) -> int:
     return run_alarms(args)
 
 
-def parse_skip(text: str | None) -> list[int]:
-    """``--skip 5,6,100`` -> [5, 6, 100]."""
-    if not text:
-        return []
-    try:
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ReplayError(f"bad --skip {text!r}: use seq numbers like 5,6,100") from None
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     """``lhtstream replay``; SIGINT/SIGTERM stop cleanly with exit 0."""
     if str(args.rate).strip().lower() == "max":
@@ -165,7 +155,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             args.data, args.endpoint, rate=rate, loop=args.loop, types=parse_types(args.types),
             videos=parse_names(args.videos), streams=args.streams,
             wait_subscribers=args.wait_subscribers, stream_prefix=args.stream_prefix,
-            skip=parse_skip(args.skip), stop=stop,
+            stop=stop,
             curve=Curve.from_files(args.curve_secret, None, args.curve_clients),
         )
     except Interrupted as exc:

@@ -278,9 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
         "stopped, jitter_us {n, p50, p99, p999, max} (null at --rate max); the same as the "
         "two summary lines on stderr, for programs",
     )
-    p.add_argument(
-        "--skip", default=None, help=argparse.SUPPRESS
-    )  # test hook: seq numbers not to send
     _curve_options(p, binds=True, connects=False)
     p.set_defaults(command="replay")
 
