@@ -15,8 +15,8 @@ checkout: ``pytest bench``.
 
 Per-frame handling latency is the monitor's own measure (done minus the frame's
 ``t_ns``, both ``CLOCK_MONOTONIC``). The monitor only publishes per-interval
-percentiles, so for exact run-wide p99.9 the monitor child is started with the hidden
-option ``lhtstream monitor --latency-log FILE``: the monitor then also stores every
+percentiles, so for exact run-wide p99.9 the monitor child is started with
+``lhtstream monitor --latency-log FILE``: the monitor then also stores every
 frame's latency (one array store per frame) and saves them as ``.npy`` at exit. Alarm
 delivery latency is measured by the subscriber (this process): receipt minus ``t_frame_ns``,
 over every alarm message (raises and clears; ``alarm_messages`` counts them).

@@ -187,7 +187,7 @@ def serve(
     ``model``: a model file (None: self-calibrate each stream on ``calibration_seconds``
     of footage); ``journal``: the SQLite journal path; ``streams``: names and shell-style
     patterns of the streams to serve (None: all); ``latency_log``: write every frame's
-    latency (µs, float64 ``.npy``) to this file at exit (benchmarks);
+    latency (µs, float64 ``.npy``) to this file at exit (``--latency-log``);
     ``curve``: CURVE keys (io.curve) for the frame SUB (client) and the PUB (server).
     """
     frames = list(frames) or [DEFAULT_FRAME_ENDPOINT]
