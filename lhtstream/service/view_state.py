@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lhtstream.base.errors import LhtstreamError
 from lhtstream.io import protocol
+from lhtstream.io.events import Alarm, Event
 from lhtstream.io.journal import Journal
 from lhtstream.kernels.features import measure_video
 from lhtstream.model.detector import ALARM_KINDS
@@ -284,35 +285,33 @@ class ViewState:
                       if v is not None}
             sv.evidence.append((now, values))
 
-    def on_alarm(self, header: dict[str, Any], now: float) -> None:
-        sv = self.stream(header["stream"])
+    def on_event(self, event: Event, now: float) -> None:
+        """An alarm or a verdict of a monitor (`protocol.from_wire`)."""
+        sv = self.stream(event.stream)
         if sv is None:
             return
-        kind = _kind(header["kind"])
-        sv.alarm_at = now
-        if header["state"] == "raise":
-            sv.active.add(kind)
-            sv.alarms_raised[kind] = sv.alarms_raised.get(kind, 0) + 1
-        else:
-            sv.active.discard(kind)
-        self._event({
-            "topic": "alarm", "stream": sv.name, "video": _text(header["video"]),
-            "type": header["type"], "frame": header["frame"], "kind": kind,
-            "state": header["state"], "score": _finite(header["score"]),
-            "threshold": _finite(header["threshold"]), "seq": header["seq"],
-        })
-
-    def on_verdict(self, header: dict[str, Any], now: float) -> None:
-        sv = self.stream(header["stream"])
-        if sv is None:
+        if isinstance(event, Alarm):
+            kind = _kind(event.kind)
+            sv.alarm_at = now
+            if event.state == "raise":
+                sv.active.add(kind)
+                sv.alarms_raised[kind] = sv.alarms_raised.get(kind, 0) + 1
+            else:
+                sv.active.discard(kind)
+            self._event({
+                "topic": "alarm", "stream": sv.name, "video": _text(event.video),
+                "type": event.type, "frame": event.frame, "kind": kind,
+                "state": event.state, "score": _finite(event.score),
+                "threshold": _finite(event.threshold), "seq": event.seq,
+            })
             return
         sv.active.clear()
-        kinds = header.get("kinds")
+        kinds = event.kinds
         self._event({
-            "topic": "verdict", "stream": sv.name, "video": _text(header["video"]),
-            "type": header["type"], "frames": header["frames"],
-            "score": _finite(header["score"]), "anomalous": header["anomalous"],
-            "alarms": header["alarms"],
+            "topic": "verdict", "stream": sv.name, "video": _text(event.video),
+            "type": event.type, "frames": event.frames,
+            "score": _finite(event.score), "anomalous": event.anomalous,
+            "alarms": event.alarms,
             "kinds": [_text(k, 40) for k in kinds[:len(ALARM_KINDS) + 1]]
                      if isinstance(kinds, list) else [],
         })
@@ -488,15 +487,15 @@ class Receiver(threading.Thread):
 
     def _drain_monitor(self, sock: Any, endpoint: str) -> None:
         state = self.state
-        handlers = {"status": lambda h, now: state.on_status(endpoint, h, now),
-                    "alarm": state.on_alarm, "verdict": state.on_verdict}
         for message in self._messages(sock, endpoint):
-            handler = handlers.get(message.topic)
-            if handler is None:
+            if message.topic not in ("status", "alarm", "verdict"):
                 continue
             with state.lock:
                 try:
-                    handler(message.header, time.monotonic())
+                    if message.topic == "status":
+                        state.on_status(endpoint, message.header, time.monotonic())
+                    else:
+                        state.on_event(protocol.from_wire(message), time.monotonic())
                 except Exception as exc:  # a field we did not expect must not stop the view
                     state.malformed += 1
                     self._complain(f"{message.topic} message from {endpoint} not understood: "
