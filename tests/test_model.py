@@ -242,6 +242,30 @@ def test_array_shapes_are_checked_before_the_data_are_read(model, tmp_path):
         NormalityModel.load(_edited(good, tmp_path / "bins.npz", more_bins))
 
 
+def test_model_zip_bombs_are_refused_before_anything_is_inflated(model, tmp_path):
+    """A model file is an npz from outside, like a video: a bzip2 member (zipfile inflates
+    its chunks with no length bound) and a directory of many members (parsed entry by
+    entry) are refused by name before zipfile reads them."""
+    import zipfile
+
+    good = _calibrated(model).save(tmp_path / "good.npz")
+    bz = tmp_path / "bzip2.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bz, "w", zipfile.ZIP_BZIP2) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(ModelError, match="compression method 12"):
+        NormalityModel.load(bz)
+
+    crowded = tmp_path / "crowded.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(crowded, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        for i in range(2000):
+            dst.writestr(f"pad{i}.npy", b"")
+    with pytest.raises(ModelError, match="2017 zip members"):
+        NormalityModel.load(crowded)
+
+
 def test_monitor_refuses_a_model_with_nan_thresholds_in_one_line(model, tmp_path):
     good = _calibrated(model).save(tmp_path / "good.npz")
     bad = _edited(good, tmp_path / "bad.npz", BAD_MODELS["raise_nan"][0])

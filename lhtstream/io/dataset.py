@@ -317,15 +317,18 @@ def _check_image(arr: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint16)
 
 
-def _zip_directory(fh: BinaryIO, where: str) -> None:
-    """Refuse a zip whose central directory is large before `zipfile` parses it (each entry
-    costs ~0.6 KB and 20 µs there: a 500 MB file of empty entries would take GBs)."""
+def zip_directory_size(fh: BinaryIO) -> tuple[int, int] | None:
+    """(entries, bytes) of a zip's central directory, read from its end records without
+    parsing it (`zipfile` costs ~0.6 KB and 20 µs per entry: a 500 MB file of empty entries
+    would take GBs); None when ``fh`` is no zip (zipfile then says so). Every reader of an
+    npz from outside (videos, model files) bounds these before opening it."""
     size = fh.seek(0, os.SEEK_END)
     fh.seek(max(0, size - _EOCD_SEARCH))
     tail = fh.read()
+    fh.seek(0)
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) < at + 22:
-        return  # not a zip: zipfile says so
+        return None
     entries, dir_bytes = struct.unpack_from("<HI", tail, at + 10)
     # As zipfile does: a ZIP64 locator right before the end record, and the ZIP64 record
     # right before that, override the end record's counts whatever those say.
@@ -334,6 +337,13 @@ def _zip_directory(fh: BinaryIO, where: str) -> None:
         b"PK\x06\x06"
     ):
         entries, dir_bytes = struct.unpack_from("<QQ", tail, z64 + 32)
+    return int(entries), int(dir_bytes)
+
+
+def _zip_directory(fh: BinaryIO, where: str) -> None:
+    """Refuse a video npz whose zip directory is over `MAX_NPZ_MEMBERS` /
+    `MAX_NPZ_DIRECTORY_BYTES` before `zipfile` parses it."""
+    entries, dir_bytes = zip_directory_size(fh) or (0, 0)
     if entries > MAX_NPZ_MEMBERS or dir_bytes > MAX_NPZ_DIRECTORY_BYTES:
         raise DatasetError(
             f"{where}: npz holds {entries} members in a {dir_bytes}-byte directory, over "

@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from lhtstream.base.errors import LhtstreamError
+from lhtstream.io.dataset import zip_directory_size
 from lhtstream.kernels.layout import digest_of
 from lhtstream.kernels.scoring import (
     CELL,
@@ -50,6 +51,8 @@ ARRAYS = ("types", *CELL.names, *OBSTACLE_STATE.names, *PLAIN_ARRAYS)
 FILE_DTYPES = {"types": np.int64, "valid": np.uint8, "known": np.uint8}  # others float64
 
 MAX_HEADER_BYTES = 1 << 20
+MAX_MEMBERS = 64  # zip members of a model file (it has one per array and the header)
+MAX_DIRECTORY_BYTES = 64 * 1024  # its zip central directory (a model's is ~2 KB)
 MAX_TYPES = 64
 MAX_PHASE_BINS = 500  # 10x the default; bounds the table at ~65 MB with MAX_TYPES
 MAX_TYPE_ID = 1 << 31
@@ -87,6 +90,11 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if the file is not a usable model. Feature settings are the caller's to compare."""
     path = Path(path)
     try:
+        with path.open("rb") as fh:
+            entries, dir_bytes = zip_directory_size(fh) or (0, 0)
+        if entries > MAX_MEMBERS or dir_bytes > MAX_DIRECTORY_BYTES:
+            raise ModelError(f"{path}: not a model file ({entries} zip members in a "
+                             f"{dir_bytes}-byte directory; a model has {len(ARRAYS) + 1})")
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:
         raise ModelError(f"{path}: no such model file") from None
@@ -121,6 +129,10 @@ def _member(path: Path, zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]
         raise ModelError(f"{path}: not a model file (no {name!r} array)" if name == "header"
                          else f"{path}: model lacks array {name!r}")
     dtype = np.dtype(dtype)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # what numpy writes; zipfile inflates bzip2 and lzma chunks with no length bound
+        raise ModelError(f"{path}: model field {name!r} uses zip compression method "
+                         f"{info.compress_type}; numpy writes only 0 (stored) or 8 (deflated)")
     try:
         with zf.open(info) as fh:
             got_shape, got_dtype = _npy_header(fh)
