@@ -172,11 +172,13 @@ def test_batch_analysis_vs_kdeamd(benchmark, live_video, model, obstacles, kdeam
 
 
 def test_monitor_step(benchmark, live_video, model, obstacles):
-    """The monitor's whole per-frame step: protocol.decode of the wire parts, the pixels
-    into the stream's `FrameBuffer`, then `StreamPipeline.process` (features, ring, model,
-    detector). Sockets excluded."""
-    from lhtstream.io.protocol import FrameBuffer, FrameEncoder, decode
+    """The monitor's whole per-frame step for a frame with nothing queued behind it:
+    protocol.decode of the wire parts, the pixels into the stream's `FrameBlock` (a block
+    of one), then its step: `StreamPipeline.process` (features, ring, model, detector).
+    Sockets excluded."""
+    from lhtstream.io.protocol import FrameEncoder, decode
     from lhtstream.service.pipeline import StreamPipeline
+    from lhtstream.service.streams import FrameBlock
 
     frames = np.ascontiguousarray(live_video.image, dtype="<u2")
     obst = obstacles(live_video).tolist()
@@ -187,7 +189,7 @@ def test_monitor_step(benchmark, live_video, model, obstacles):
             for i in range(len(frames))]
     pipe = StreamPipeline("ws1", model=model)
     pipe.start_video("0001", TYPE, live_video.metadata)
-    pixels = FrameBuffer()  # as the monitor takes a frame off the wire
+    block = FrameBlock()  # as the monitor takes a lone frame off the wire
     nxt = _stepper(len(wire))
 
     def step() -> None:
@@ -196,7 +198,8 @@ def test_monitor_step(benchmark, live_video, model, obstacles):
             pipe.end_video_events()
             pipe.start_video("0001", TYPE, live_video.metadata)
         message = decode(wire[i])
-        pipe.process(pixels.load(message), message.header)
+        block.start(message.header, message.payload, 0)
+        block.step(pipe)
 
     for _ in range(len(wire)):
         step()
