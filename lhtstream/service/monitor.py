@@ -561,8 +561,8 @@ class Monitor:
         done = time.monotonic_ns()
         log = self.latency_log
         if n == 1:  # the 1 kHz case: no arrays
-            total = (done - block.t_ns[0]) / 1000.0
-            st.latency.record(total, (done - block.t_recv[0]) / 1000.0)
+            total = (done - block.t_ns0) / 1000.0
+            st.latency.record(total, (done - block.t_recv0) / 1000.0)
             if log is not None:
                 if self.latency_logged < log.shape[0]:
                     log[self.latency_logged] = total
@@ -576,7 +576,7 @@ class Monitor:
                 if at < log.shape[0]:
                     log[at:at + n] = totals[:log.shape[0] - at]
                 self.latency_logged += n
-        st.seen_ns = block.t_recv[-1]
+        st.seen_ns = block.t_recv_last
         st.frames += n
         st.frame = header["frame"] + n - 1
 

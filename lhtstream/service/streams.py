@@ -60,6 +60,7 @@ class FrameBlock:
         self.obstacles: list[int] = []
         self.t_ns: list[int] = []
         self.t_recv: list[int] = []
+        self.t_ns0 = self.t_recv0 = self.t_recv_last = 0  # the first and last frame's
         self._size = 0  # payload bytes per frame
         self._shape: list[int] | None = None
         self._first = self._pixels[:0]  # the first frame, (rows, cols): a block of one
@@ -75,10 +76,10 @@ class FrameBlock:
         # via memoryview(): assigning a zmq.Frame itself to a memoryview slice segfaults
         # (pyzmq 27)
         self._bytes[:size] = memoryview(payload)
-        # new one-item lists: cheaper than clearing and appending (the 1 kHz path)
-        self.obstacles = [header["obstacle"]]
-        self.t_ns = [header["t_ns"]]
-        self.t_recv = [t_recv]
+        # the first frame's times as plain ints: a block of one (the 1 kHz path) builds no
+        # lists; `append` makes them when a second frame joins
+        self.t_ns0 = header["t_ns"]
+        self.t_recv0 = self.t_recv_last = t_recv
         self.n = 1
 
     def continues(self, header: dict[str, Any]) -> bool:
@@ -89,6 +90,10 @@ class FrameBlock:
                 and header["type"] == first["type"] and header["shape"] == first["shape"])
 
     def append(self, header: dict[str, Any], payload: Any, t_recv: int) -> None:
+        if self.n == 1:
+            self.obstacles = [self.header["obstacle"]]
+            self.t_ns = [self.t_ns0]
+            self.t_recv = [self.t_recv0]
         at = self.n * self._size
         # via memoryview(): assigning a zmq.Frame itself to a memoryview slice segfaults
         # (pyzmq 27)
@@ -96,12 +101,8 @@ class FrameBlock:
         self.obstacles.append(header["obstacle"])
         self.t_ns.append(header["t_ns"])
         self.t_recv.append(t_recv)
+        self.t_recv_last = t_recv
         self.n += 1
-
-    def frames(self) -> np.ndarray:
-        """The block's pixels, (n, rows, cols) uint16 (a view of the buffer)."""
-        rows, cols = self.header["shape"]
-        return self._pixels[:self.n * rows * cols].reshape(self.n, rows, cols)
 
     def step(self, pipeline: Any) -> Any:
         """Run the block through ``pipeline`` (one `process_block` call, or `process` for a
